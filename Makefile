@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (the demo) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test up ingest clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Baton needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: install  ## ingest the sample corpus, start the mesh, ask the sample questions, stop
+	$(VENV)/bin/baton demo
+
+test: install  ## the whole suite against real nats-server processes
+	$(PY) -m pytest -q
+
+up: install
+	$(VENV)/bin/baton up
+
+ingest: install
+	$(VENV)/bin/baton ingest corpus
+
+clean:
+	rm -rf $(VENV) .baton .pytest_cache

@@ -1,0 +1,213 @@
+"""`baton`: run the mesh and talk to it from a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from baton import render
+from baton.client import BatonClient, BatonError
+from baton.processes import MESH_SERVICES, MeshProcesses, MeshStartError
+from shared.config import ConfigError, load_config
+from shared.natsd import NatsServerError
+from shared.settings import ROOT, Settings
+
+app = typer.Typer(help="Baton: an AI orchestration mesh on NATS.", no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+SAMPLE_CORPUS = ROOT / "corpus"
+SAMPLE_QUESTIONS = SAMPLE_CORPUS / "questions.yaml"
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.state_dir / "mesh.json"
+
+
+def _nats_url(settings: Settings) -> str:
+    """NATS_URL when set, else the URL of the mesh `baton up` started."""
+    if "NATS_URL" in os.environ:
+        return settings.nats_url
+    state = _state_file(settings)
+    if state.exists():
+        return json.loads(state.read_text())["nats_url"]
+    return settings.nats_url
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def parse_replicas(spec: str) -> dict[str, int]:
+    """'generator=4,retriever=2' -> counts for every service (1 unless named)."""
+    counts = {service: 1 for service in MESH_SERVICES}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, count = item.partition("=")
+        if name not in counts or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"{item!r}: use service=N with a service in {', '.join(MESH_SERVICES)} and N >= 1")
+        counts[name] = int(count)
+    return counts
+
+
+@app.command()
+def up(
+    replicas: str = typer.Option("", help="replicas per service, e.g. generator=4,retriever=2"),
+) -> None:
+    """Start NATS (unless NATS_URL is set) and every service; Ctrl-C stops them all."""
+    settings = _settings()
+    counts = parse_replicas(replicas)
+    _check_ready_to_start(settings)
+    mesh = MeshProcesses(settings)
+    try:
+        if "NATS_URL" not in os.environ:
+            mesh.start_nats(settings.state_dir / "nats")
+        with console.status("starting the mesh..."):
+            mesh.start(counts)
+        _state_file(settings).write_text(json.dumps({"nats_url": mesh.nats_url, "pid": os.getpid()}))
+        console.print(f"[green]mesh up[/] on {mesh.nats_url}: " + ", ".join(f"{s}×{n}" for s, n in counts.items()))
+        console.print("ask it: [bold]baton ask \"How often should I replace my chain?\"[/]   stop: Ctrl-C")
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        while not stop["now"]:
+            for replica in mesh.replicas:
+                if not replica.alive:
+                    err.print(f"[yellow]{replica.service}-{replica.index} exited ({replica.process.returncode}); restarting[/]")
+                    mesh.replicas.remove(replica)
+                    mesh.spawn(replica.service)
+                    break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except (MeshStartError, NatsServerError) as exc:
+        _fail(str(exc))
+    finally:
+        mesh.stop()
+        _state_file(settings).unlink(missing_ok=True)
+        console.print("mesh stopped")
+
+
+def _check_ready_to_start(settings: Settings) -> None:
+    try:
+        load_config(settings.config)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    if not (settings.index_dir / "manifest.json").exists():
+        _fail(f"no retrieval index in {settings.index_dir}: run `baton ingest {SAMPLE_CORPUS.relative_to(Path.cwd()) if SAMPLE_CORPUS.is_relative_to(Path.cwd()) else SAMPLE_CORPUS}` first", 2)
+
+
+@app.command()
+def ask(
+    prompt: str = typer.Argument(..., help="the question"),
+    route: Optional[str] = typer.Option(None, help="route hint: skip routing and use this route"),
+    session: Optional[str] = typer.Option(None, help="session id: keep history across questions"),
+    metadata: list[str] = typer.Option([], "--meta", help="metadata key=value (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the Reply as JSON"),
+    timeout: float = typer.Option(30.0, help="seconds to wait for the reply"),
+) -> None:
+    """Publish a question onto the bus and print the answer."""
+    meta = dict(item.split("=", 1) for item in metadata if "=" in item)
+    fields = {"route": route, "session_id": session, "metadata": meta}
+    reply = _run(_ask(_nats_url(_settings()), prompt, fields, timeout))
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+    else:
+        render.reply(console, prompt, reply)
+    raise typer.Exit(0 if reply.ok else 3)
+
+
+async def _ask(url: str, prompt: str, fields: dict, timeout: float):
+    async with BatonClient(url, timeout_s=timeout) as client:
+        return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
+
+
+@app.command()
+def submit(prompt: str, route: Optional[str] = typer.Option(None)) -> None:
+    """Queue a question and print its request id at once."""
+
+    async def go() -> str:
+        async with BatonClient(_nats_url(_settings())) as client:
+            return await client.submit(prompt, **({"route": route} if route else {}))
+
+    print(_run(go()))
+
+
+@app.command()
+def result(request_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fetch the stored Reply of a request."""
+
+    async def go():
+        async with BatonClient(_nats_url(_settings())) as client:
+            return await client.result(request_id)
+
+    reply = _run(go())
+    if reply is None:
+        _fail(f"no result for {request_id} yet (still running, expired, or unknown)", 4)
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+    else:
+        render.reply(console, None, reply)
+
+
+@app.command()
+def ingest(
+    path: Path = typer.Argument(SAMPLE_CORPUS, help="a folder of Markdown / text files; subfolders become corpora"),
+    index_dir: Optional[Path] = typer.Option(None, help="where to write the index (default: BATON_INDEX_DIR)"),
+) -> None:
+    """Build the BM25 retrieval index from a folder of documents."""
+    from services.retriever.index import IngestError, ingest as build
+
+    target = index_dir or _settings().index_dir
+    with Progress(TextColumn("[bold blue]indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("files", total=None)
+        try:
+            stats = build(path, target, progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except IngestError as exc:
+            _fail(str(exc), 2)
+    corpora = ", ".join(f"{name} ({count})" for name, count in stats.corpora.items())
+    console.print(f"[green]indexed[/] {stats.documents} documents into {stats.chunks} chunks in {stats.seconds:.2f}s → {target}\n  corpora: {corpora}")
+
+
+@app.command()
+def demo(
+    questions: Path = typer.Option(SAMPLE_QUESTIONS, help="YAML list of sample questions"),
+) -> None:
+    """Ingest the sample corpus, start an embedded mesh, ask the sample questions, stop."""
+    from baton.demo import run_demo
+
+    try:
+        ok = run_demo(_settings(), questions, console)
+    except (MeshStartError, NatsServerError, ConfigError) as exc:
+        _fail(str(exc), 2)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _run(coro):
+    try:
+        return asyncio.run(coro)
+    except BatonError as exc:
+        _fail(str(exc), 3)
+    except OSError as exc:
+        _fail(f"cannot reach NATS ({exc}); start the mesh with `baton up` or set NATS_URL")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

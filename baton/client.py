@@ -1,0 +1,147 @@
+"""The Python client: publish Requests onto the bus and get their Replies.
+
+    async with BatonClient(nats_url) as baton:
+        reply = await baton.ask("How often should I replace my chain?")
+
+A request is accepted when JetStream acknowledges it (PubAck). Its Reply arrives on
+this client's own inbox; it is also stored in the results bucket, so `result(id)`
+fetches it later, even from another connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import nats
+from nats.errors import MaxPayloadError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
+
+from shared import subjects
+from shared.schema import Reply, Request
+
+
+class BatonError(Exception):
+    """Base of every error this client raises."""
+
+
+class NotAccepted(BatonError):
+    """The mesh did not acknowledge the request: nothing was queued."""
+
+
+class RequestTooLarge(NotAccepted):
+    pass
+
+
+class ReplyTimeout(BatonError):
+    def __init__(self, request_id: str, timeout_s: float):
+        super().__init__(f"no reply to request {request_id} within {timeout_s:.1f}s; fetch it later with `baton result {request_id}`")
+        self.request_id = request_id
+
+
+class BatonClient:
+    def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, **connect_options: Any):
+        self.nats_url = nats_url
+        self.client_id = client_id or uuid.uuid4().hex[:12]
+        self.timeout_s = timeout_s
+        self.inbox_prefix = f"_INBOX.{self.client_id}"
+        self._connect_options = connect_options
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self.duplicates = 0  # replies that arrived for a request already answered
+        self.nc: nats.NATS | None = None
+
+    async def connect(self) -> BatonClient:
+        self.nc = await nats.connect(self.nats_url, inbox_prefix=self.inbox_prefix.encode(), **self._connect_options)
+        self.js = self.nc.jetstream()
+        self._sub = await self.nc.subscribe(f"{self.inbox_prefix}.reply.>", cb=self._on_reply)
+        return self
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> BatonClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(self, request: Request | str, *, request_id: str | None = None, **fields: Any) -> str:
+        """Queue a request; returns its id as soon as JetStream has accepted it."""
+        request_id, _ = await self._publish(request, request_id, fields)
+        return request_id
+
+    async def ask(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> Reply:
+        """Queue a request and wait for its Reply."""
+        timeout_s = timeout_s or self.timeout_s
+        request_id, future = await self._publish(request, None, fields)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            stored = await self.result(request_id)
+            if stored is not None:
+                return stored
+            raise ReplyTimeout(request_id, timeout_s) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def send_raw(self, body: bytes, *, request_id: str | None = None, headers: dict[str, str] | None = None) -> asyncio.Future[Reply]:
+        """Publish arbitrary bytes as a request (for tests of hostile input)."""
+        request_id = request_id or uuid.uuid4().hex
+        future = self._expect(request_id)
+        await self._js_publish(body, request_id, headers or {})
+        return future
+
+    async def result(self, request_id: str) -> Reply | None:
+        """The stored Reply of a request, or None while it is not finished."""
+        results = await self.js.key_value(subjects.RESULTS_BUCKET)
+        try:
+            entry = await results.get(request_id)
+        except NotFoundError:
+            return None
+        return Reply.model_validate_json(entry.value) if entry.value else None
+
+    def reply_to(self, request_id: str) -> str:
+        return f"{self.inbox_prefix}.reply.{request_id}"
+
+    async def _publish(self, request: Request | str, request_id: str | None, fields: dict[str, Any]) -> tuple[str, asyncio.Future[Reply]]:
+        if isinstance(request, str):
+            request = Request(prompt=request, **fields)
+        request_id = request_id or uuid.uuid4().hex
+        future = self._expect(request_id)
+        await self._js_publish(request.model_dump_json(exclude_defaults=True).encode(), request_id, {})
+        return request_id, future
+
+    def _expect(self, request_id: str) -> asyncio.Future[Reply]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        return future
+
+    async def _js_publish(self, body: bytes, request_id: str, extra_headers: dict[str, str]) -> None:
+        assert self.nc is not None, "call connect() first"
+        if len(body) > self.nc.max_payload:
+            self._pending.pop(request_id, None)
+            raise RequestTooLarge(f"the request is {len(body)} bytes; the server accepts at most {self.nc.max_payload}")
+        headers = {
+            subjects.H_MSG_ID: request_id,  # a retried publish is de-duplicated by JetStream
+            subjects.H_REQUEST_ID: request_id,
+            subjects.H_REPLY_TO: self.reply_to(request_id),
+            **extra_headers,
+        }
+        try:
+            await self.js.publish(subjects.REQUEST, body, headers=headers, timeout=5)
+        except (NatsTimeout, NoRespondersError, MaxPayloadError) as exc:
+            self._pending.pop(request_id, None)
+            raise NotAccepted(f"the mesh did not accept the request ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
+
+    async def _on_reply(self, msg: Any) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        future = self._pending.get(request_id)
+        if future is None or future.done():
+            self.duplicates += 1 if future is not None else 0
+            return
+        with contextlib.suppress(Exception):
+            future.set_result(Reply.model_validate_json(msg.data))

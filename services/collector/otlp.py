@@ -1,0 +1,240 @@
+"""Decode OTLP/HTTP trace exports into flat span rows.
+
+Two encodings per the OTLP/HTTP spec: binary protobuf (`application/x-protobuf`) and
+OTLP JSON (`application/json`). OTLP JSON is *almost* the proto3 JSON mapping that
+`google.protobuf.json_format` implements, with one trap: trace and span ids are hex
+strings, whereas proto3 JSON encodes `bytes` as base64. A 32-char hex trace id is also
+valid base64, so feeding it straight to json_format silently yields wrong ids instead
+of an error; we rewrite the id fields to base64 before parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+# `application/protobuf` is the registered name; some SDKs send it, so accept both.
+_PROTOBUF_TYPES = {PROTOBUF, "application/protobuf"}
+
+UNKNOWN_SERVICE = "unknown_service"  # what the OTel SDKs report when service.name is unset
+
+# Fields holding ids in OTLP JSON, in both spellings json_format accepts.
+_SPAN_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+_ID_LENGTHS = {"trace": 16, "span": 8}
+
+
+class OTLPDecodeError(ValueError):
+    """The body is not a valid ExportTraceServiceRequest in the declared encoding."""
+
+
+class UnsupportedContentType(OTLPDecodeError):
+    """Neither protobuf nor JSON."""
+
+
+@dataclass(frozen=True)
+class SpanRow:
+    """One span, flattened. Ids are lowercase hex; times are Unix nanoseconds."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    service: str
+    start_ns: int
+    end_ns: int
+    status_code: int = 0  # OTLP StatusCode: 0 unset, 1 ok, 2 error
+    kind: int = 0  # OTLP SpanKind: 0 unspecified, 1 internal, 2 server, 3 client, 4 producer, 5 consumer
+    status_message: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_ns(self) -> int:
+        return max(0, self.end_ns - self.start_ns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "name": self.name,
+            "service": self.service,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "status_code": self.status_code,
+            "kind": self.kind,
+            "status_message": self.status_message,
+            "attributes": dict(self.attributes),
+        }
+
+
+def media_type(content_type: str | None) -> str:
+    """`application/json; charset=utf-8` -> `application/json`."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_protobuf(content_type: str | None) -> bool:
+    return media_type(content_type) in _PROTOBUF_TYPES
+
+
+def is_json(content_type: str | None) -> bool:
+    return media_type(content_type) == JSON
+
+
+def parse_request(body: bytes, content_type: str | None) -> ExportTraceServiceRequest:
+    """Parse a (decompressed) body; raise OTLPDecodeError on anything malformed."""
+    request = ExportTraceServiceRequest()
+    if is_protobuf(content_type):
+        try:
+            request.ParseFromString(body)
+        except (DecodeError, ValueError, RuntimeError) as exc:  # upb raises DecodeError; be generous
+            raise OTLPDecodeError(f"body is not a protobuf ExportTraceServiceRequest: {exc}") from exc
+        return request
+    if is_json(content_type):
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise OTLPDecodeError(f"body is not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise OTLPDecodeError("OTLP JSON body must be an object")
+        _hex_ids_to_base64(doc)
+        try:
+            # The OTLP spec says receivers MUST ignore unknown fields (forward compatibility).
+            json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+        except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
+            raise OTLPDecodeError(f"body is not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
+        return request
+    raise UnsupportedContentType(
+        f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}"
+    )
+
+
+def decode(body: bytes, content_type: str | None) -> list[SpanRow]:
+    """Body (already decompressed) -> span rows."""
+    return rows_from_request(parse_request(body, content_type))
+
+
+def rows_from_request(request: ExportTraceServiceRequest) -> list[SpanRow]:
+    rows: list[SpanRow] = []
+    for resource_spans in request.resource_spans:
+        service = UNKNOWN_SERVICE
+        for kv in resource_spans.resource.attributes:
+            if kv.key == "service.name" and kv.value.string_value:
+                service = kv.value.string_value
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                rows.append(
+                    SpanRow(
+                        trace_id=_hex_id(span.trace_id, "trace", "trace_id"),
+                        span_id=_hex_id(span.span_id, "span", "span_id"),
+                        # Empty or all-zero parent means "root" in OTLP.
+                        parent_span_id=(
+                            _hex_id(span.parent_span_id, "span", "parent_span_id")
+                            if span.parent_span_id.strip(b"\x00")
+                            else None
+                        ),
+                        name=span.name,
+                        service=service,
+                        start_ns=_time(span.start_time_unix_nano, "start_time_unix_nano"),
+                        end_ns=_time(span.end_time_unix_nano, "end_time_unix_nano"),
+                        status_code=int(span.status.code),
+                        kind=int(span.kind),
+                        status_message=span.status.message,
+                        attributes={kv.key: any_value(kv.value) for kv in span.attributes},
+                    )
+                )
+    return rows
+
+
+def any_value(value: AnyValue) -> Any:
+    """AnyValue -> plain Python (JSON-safe: bytes become hex, like ids)."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, kind)  # string_value, bool_value, int_value, double_value
+
+
+def response_body(content_type: str | None) -> tuple[bytes, str]:
+    """The empty ExportTraceServiceResponse in the request's encoding (OTLP/HTTP success)."""
+    if is_json(content_type):
+        return b"{}", JSON
+    return ExportTraceServiceResponse().SerializeToString(), PROTOBUF
+
+
+def _hex_id(raw: bytes, kind: str, what: str) -> str:
+    if len(raw) != _ID_LENGTHS[kind] or not raw.strip(b"\x00"):
+        raise OTLPDecodeError(f"invalid {what}: {raw.hex() or '(empty)'}")
+    return raw.hex()
+
+
+def _time(ns: int, what: str) -> int:
+    # fixed64 on the wire, but SQLite integers are signed 64-bit; year 2262 is far enough.
+    if ns >= 1 << 63:
+        raise OTLPDecodeError(f"{what} out of range: {ns}")
+    return ns
+
+
+def _hex_ids_to_base64(doc: dict[str, Any]) -> None:
+    """Rewrite OTLP JSON hex ids in spans and span links to proto3-JSON base64, in place."""
+    for resource_spans in _list(doc, "resourceSpans", "resource_spans"):
+        for scope_spans in _list(resource_spans, "scopeSpans", "scope_spans"):
+            for span in _list(scope_spans, "spans"):
+                _convert_ids(span)
+                for link in _list(span, "links"):
+                    _convert_ids(link)
+
+
+def _convert_ids(obj: Any) -> None:
+    if not isinstance(obj, dict):
+        return  # json_format reports the type error with a better message
+    for key in _SPAN_ID_KEYS:
+        value = obj.get(key)
+        if isinstance(value, str):
+            try:
+                obj[key] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
+            except ValueError as exc:
+                raise OTLPDecodeError(f"{key} is not hex: {value!r}") from exc
+
+
+def _list(obj: Any, *keys: str) -> list[Any]:
+    if not isinstance(obj, dict):
+        return []
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, list):
+            return value
+    return []
+
+
+__all__ = [
+    "JSON",
+    "PROTOBUF",
+    "OTLPDecodeError",
+    "SpanRow",
+    "UnsupportedContentType",
+    "any_value",
+    "decode",
+    "is_json",
+    "is_protobuf",
+    "media_type",
+    "parse_request",
+    "response_body",
+    "rows_from_request",
+]

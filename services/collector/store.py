@@ -1,0 +1,192 @@
+"""SQLite span store: one file (or `:memory:`), WAL, stdlib sqlite3.
+
+Spans are keyed by (trace_id, span_id), so exporter retries and forwarded duplicates
+are harmless. A small `requests` table maps baton.request_id -> trace id and first-seen
+start, which is what the flow list and the request lookup need without scanning spans.
+
+One connection shared by all callers behind a lock: the collector is a single process,
+writes are tiny, and a `:memory:` database only exists on the connection that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.attributes import REQUEST_ID
+
+from .otlp import SpanRow
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_span_id TEXT,
+    name TEXT NOT NULL,
+    service TEXT NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    status_code INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    status_message TEXT NOT NULL,
+    request_id TEXT,
+    attributes TEXT NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    trace_id TEXT NOT NULL,
+    started_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_started ON requests (started_ns DESC);
+"""
+
+_COLUMNS = (
+    "trace_id, span_id, parent_span_id, name, service, start_ns, end_ns,"
+    " status_code, kind, status_message, attributes"
+)
+
+
+@dataclass(frozen=True)
+class RequestRef:
+    """A request the store has seen: enough to fetch and stitch its trace."""
+
+    request_id: str
+    trace_id: str
+    started_ns: int
+
+
+class SpanStore:
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per export.
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the ingest writer
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is crash-safe, just not durable to the last commit
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def insert(self, rows: Sequence[SpanRow]) -> int:
+        """Store one export's spans atomically; returns how many were new."""
+        if not rows:
+            return 0
+        with self._lock:
+            before = self._conn.total_changes
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    f"INSERT OR IGNORE INTO spans ({_COLUMNS}, request_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_to_params(r) for r in rows],
+                )
+                inserted = self._conn.total_changes - before
+                # A request's start is its earliest span seen so far; spans arrive out of order.
+                self._conn.executemany(
+                    "INSERT INTO requests (request_id, trace_id, started_ns) VALUES (?, ?, ?)"
+                    " ON CONFLICT (request_id) DO UPDATE SET started_ns ="
+                    " min(started_ns, excluded.started_ns)",
+                    [
+                        (str(r.attributes[REQUEST_ID]), r.trace_id, r.start_ns)
+                        for r in rows
+                        if r.attributes.get(REQUEST_ID) is not None
+                    ],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return inserted
+
+    def spans(self, trace_id: str) -> list[SpanRow]:
+        """All spans of a trace, earliest first."""
+        with self._lock:
+            cur = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns, span_id",
+                (trace_id.lower(),),
+            )
+            return [_from_row(r) for r in cur.fetchall()]
+
+    def spans_of_traces(self, trace_ids: Iterable[str]) -> dict[str, list[SpanRow]]:
+        """Spans of many traces in one query (for lists and stats), earliest first."""
+        ids = list(dict.fromkeys(t.lower() for t in trace_ids))
+        out: dict[str, list[SpanRow]] = {t: [] for t in ids}
+        # Chunk to stay under SQLite's bound-parameter limit.
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                cur = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM spans WHERE trace_id IN ({marks})"
+                    " ORDER BY start_ns, span_id",
+                    chunk,
+                )
+                fetched = cur.fetchall()
+            for r in fetched:
+                out[r[0]].append(_from_row(r))
+        return out
+
+    def trace_id_for_request(self, request_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT trace_id FROM requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def requests(self, limit: int = 50) -> list[RequestRef]:
+        """The flow list: most recently started requests first."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT request_id, trace_id, started_ns FROM requests"
+                " ORDER BY started_ns DESC, request_id LIMIT ?",
+                (limit,),
+            )
+            return [RequestRef(*r) for r in cur.fetchall()]
+
+    def span_count(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+
+
+def _to_params(r: SpanRow) -> tuple[object, ...]:
+    request_id = r.attributes.get(REQUEST_ID)
+    return (
+        r.trace_id,
+        r.span_id,
+        r.parent_span_id,
+        r.name,
+        r.service,
+        r.start_ns,
+        r.end_ns,
+        r.status_code,
+        r.kind,
+        r.status_message,
+        json.dumps(r.attributes, separators=(",", ":")),
+        None if request_id is None else str(request_id),
+    )
+
+
+def _from_row(r: tuple[object, ...]) -> SpanRow:
+    return SpanRow(
+        trace_id=r[0],  # type: ignore[arg-type]
+        span_id=r[1],  # type: ignore[arg-type]
+        parent_span_id=r[2],  # type: ignore[arg-type]
+        name=r[3],  # type: ignore[arg-type]
+        service=r[4],  # type: ignore[arg-type]
+        start_ns=r[5],  # type: ignore[arg-type]
+        end_ns=r[6],  # type: ignore[arg-type]
+        status_code=r[7],  # type: ignore[arg-type]
+        kind=r[8],  # type: ignore[arg-type]
+        status_message=r[9],  # type: ignore[arg-type]
+        attributes=json.loads(r[10]),  # type: ignore[arg-type]
+    )

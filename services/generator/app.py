@@ -1,0 +1,41 @@
+"""generator: calls the chosen model (local or remote) and records usage and cost."""
+
+from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
+from shared.mesh import Mesh, StepFailed
+from shared.replies import ANSWER, CITATIONS
+from shared.schema import Envelope, ErrorCode, Event, StepRecord
+
+mesh = Mesh("generator")
+app = mesh.app
+pool = ModelPool(mesh.config)
+app.after_shutdown(pool.aclose)
+
+
+@mesh.step_handler
+async def generate(env: Envelope, record: StepRecord) -> None:
+    params = env.current.params
+    preferred = params.get("models") or mesh.config.routes[env.route].models or ["local-extractive"]
+    try:
+        choice = pool.choose(env.route, preferred)
+    except NoModelAvailable as exc:
+        code = ErrorCode.MODEL_NOT_ALLOWED if exc.not_allowed else ErrorCode.MODEL_ERROR
+        raise StepFailed(code, str(exc)) from exc
+    call = model_call(env.context.question, env.context.passages, env.context.history, params)
+    try:
+        generation = await pool.generate(choice, call, timeout_s=max(0.1, env.remaining_s()))
+    except ProviderError as exc:
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
+        raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
+    record.model = choice.name
+    record.usage = generation.usage
+    record.cost_usd = pool.cost_usd(choice.spec, generation)
+    env.context.outputs[ANSWER] = generation.text
+    env.context.outputs[CITATIONS] = generation.citations
+    env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
+    env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "skipped": choice.skipped}))
+
+
+if __name__ == "__main__":
+    from shared.run import run
+
+    run("generator")

@@ -1,0 +1,121 @@
+"""Choosing the model for a generate step and calling it. Plain Python: no NATS here.
+
+A step names its models in order of preference (`models: [gpt-small, local-extractive]`).
+A model whose API key is not set is unavailable and skipped, so the offline default
+still answers; a model outside the route's allow-list is never called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.generator.local import LocalExtractive
+from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages
+from shared.config import MeshConfig, ModelSpec
+from shared.schema import ChatMessage, Passage
+
+TASK_PROMPTS = {
+    "chat": "You are Spoke & Chain's friendly bike-shop assistant. Reply briefly.",
+    "summarize": "Summarize the user's text in two or three sentences. Use only what the text says.",
+    "rewrite": "Rewrite the user's text to be clear and concise, keeping its meaning.",
+    "classify": "Classify the user's text with exactly one of the given labels. Answer 'Label: <label>'.",
+}
+
+
+class NoModelAvailable(Exception):
+    def __init__(self, message: str, not_allowed: bool = False):
+        super().__init__(message)
+        self.not_allowed = not_allowed
+
+
+@dataclass
+class Choice:
+    name: str
+    spec: ModelSpec
+    skipped: list[dict[str, str]] = field(default_factory=list)  # models passed over, and why
+
+
+@dataclass
+class ModelCall:
+    question: str
+    passages: list[Passage]
+    history: list[ChatMessage]
+    task: str = "answer"
+    max_sentences: int = 3
+    labels: list[str] | None = None
+
+
+class ModelPool:
+    def __init__(self, config: MeshConfig, environ: Mapping[str, str] | None = None):
+        self.config = config
+        self.environ = environ if environ is not None else os.environ
+        self.local = LocalExtractive()
+        self._clients: dict[str, OpenAICompatible] = {}
+
+    def unavailable_reason(self, name: str) -> str | None:
+        spec = self.config.models[name]
+        if spec.provider == "local":
+            return None
+        if spec.provider == "anthropic":
+            return "the Anthropic provider is not built yet"
+        if spec.api_key_env and not self.environ.get(spec.api_key_env):
+            return f"{spec.api_key_env} is not set"
+        return None
+
+    def choose(self, route: str, preferred: list[str]) -> Choice:
+        allowed = self.config.routes[route].models
+        skipped = []
+        for name in preferred:
+            if name not in self.config.models:
+                skipped.append({"model": name, "why": "not in the models catalog"})
+            elif allowed and name not in allowed:
+                skipped.append({"model": name, "why": f"not allowed on route {route}"})
+            elif reason := self.unavailable_reason(name):
+                skipped.append({"model": name, "why": reason})
+            else:
+                return Choice(name, self.config.models[name], skipped)
+        only_policy = skipped and all("not allowed" in s["why"] for s in skipped)
+        shown = "; ".join(f"{s['model']}: {s['why']}" for s in skipped) or "the step names no models"
+        raise NoModelAvailable(f"no model available for route {route} ({shown})", not_allowed=bool(only_policy))
+
+    async def generate(self, choice: Choice, call: ModelCall, timeout_s: float) -> Generation:
+        if choice.spec.provider == "local":
+            return self.local.generate(
+                call.question, call.passages, task=call.task, history=call.history, max_sentences=call.max_sentences, labels=call.labels
+            )
+        client = self._client(choice)
+        messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
+        generation = await client.generate(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=timeout_s)
+        generation.model = choice.name
+        return generation
+
+    def cost_usd(self, spec: ModelSpec, generation: Generation) -> float:
+        usage = generation.usage
+        return round(usage.input_tokens * spec.price_in_per_mtok / 1e6 + usage.output_tokens * spec.price_out_per_mtok / 1e6, 10)
+
+    def _client(self, choice: Choice) -> OpenAICompatible:
+        client = self._clients.get(choice.name)
+        if client is None:
+            client = self._clients[choice.name] = OpenAICompatible.from_spec(choice.spec, self.environ, name=choice.name)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+
+def model_call(question: str, passages: list[Passage], history: list[ChatMessage], params: Mapping[str, Any]) -> ModelCall:
+    return ModelCall(
+        question=question,
+        passages=passages,
+        history=history,
+        task=params.get("task", "answer"),
+        max_sentences=int(params.get("max_sentences", 3)),
+        labels=params.get("labels"),
+    )
+
+
+__all__ = ["ModelPool", "ModelCall", "Choice", "NoModelAvailable", "ProviderError", "model_call"]

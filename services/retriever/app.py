@@ -1,0 +1,35 @@
+"""retriever: BM25 search over the ingested corpora; passages travel on the envelope."""
+
+from services.retriever.index import IndexMissingError, Retriever
+from shared.mesh import Mesh
+from shared.run import StartupError
+from shared.schema import Envelope, Event, StepRecord
+
+mesh = Mesh("retriever")
+app = mesh.app
+try:
+    retriever = Retriever.load(mesh.settings.index_dir)
+except IndexMissingError as exc:
+    raise StartupError(str(exc)) from exc
+
+
+@mesh.step_handler
+async def retrieve(env: Envelope, record: StepRecord) -> None:
+    retriever.reload_if_changed()  # a re-ingest is picked up without a restart
+    params = env.current.params
+    top_k = int(params.get("top_k", mesh.config.retrieval.default_top_k))
+    passages = retriever.search(env.context.question, top_k=top_k, corpora=params.get("corpora"))
+    env.context.passages = passages
+    env.events.append(
+        Event(
+            kind="retrieval",
+            step=env.current.name,
+            data={"count": len(passages), "top_score": round(passages[0].score, 4) if passages else 0.0, "corpora": params.get("corpora") or retriever.corpora},
+        )
+    )
+
+
+if __name__ == "__main__":
+    from shared.run import run
+
+    run("retriever")

@@ -1,0 +1,193 @@
+"""The mesh configuration: models, routes and their pipelines, gates, fallback policy.
+
+One YAML file. The shipped default lives beside this module; BATON_CONFIG points at
+another. Every mistake is reported with the path of the bad key, and a mesh refuses
+to start on a file that does not validate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.schema import Step
+
+# Which service runs each kind of step. A step name is "<kind>" or "<kind>.<variant>".
+STEP_SERVICES = {
+    "guard": "guardrail",
+    "retrieve": "retriever",
+    "generate": "generator",
+}
+GATES = ("guard.input", "guard.retrieval", "guard.output")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; `problems` name each bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"invalid Baton config {source}:\n{listed}")
+
+
+class _Strict(BaseModel):
+    # A misspelled key is a mistake to report, not something to ignore.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    provider: Literal["local", "openai", "anthropic"]
+    model: str = ""  # the provider's own model name; defaults to the catalog key
+    tier: Literal["local", "small", "frontier"] = "small"
+    price_in_per_mtok: float = Field(default=0.0, ge=0)
+    price_out_per_mtok: float = Field(default=0.0, ge=0)
+    context_tokens: int = Field(default=8192, gt=0)
+    max_output_tokens: int = Field(default=512, gt=0)
+    base_url: str | None = None
+    base_url_env: str | None = None  # environment variable holding the base URL
+    api_key_env: str | None = None  # environment variable holding the key, never the key itself
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MatchRule(_Strict):
+    keywords: list[str] = Field(default_factory=list)
+    patterns: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        return patterns
+
+    @property
+    def empty(self) -> bool:
+        return not (self.keywords or self.patterns or self.metadata)
+
+
+class FallbackPolicy(_Strict):
+    models: list[str] = Field(default_factory=list)  # tried in order when generation fails
+    degrade: bool = True  # answer extractively from retrieved passages when models fail
+    max_depth: int = Field(default=2, ge=0, le=5)
+
+
+class RouteSpec(_Strict):
+    description: str = ""
+    match: MatchRule = Field(default_factory=MatchRule)
+    steps: list[Step]
+    latency_budget_ms: int = Field(default=20_000, gt=0)
+    models: list[str] = Field(default_factory=list)  # allow-list; empty means any
+    fallback: FallbackPolicy = Field(default_factory=FallbackPolicy)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _expand_steps(cls, raw: Any) -> list[dict[str, Any]]:
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("steps must be a non-empty list")
+        return [_expand_step(item) for item in raw]
+
+
+class GuardSpec(_Strict):
+    max_input_chars: int = Field(default=8000, gt=0)
+    max_output_chars: int = Field(default=8000, gt=0)
+    injection_phrases: list[str] = Field(default_factory=list)
+    redact: list[Literal["email", "phone", "card"]] = Field(default_factory=lambda: ["email", "phone", "card"])
+
+
+class RetrievalSpec(_Strict):
+    default_top_k: int = Field(default=4, gt=0, le=50)
+
+
+class MeshConfig(_Strict):
+    version: str = "1"
+    default_route: str
+    models: dict[str, ModelSpec]
+    routes: dict[str, RouteSpec]
+    guard: GuardSpec = Field(default_factory=GuardSpec)
+    retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
+    digest: str = ""  # content hash, set on load; recorded on every Reply
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> MeshConfig:
+        problems = []
+        if self.default_route not in self.routes:
+            problems.append(f"default_route: {self.default_route!r} is not one of the routes {sorted(self.routes)}")
+        for name, route in self.routes.items():
+            for model in route.models + route.fallback.models:
+                if model not in self.models:
+                    problems.append(f"routes.{name}: model {model!r} is not in the models catalog")
+            for index, step in enumerate(route.steps):
+                model = step.params.get("model")
+                if model is not None and model not in self.models:
+                    problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the models catalog")
+                elif model is not None and route.models and model not in route.models:
+                    problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the route's allow-list")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def route(self, name: str) -> RouteSpec:
+        return self.routes[name]
+
+
+def _expand_step(item: Any) -> dict[str, Any]:
+    """`retrieve` or `{retrieve: {top_k: 4, budget_ms: 500}}` -> a Step's fields."""
+    if isinstance(item, str):
+        name, params = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        name, params = next(iter(item.items()))
+        params = dict(params or {})
+    else:
+        raise ValueError(f"a step is a name or a one-key mapping of name to parameters, got {item!r}")
+    kind = name.split(".", 1)[0]
+    service = STEP_SERVICES.get(kind)
+    if service is None:
+        raise ValueError(f"unknown step {name!r}; steps start with one of {sorted(STEP_SERVICES)}")
+    if kind == "guard" and name not in GATES:
+        raise ValueError(f"unknown gate {name!r}; gates are {', '.join(GATES)}")
+    if not isinstance(params, dict):
+        raise ValueError(f"parameters of step {name!r} must be a mapping")
+    budget = params.pop("budget_ms", None)
+    return {"service": service, "name": name, "params": params, "budget_ms": budget}
+
+
+def parse_config(text: str, source: str = "<text>") -> MeshConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the file must be a mapping at the top level"])
+    try:
+        config = MeshConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from exc
+    config.digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return config
+
+
+def load_config(path: Path | str) -> MeshConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}; set BATON_CONFIG to a readable YAML file"]) from exc
+    return parse_config(text, str(path))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (misspelled?)"
+    return f"{where}: {message}"

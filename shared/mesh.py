@@ -1,0 +1,237 @@
+"""Passing the baton: the one helper every service uses.
+
+A service registers a step function with `step_handler`. For each message the helper
+parses the envelope, checks the deadline, runs the step inside its budget while
+telling JetStream the work is in progress, then either publishes the next hop
+(durably, de-duplicated by `Nats-Msg-Id`) or, after the last step, stores the Reply
+and sends it to the client's inbox. The input is acknowledged only after that
+publish succeeded: a crash in between means redelivery, and the next hop's message
+id makes the repeat harmless. A step that fails goes to the fallback service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from pydantic import ValidationError
+
+from shared import subjects
+from shared.config import MeshConfig, load_config
+from shared.provision import consumer_config, provision
+from shared.replies import answer_reply, error_reply
+from shared.schema import Envelope, Error, ErrorCode, Reply, StepRecord
+from shared.settings import Settings, settings as load_settings
+
+log = logging.getLogger("baton.mesh")
+
+
+class StepFailed(Exception):
+    """A failure the fallback service should act on (not a crash of the service)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False, details: list[dict] | None = None):
+        super().__init__(message)
+        self.error = Error(code=code, message=message, retryable=retryable, details=details or [])
+
+
+StepFn = Callable[[Envelope, StepRecord], Awaitable[None]]
+
+
+def decode_raw(msg: NatsMessage) -> bytes:
+    # The services validate bodies themselves, so a malformed message gets a
+    # structured error reply instead of a framework exception.
+    return msg.body
+
+
+class Mesh:
+    """One service's connection to the mesh: publish hops, replies and failures."""
+
+    def __init__(self, service: str, config: Settings | None = None):
+        self.service = service
+        self.settings = config or load_settings()
+        self.config: MeshConfig = load_config(self.settings.config)
+        self.broker = NatsBroker(
+            self.settings.nats_url,
+            ping_interval=5,  # notice a dead server in seconds, not minutes
+            max_reconnect_attempts=-1,
+            log_level=logging.DEBUG,  # per-message "Received/Processed" lines only when debugging
+            logger=logging.getLogger(f"baton.{service}"),
+        )
+        self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
+        self.app.on_startup(self._provision)
+
+    async def _provision(self) -> None:
+        import nats
+
+        nc = await nats.connect(self.settings.nats_url)
+        try:
+            await provision(nc.jetstream(), self.settings)
+        finally:
+            await nc.close()
+
+    def subscriber(self) -> Callable:
+        return self.broker.subscriber(
+            subjects.consumer_subject(self.service),
+            stream=JStream(subjects.STREAM, declare=False),
+            durable=subjects.durable(self.service),
+            config=consumer_config(self.service, self.settings),
+            pull_sub=PullSub(batch_size=self.settings.pull_batch, timeout=1.0),
+            decoder=decode_raw,
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            no_reply=True,
+        )
+
+    def current_message(self) -> NatsMessage:
+        # Read from the broker's context instead of a handler parameter: injected
+        # parameters push every message through a worker thread.
+        return self.broker.context.get_local("message")
+
+    # -- publishing ------------------------------------------------------------
+
+    async def forward(self, env: Envelope) -> None:
+        """Publish the envelope to the service of the step at its cursor."""
+        env.sent_at = time.time()
+        subject = subjects.step(env.current.service)
+        await self._publish_durable(env, subject, f"{env.request_id}.{env.attempt}.{env.cursor}")
+
+    async def fail(self, env: Envelope, error: Error) -> None:
+        """Hand the envelope to the fallback service."""
+        env.error = error
+        env.sent_at = time.time()
+        await self._publish_durable(env, subjects.FALLBACK, f"{env.request_id}.{env.attempt}.fallback")
+
+    async def _publish_durable(self, env: Envelope, subject: str, msg_id: str) -> None:
+        await self.broker.publish(
+            env.model_dump_json().encode(),
+            subject,
+            stream=subjects.STREAM,
+            headers={subjects.H_MSG_ID: msg_id, subjects.H_REQUEST_ID: env.request_id},
+        )
+
+    async def finish(self, env: Envelope) -> Reply:
+        reply = answer_reply(env) if env.error is None else error_reply(env.request_id, env.error, env)
+        await self.deliver(reply, env.reply_to)
+        return reply
+
+    async def deliver(self, reply: Reply, reply_to: str | None) -> None:
+        """Store the Reply under its request id, then send it to the client's inbox.
+
+        The store is a create: only the first finisher wins. A redelivered last hop
+        finds the stored Reply and re-sends that one, so the client (which keeps the
+        first reply per request id) never sees two different answers.
+        """
+        results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
+        body = reply.model_dump_json().encode()
+        try:
+            await results.create(reply.request_id, body)
+        except KeyWrongLastSequenceError:
+            with suppress(NotFoundError):
+                body = (await results.get(reply.request_id)).value or body
+        if reply_to:
+            await self.broker.publish(body, reply_to, headers={subjects.H_REQUEST_ID: reply.request_id})
+
+    async def reply_error(self, request_id: str, reply_to: str | None, error: Error) -> None:
+        await self.deliver(error_reply(request_id, error), reply_to)
+
+    # -- the hop ---------------------------------------------------------------
+
+    def step_handler(self, step: StepFn) -> Callable[[bytes], Awaitable[None]]:
+        """Register `step` as this service's handler for steps at the envelope's cursor."""
+
+        async def handle(body: bytes) -> None:
+            env = await self.parse_envelope(body)
+            if env is None:
+                return
+            record = StepRecord(step=env.current.name, service=self.service, started_at=time.time(), duration_ms=0.0)
+            record.queued_ms = round(max(0.0, record.started_at - env.sent_at) * 1000, 3)
+            try:
+                await self.run_within_budget(env, step, record)
+            except StepFailed as failure:
+                self._close(record, "failed")
+                env.steps.append(record)
+                failure.error.step = env.current.name
+                await self.fail(env, failure.error)
+                return
+            self._close(record, "ok")
+            env.steps.append(record)
+            env.cursor += 1
+            if env.done:
+                await self.finish(env)
+            else:
+                await self.forward(env)
+
+        handle.__name__ = f"{self.service}_step"
+        self.subscriber()(handle)
+        return handle
+
+    async def parse_envelope(self, body: bytes, *, at_step: bool = True) -> Envelope | None:
+        """The envelope, or None after answering a malformed message with an error."""
+        try:
+            env = Envelope.model_validate_json(body)
+            if at_step and env.done:
+                raise ValueError(f"cursor {env.cursor} is past the end of a {len(env.slip)}-step slip")
+            return env
+        except (ValidationError, ValueError) as exc:
+            headers = self.current_message().headers or {}
+            request_id = headers.get(subjects.H_REQUEST_ID, "unknown")
+            log.warning("%s: malformed envelope for request %s: %s", self.service, request_id, exc)
+            error = Error(code=ErrorCode.INVALID_REQUEST, message=f"malformed envelope at {self.service}: {_summary(exc)}")
+            await self.reply_error(request_id, headers.get(subjects.H_REPLY_TO), error)
+            return None
+
+    async def run_within_budget(self, env: Envelope, step: StepFn, record: StepRecord) -> None:
+        """Run the step with at most the step's budget and never past the deadline."""
+        remaining = env.remaining_s()
+        if remaining <= 0:
+            raise StepFailed(ErrorCode.DEADLINE_EXCEEDED, f"the request's deadline passed before {env.current.name} started")
+        budget = env.current.budget_ms / 1000 if env.current.budget_ms else remaining
+        limit = min(budget, remaining)
+        heartbeat = asyncio.create_task(self._keep_alive())
+        try:
+            async with asyncio.timeout(limit):
+                await step(env, record)
+        except TimeoutError:
+            which = "step budget" if budget < remaining else "request deadline"
+            raise StepFailed(ErrorCode.DEADLINE_EXCEEDED, f"{env.current.name} did not finish within its {which} ({limit * 1000:.0f} ms)", retryable=True) from None
+        except StepFailed:
+            raise
+        except Exception as exc:  # a bug in a step must still end in a reply
+            log.exception("%s: step %s crashed", self.service, env.current.name)
+            raise StepFailed(ErrorCode.INTERNAL, f"{env.current.name} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream the message is still being worked on (long model calls)."""
+        message = self.current_message()
+        interval = max(0.2, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with suppress(Exception):
+                await message.in_progress()
+
+    @staticmethod
+    def _close(record: StepRecord, outcome: str) -> None:
+        record.duration_ms = round((time.time() - record.started_at) * 1000, 3)
+        record.outcome = outcome  # type: ignore[assignment]
+
+
+def _summary(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{d['field']}: {d['problem']}" for d in validation_details(exc)[:5])
+    return str(exc)
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Each problem of a validation error as {field, problem}, for a structured Error."""
+    return [
+        {"field": ".".join(map(str, e["loc"])) or "body", "problem": e["msg"].removeprefix("Value error, ")}
+        for e in exc.errors()[:10]
+    ]

@@ -1,0 +1,79 @@
+"""Create (or update) the stream, the per-service consumers and the KV buckets.
+
+Idempotent: `baton up`, every service and the tests call it; the last caller wins
+on settings that changed.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared import subjects
+from shared.settings import Settings
+
+MAX_MESSAGE_BYTES = 1024 * 1024  # the server's default max_payload
+
+
+def stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM,
+        subjects=[subjects.REQUEST, f"{subjects.STEP_PREFIX}.*"],
+        # Work queue: a hop is deleted once acknowledged; what is left is each service's backlog.
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_msg_size=MAX_MESSAGE_BYTES,
+        duplicate_window=120.0,
+        num_replicas=replicas,
+    )
+
+
+def consumer_config(service: str, settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.durable(service),
+        filter_subject=subjects.consumer_subject(service),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=4096,
+        max_waiting=512,
+    )
+
+
+async def provision(js: JetStreamContext, settings: Settings, replicas: int = 1) -> None:
+    config = stream_config(replicas)
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+    for service in subjects.SERVICES:
+        await ensure_consumer(js, service, settings)
+    for bucket, ttl in ((subjects.RESULTS_BUCKET, settings.results_ttl_s), (subjects.SESSIONS_BUCKET, settings.session_ttl_s)):
+        await ensure_bucket(js, bucket, ttl, replicas)
+
+
+async def ensure_consumer(js: JetStreamContext, service: str, settings: Settings) -> None:
+    config = consumer_config(service, settings)
+    try:
+        await js.add_consumer(subjects.STREAM, config)
+    except BadRequestError:
+        # Exists with other settings: replace it (work-queue messages stay in the stream).
+        await js.delete_consumer(subjects.STREAM, config.durable_name)
+        await js.add_consumer(subjects.STREAM, config)
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int = 1) -> None:
+    try:
+        await js.key_value(bucket)
+    except NotFoundError:
+        await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, replicas=replicas, history=1))

@@ -1,0 +1,207 @@
+"""The wire contract of Baton, version 1.
+
+Every message on `baton.v1.*` is one of these models serialized as JSON. Inside v1
+only optional fields are ever added, so an old service can read a newer message.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Wire(BaseModel):
+    # Unknown fields from a newer minor version are kept, not rejected.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorCode(str, Enum):
+    """What went wrong, as a value a program can switch on."""
+
+    INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, missing prompt
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_ROUTE = "unknown_route"
+    INPUT_REJECTED = "input_rejected"  # an input gate refused the request
+    OUTPUT_REJECTED = "output_rejected"  # an output gate refused the answer
+    NO_CONTEXT = "no_context"  # retrieval found nothing good enough
+    MODEL_ERROR = "model_error"  # the provider failed and no fallback could answer
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"  # a component could not be reached
+    REDELIVERY_EXHAUSTED = "redelivery_exhausted"  # a hop kept crashing
+    INTERNAL = "internal"
+
+
+class Error(_Wire):
+    code: ErrorCode
+    message: str
+    step: str | None = None  # the step that failed, when one did
+    details: list[dict[str, Any]] = Field(default_factory=list)
+    retryable: bool = False
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Request(_Wire):
+    """What a client publishes on `baton.v1.request`."""
+
+    schema_version: int = SCHEMA_VERSION
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    session_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    route: str | None = Field(default=None, description="route hint; must name a configured route")
+    max_latency_ms: int | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, ge=0)
+    response_schema: dict[str, Any] | None = None
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _has_text(self) -> Request:
+        if not self.text.strip():
+            raise ValueError("the request needs a non-empty 'prompt' or a user message in 'messages'")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The user's question: the prompt, or the last user message."""
+        if self.prompt is not None:
+            return self.prompt
+        for message in reversed(self.messages or []):
+            if message.role == "user":
+                return message.content
+        return ""
+
+
+class Step(_Wire):
+    """One entry of the routing slip: which service runs what, with which parameters."""
+
+    service: str
+    name: str  # e.g. "guard.input", "retrieve", "generate"
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget_ms: int | None = None
+
+
+class Passage(_Wire):
+    text: str
+    score: float
+    source: str
+    title: str = ""
+    corpus: str = ""
+
+
+class Usage(_Wire):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+
+class StepRecord(_Wire):
+    """What one hop did: timing, model, usage and cost. Kept in order on the envelope."""
+
+    step: str
+    service: str
+    started_at: float
+    duration_ms: float
+    queued_ms: float = 0.0  # time between the previous hop's publish and this hop's start
+    model: str | None = None
+    usage: Usage | None = None
+    cost_usd: float = 0.0
+    outcome: Literal["ok", "failed", "skipped"] = "ok"
+
+
+class Event(_Wire):
+    """A decision worth keeping: route chosen, gate verdict, fallback taken."""
+
+    kind: Literal["route", "gate", "fallback", "retrieval", "model", "cache", "note"]
+    step: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    at: float = Field(default_factory=time.time)
+
+
+class Context(_Wire):
+    history: list[ChatMessage] = Field(default_factory=list)
+    passages: list[Passage] = Field(default_factory=list)
+    outputs: dict[str, Any] = Field(default_factory=dict)  # intermediate output per step name
+    question: str = ""  # the question as later steps should see it (possibly redacted)
+
+
+class Envelope(_Wire):
+    """The request in flight: the slip travels with it (Routing Slip pattern)."""
+
+    schema_version: int = SCHEMA_VERSION
+    request_id: str
+    reply_to: str | None = None
+    request: Request
+    route: str
+    slip: list[Step]
+    cursor: int = 0
+    deadline: float  # absolute, epoch seconds
+    config_version: str = ""
+    context: Context = Field(default_factory=Context)
+    steps: list[StepRecord] = Field(default_factory=list)
+    events: list[Event] = Field(default_factory=list)
+    attempt: int = 0  # how many fallbacks this request has taken
+    created_at: float = Field(default_factory=time.time)  # when the router accepted it
+    sent_at: float = Field(default_factory=time.time)  # when the previous hop published it
+    error: Error | None = None
+
+    @property
+    def current(self) -> Step:
+        return self.slip[self.cursor]
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.slip)
+
+    def remaining_s(self, now: float | None = None) -> float:
+        return self.deadline - (now if now is not None else time.time())
+
+    @property
+    def cost_usd(self) -> float:
+        return round(sum(record.cost_usd for record in self.steps), 10)
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor_not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("cursor must be >= 0")
+        return value
+
+
+class Citation(_Wire):
+    index: int
+    source: str
+    title: str = ""
+
+
+class Reply(_Wire):
+    """The one answer to one request: either `answer` or `error` is set."""
+
+    schema_version: int = SCHEMA_VERSION
+    request_id: str
+    ok: bool
+    answer: str | None = None
+    citations: list[Citation] = Field(default_factory=list)
+    route: str | None = None
+    models: list[str] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    steps: list[StepRecord] = Field(default_factory=list)
+    latency_ms: float | None = None
+    degraded: bool = False
+    fallbacks: list[str] = Field(default_factory=list)
+    events: list[Event] = Field(default_factory=list)
+    config_version: str | None = None
+    trace_id: str | None = None
+    session_id: str | None = None
+    error: Error | None = None

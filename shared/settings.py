@@ -1,0 +1,32 @@
+"""Settings from the environment (prefix BATON_). Secrets are SecretStr: never logged."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    config: Path = ROOT / "shared" / "default_config.yaml"
+    index_dir: Path = ROOT / ".baton" / "index"
+    state_dir: Path = ROOT / ".baton"
+    results_ttl_s: float = 24 * 3600
+    session_ttl_s: float = 3600
+    ack_wait_s: float = 30.0  # a hop not acked in this time is redelivered
+    max_deliver: int = 5
+    pull_batch: int = 32
+    max_request_bytes: int = 256 * 1024
+    default_timeout_s: float = 30.0
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+
+
+@lru_cache
+def settings() -> Settings:
+    return Settings()

@@ -1,0 +1,42 @@
+"""Every NATS name Baton uses, in one place. The version lives in the subject."""
+
+STREAM = "BATON"
+PREFIX = "baton.v1"
+ALL = f"{PREFIX}.>"
+
+REQUEST = f"{PREFIX}.request"  # clients publish Requests here (JetStream: PubAck = accepted)
+STEP_PREFIX = f"{PREFIX}.step"
+
+SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
+
+
+def step(service: str) -> str:
+    """The subject a service consumes its steps from."""
+    return f"{STEP_PREFIX}.{service}"
+
+
+FALLBACK = step("fallback")
+
+# Core-NATS subjects (not stored): partial text while a request streams.
+STREAM_CHUNKS_PREFIX = f"{PREFIX}.chunks"
+
+# Key-value buckets.
+RESULTS_BUCKET = "baton_results"  # request id -> Reply
+SESSIONS_BUCKET = "baton_sessions"  # session id -> history
+
+# Headers that travel with every message.
+H_REQUEST_ID = "Baton-Request-Id"
+H_REPLY_TO = "Baton-Reply-To"  # the client's inbox; the JetStream reply is the PubAck
+H_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication
+
+# The server tells us when a message ran out of deliveries.
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>"
+
+
+def durable(service: str) -> str:
+    """One durable pull consumer per service, shared by all its replicas."""
+    return service
+
+
+def consumer_subject(service: str) -> str:
+    return REQUEST if service == "router" else step(service)

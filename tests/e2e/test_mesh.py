@@ -1,0 +1,126 @@
+"""All five services as separate processes on a real nats-server: requests end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import yaml
+
+from baton.client import BatonClient
+from shared import subjects
+from shared.schema import ErrorCode, Request
+from tests.conftest import CORPUS, mesh_settings, running_mesh
+
+pytestmark = pytest.mark.e2e
+
+SAMPLES = yaml.safe_load((CORPUS / "questions.yaml").read_text())
+ALL_SERVICES = {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}
+
+
+@pytest.fixture(scope="module")
+def mesh(nats_url, index_dir, tmp_path_factory):
+    settings = mesh_settings(tmp_path_factory.mktemp("mesh"), index_dir)
+    with running_mesh(nats_url, settings, ALL_SERVICES) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(mesh):
+    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
+        yield c
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s["route"] + ":" + s["question"][:30] for s in SAMPLES])
+async def test_sample_questions_take_their_route_and_answer_from_the_right_document(client, sample):
+    reply = await client.ask(sample["question"])
+
+    assert reply.ok, reply.error
+    assert reply.route == sample["route"]
+    steps = [s.step for s in reply.steps]
+    assert steps[0] == "guard.input" and steps[-1] == "guard.output"
+    assert ("retrieve" in steps) == (sample["source"] is not None)
+    answer = reply.answer.lower()
+    for phrase in sample["expect"]:
+        assert phrase.lower() in answer, f"{phrase!r} not in {reply.answer!r}"
+    if sample["source"]:
+        assert sample["source"] in [c.source for c in reply.citations]
+    assert reply.models == ["local-extractive"]
+    assert reply.latency_ms is not None and reply.latency_ms > 0
+    assert all(s.duration_ms >= 0 for s in reply.steps)
+
+
+async def test_reply_is_stored_and_fetchable_by_request_id(client):
+    request_id = await client.submit("How do I check my chain for wear?")
+    for _ in range(100):  # bounded: 10 s
+        stored = await client.result(request_id)
+        if stored is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert stored is not None and stored.ok and stored.request_id == request_id
+    assert stored.route == "factual"
+
+
+async def test_an_unrelated_question_says_the_knowledge_base_has_no_answer(client):
+    reply = await client.ask("What is the boiling point of liquid nitrogen on Neptune?", route="factual")
+    assert reply.ok
+    assert "could not find" in reply.answer.lower()
+    assert reply.citations == []
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "names"),
+    [
+        (b'{"prompt": "unterminated', ErrorCode.INVALID_REQUEST, "json"),
+        (b'{"prompt": 42}', ErrorCode.INVALID_REQUEST, "prompt"),
+        (b'{"prompt": "hi", "metadata": ["not", "a", "map"]}', ErrorCode.INVALID_REQUEST, "metadata"),
+        (b'{"prompt": "   "}', ErrorCode.INVALID_REQUEST, "prompt"),
+        (b"\xff\xfe not utf-8", ErrorCode.INVALID_REQUEST, "utf-8"),
+        (b'{"prompt": "hello", "route": "no-such-route"}', ErrorCode.UNKNOWN_ROUTE, "no-such-route"),
+        (json.dumps({"prompt": "x" * 300_000}).encode(), ErrorCode.PAYLOAD_TOO_LARGE, "limit"),
+    ],
+    ids=["bad-json", "wrong-type", "wrong-metadata", "empty-prompt", "not-utf8", "unknown-route", "oversize"],
+)
+async def test_bad_input_gets_a_fast_structured_error_naming_the_problem(client, body, code, names):
+    started = time.monotonic()
+    future = await client.send_raw(body)
+    reply = await asyncio.wait_for(future, 5)
+    assert time.monotonic() - started < 2.0
+    assert not reply.ok
+    assert reply.error.code == code
+    assert names.lower() in reply.error.message.lower()
+
+
+async def test_services_keep_answering_after_bad_input(client, mesh):
+    await asyncio.wait_for(await client.send_raw(b"garbage"), 5)
+    reply = await client.ask("How do I check my chain for wear?")
+    assert reply.ok and reply.route == "factual"
+    assert all(r.alive for r in mesh.replicas)
+
+
+async def test_a_malformed_envelope_on_a_step_subject_is_answered_not_dropped(client, mesh):
+    """Hostile traffic straight onto a service's subject gets an error reply too."""
+    request_id = "hostile-1"
+    inbox = client.reply_to(request_id)
+    future = client._expect(request_id)
+    headers = {subjects.H_REQUEST_ID: request_id, subjects.H_REPLY_TO: inbox}
+    await client.js.publish(subjects.step("generator"), b'{"not": "an envelope"}', headers=headers)
+    reply = await asyncio.wait_for(future, 5)
+    assert reply.error.code == ErrorCode.INVALID_REQUEST
+    assert "envelope" in reply.error.message
+    assert all(r.alive for r in mesh.replicas)
+
+
+async def test_many_concurrent_requests_each_get_exactly_one_reply(client):
+    questions = ["How often should I lube my chain?", "hello!", "What tyre pressure should I run?"] * 10
+    replies = await asyncio.gather(*(client.ask(q) for q in questions))
+    assert all(r.ok for r in replies)
+    assert len({r.request_id for r in replies}) == len(questions)
+    assert client.duplicates == 0
+
+
+async def test_the_request_model_round_trips(client):
+    reply = await client.ask(Request(prompt="How do I set my saddle height?", metadata={"tenant": "acme"}, session_id="s-1"))
+    assert reply.ok and reply.session_id == "s-1"
