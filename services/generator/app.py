@@ -20,13 +20,13 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     except NoModelAvailable as exc:
         code = ErrorCode.MODEL_NOT_ALLOWED if exc.not_allowed else ErrorCode.MODEL_ERROR
         raise StepFailed(code, str(exc)) from exc
+    record.model = choice.name  # recorded even if the call fails: the fallback skips it
     call = model_call(env.context.question, env.context.passages, env.context.history, params)
     try:
         generation = await pool.generate(choice, call, timeout_s=max(0.1, env.remaining_s()))
     except ProviderError as exc:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
         raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
-    record.model = choice.name
     record.usage = generation.usage
     record.cost_usd = pool.cost_usd(choice.spec, generation)
     env.context.outputs[ANSWER] = generation.text

@@ -107,7 +107,7 @@ def _join_abbreviations(pieces: list[str]) -> list[str]:
     """Undo splits after "e.g." and friends, which end in a period but not a sentence."""
     out: list[str] = []
     for piece in pieces:
-        if out and out[-1].lower().endswith(_ABBREVIATIONS):
+        if out and out[-1].split()[-1].lower() in _ABBREVIATIONS:  # whole word: "rust." is not "st."
             out[-1] = f"{out[-1]} {piece}"
         else:
             out.append(piece.strip())
@@ -246,13 +246,11 @@ def _compose(chosen: list[_Candidate]) -> str:
 # -- summarize / rewrite / classify / chat -----------------------------------------------------
 
 
-def summarize_text(text: str, max_sentences: int = 3) -> list[str]:
-    """The most central sentences (cosine to the text's term-frequency centroid), in original order."""
-    sentences = split_sentences(text)
-    limit = 2 if len(sentences) <= 5 else 3
-    limit = max(1, min(limit, max_sentences))
+def central_sentences(sentences: Sequence[str], max_sentences: int = 3) -> list[int]:
+    """Indexes of the 2-3 most central sentences (cosine to the term-frequency centroid), in order."""
+    limit = max(1, min(2 if len(sentences) <= 5 else 3, max_sentences))
     if len(sentences) <= limit:
-        return sentences
+        return list(range(len(sentences)))
     vectors = [Counter(terms(sentence)) for sentence in sentences]
     centroid: Counter[str] = Counter()
     for vector in vectors:
@@ -266,7 +264,13 @@ def summarize_text(text: str, max_sentences: int = 3) -> list[str]:
         return sum(count * centroid[term] for term, count in vector.items()) / (norm * centroid_norm)
 
     ranked = sorted(range(len(sentences)), key=lambda i: (-centrality(vectors[i]), i))
-    return [sentences[i] for i in sorted(ranked[:limit])]
+    return sorted(ranked[:limit])
+
+
+def summarize_text(text: str, max_sentences: int = 3) -> list[str]:
+    """An extractive summary of `text`: its most central sentences, in original order."""
+    sentences = split_sentences(text)
+    return [sentences[i] for i in central_sentences(sentences, max_sentences)]
 
 
 _CONTRACTIONS = {
@@ -435,13 +439,14 @@ class LocalExtractive:
 
     def _summarize(self, question: str, passages: Sequence[Passage], max_sentences: int) -> tuple[str, list[int]]:
         body = _instruction_body(question, r"summari[sz]e|summary|sum up|tl;?dr")
-        if body and body != question.strip() or not passages:
+        if (body and body != question.strip()) or not passages:
             sentences = summarize_text(body, max_sentences)
             return (" ".join(_finish(s) for s in sentences) or "There is nothing to summarize."), []
         # Only an instruction was given ("summarize the passages"): summarize what was retrieved.
-        text = "\n\n".join(passage.text for passage in passages)
-        sentences = summarize_text(text, max_sentences)
-        return " ".join(_finish(s) for s in sentences), list(range(1, len(passages) + 1))
+        origin = [(index, sentence) for index, p in enumerate(passages) for sentence in split_sentences(p.text)]
+        picked = [origin[i] for i in central_sentences([sentence for _, sentence in origin], max_sentences)]
+        chosen = [_Candidate(index, position, sentence, frozenset()) for position, (index, sentence) in enumerate(picked)]
+        return _compose(chosen), sorted({index + 1 for index, _ in picked})
 
     def _rewrite(self, question: str) -> tuple[str, list[int]]:
         body = _instruction_body(question, r"rewrite|rephrase|paraphrase|reword|improve|clean up|fix")

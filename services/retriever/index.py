@@ -519,7 +519,7 @@ def _tokenizer_for(manifest: dict[str, Any], index_dir: Path) -> _Tokenizer:
     # Queries must be stemmed exactly as the index was, whatever this machine has installed.
     stemmer = manifest.get("tokenizer", {}).get("stemmer")
     if stemmer and _pystemmer is None:
-        raise RetrieverError(
+        raise IndexMissingError(
             f"the index at {index_dir} was built with the {stemmer} stemmer but PyStemmer is not "
             "installed here; install PyStemmer or re-run `baton ingest PATH` on this machine"
         )

@@ -1,0 +1,123 @@
+"""Failures end to end: a misbehaving model provider, a replica killed mid-request.
+
+The provider is the fake OpenAI-compatible server on loopback; everything else is
+real: nats-server, five service processes, JetStream redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import yaml
+
+from baton.client import BatonClient
+from shared.settings import Settings
+from tests.conftest import mesh_settings, running_mesh
+from tests.fakes.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.e2e
+
+PRICE_IN, PRICE_OUT = 1.0, 4.0  # USD per million tokens
+
+
+def flaky_config(path) -> None:
+    """The default config plus a route whose first model is the fake provider."""
+    config = yaml.safe_load(Settings().config.read_text())
+    config["models"]["fake-gpt"] = {
+        "provider": "openai", "model": "fake-model", "tier": "small",
+        "price_in_per_mtok": PRICE_IN, "price_out_per_mtok": PRICE_OUT,
+        "base_url_env": "FAKE_OPENAI_URL", "api_key_env": "FAKE_OPENAI_KEY",
+    }
+    config["routes"]["flaky"] = {
+        "steps": [
+            "guard.input",
+            {"retrieve": {"top_k": 4, "corpora": ["handbook"]}},
+            {"generate": {"models": ["fake-gpt"], "budget_ms": 4000}},
+            "guard.output",
+        ],
+        "latency_budget_ms": 20000,
+        "models": ["fake-gpt", "local-extractive"],
+        "fallback": {"models": ["local-extractive"], "degrade": True},
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mesh(nats_url, index_dir, tmp_path_factory, fake):
+    tmp = tmp_path_factory.mktemp("failures")
+    flaky_config(tmp / "config.yaml")
+    settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml", ack_wait_s=1.5)
+    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test-not-a-real-key"}
+    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(mesh, fake):
+    fake.reset()
+    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
+        yield c
+
+
+QUESTION = "How do I repair a puncture?"
+
+
+async def test_a_healthy_provider_answers_with_its_usage_and_cost(client, fake):
+    reply = await client.ask(QUESTION, route="flaky")
+    assert reply.ok and reply.answer.startswith("Fake answer to:")
+    assert reply.models == ["fake-gpt"] and not reply.fallbacks
+    assert reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0 and not reply.usage.estimated
+    expected = reply.usage.input_tokens * PRICE_IN / 1e6 + reply.usage.output_tokens * PRICE_OUT / 1e6
+    assert reply.cost_usd == pytest.approx(expected)
+    assert fake.calls[0]["authorization"] is True
+
+
+@pytest.mark.parametrize("mode", ["error500", "malformed", "rate_limit"])
+async def test_a_failing_provider_falls_back_to_the_next_model(client, fake, mode):
+    fake.script([{"mode": mode, "retry_after": 1}])
+    reply = await client.ask(QUESTION, route="flaky")
+    assert reply.ok, reply.error
+    assert reply.fallbacks == ["retry_model"]
+    assert reply.models == ["fake-gpt", "local-extractive"]
+    assert [s.outcome for s in reply.steps if s.step == "generate"] == ["failed", "ok"]
+    assert "puncture" in reply.answer.lower() or "tube" in reply.answer.lower()
+
+
+async def test_a_hanging_provider_is_cut_at_the_step_budget_and_the_request_still_answered(client, fake):
+    fake.script([{"mode": "hang"}])
+    started = time.monotonic()
+    reply = await client.ask(QUESTION, route="flaky")
+    elapsed = time.monotonic() - started
+    assert reply.ok and reply.fallbacks == ["retry_model"]
+    assert 3.5 < elapsed < 10, elapsed  # the 4 s generate budget, not the provider's 60 s hang
+    failed = next(s for s in reply.steps if s.outcome == "failed")
+    assert failed.step == "generate" and failed.duration_ms >= 3900
+
+
+async def test_a_replica_killed_mid_request_is_answered_once_by_another(client, fake, mesh):
+    fake.script([{"mode": "ok", "latency_s": 3}])
+    request_id = await client.submit(QUESTION, route="flaky")
+    future = client._pending[request_id]
+    for _ in range(100):  # bounded: wait until the generator is inside the model call
+        if fake.calls:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.calls, "the generator never called the provider"
+    victim = next(r for r in mesh.replicas if r.service == "generator")
+    mesh.kill(victim)
+    mesh.replicas.remove(victim)
+    mesh.spawn("generator")
+    reply = await asyncio.wait_for(future, 20)
+    assert reply.ok and reply.answer.startswith("Fake answer to:")
+    assert len(fake.calls) == 2  # redelivered once to the new replica
+    await asyncio.sleep(2)  # longer than ack_wait: a second reply would have arrived by now
+    assert client.duplicates == 0
+    assert (await client.result(request_id)).answer == reply.answer

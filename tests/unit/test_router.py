@@ -1,0 +1,55 @@
+"""Routing decisions and the slip they write, without NATS."""
+
+import pytest
+
+from services.router.routing import Router, UnknownRoute
+from shared.config import load_config
+from shared.schema import ChatMessage, Request
+from shared.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def router():
+    return Router(load_config(Settings().config))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "route"),
+    [
+        ("hi there!", "smalltalk"),
+        ("Thanks, that helped", "smalltalk"),
+        ("How often should I replace my chain?", "factual"),
+        ("What does the Ridgeline 29 cost?", "shopping"),
+        ("How do I return my helmet?", "support"),
+        ("Compare rim and disc brakes for commuting and then recommend one", "complex"),
+        ("Summarize: my chain squeaks and the gears skip.", "summarize"),
+    ],
+)
+def test_rules_pick_the_route(router, prompt, route):
+    assert router.decide(Request(prompt=prompt)).route == route
+
+
+def test_a_route_hint_wins_and_an_unknown_hint_is_an_error(router):
+    decision = router.decide(Request(prompt="hi", route="factual"))
+    assert (decision.route, decision.reason) == ("factual", "route hint")
+    with pytest.raises(UnknownRoute, match="configured routes"):
+        router.decide(Request(prompt="hi", route="bogus"))
+
+
+def test_no_rule_falls_back_to_the_default_route_with_low_confidence(router):
+    decision = router.decide(Request(prompt="Tell me about spokes"))
+    assert decision.route == "factual" and decision.confidence < 0.5
+    assert "default" in decision.reason
+
+
+def test_the_envelope_carries_the_slip_deadline_and_decision(router):
+    request = Request(messages=[ChatMessage(role="user", content="hello"), ChatMessage(role="assistant", content="hi!"), ChatMessage(role="user", content="How do I fix a puncture?")], max_latency_ms=3000)
+    decision = router.decide(request)
+    env = router.envelope("r1", request, decision, "_INBOX.x.reply.r1", now=1000.0)
+    assert env.slip[0].name == "guard.input" and env.cursor == 0
+    assert env.deadline == pytest.approx(1003.0)  # the request's own limit is tighter than the route's
+    assert env.context.question == "How do I fix a puncture?"
+    assert [m.content for m in env.context.history] == ["hello", "hi!"]
+    assert env.events[0].kind == "route" and env.events[0].data["route"] == decision.route
+    env.slip[0].params["x"] = 1  # the slip is a copy: one request cannot change the route
+    assert "x" not in router.config.routes[decision.route].steps[0].params
