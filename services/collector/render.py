@@ -28,7 +28,7 @@ def waterfall(flow: Flow, *, bar_width: int = BAR_WIDTH) -> RenderableType:
         f"  {flow.latency_ms:.1f} ms",
         f"  {_usd(flow.cost_usd)}" if flow.cost_usd is not None else "",
     )
-    table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+    table = Table(title=title, title_justify="left")
     table.add_column("service", style="bold")
     table.add_column("step")
     table.add_column(f"0 … {flow.latency_ms:.1f} ms", width=bar_width, no_wrap=True)
@@ -48,7 +48,7 @@ def waterfall(flow: Flow, *, bar_width: int = BAR_WIDTH) -> RenderableType:
                 color=_hop_color(hop),
             ),
             f"{hop.duration_ms:.1f}",
-            "" if hop.queued_ms is None else f"{hop.queued_ms:.1f}",
+            "" if hop.queued_ms is None else f"{hop.queued_ms:.2f}",
             ", ".join(d.label() for d in hop.decisions),
         )
     notes = []
