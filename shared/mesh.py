@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -23,14 +24,19 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from pydantic import ValidationError
 
-from shared import subjects
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from shared import attributes as A
+from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
-from shared.schema import Envelope, Error, ErrorCode, Reply, StepRecord
+from shared.schema import Envelope, Error, ErrorCode, Event, Reply, StepRecord
 from shared.settings import Settings, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
+_REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
 
 
 class StepFailed(Exception):
@@ -66,6 +72,9 @@ class Mesh:
         )
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)
+        self.tracer = telemetry.setup_tracing(service)
+        self.app.after_shutdown(telemetry.shutdown_tracing)
+        metrics.serve(service)
 
     async def _provision(self) -> None:
         import nats
@@ -112,11 +121,15 @@ class Mesh:
             env.model_dump_json().encode(),
             subject,
             stream=subjects.STREAM,
-            headers={subjects.H_MSG_ID: msg_id, subjects.H_REQUEST_ID: env.request_id},
+            headers=telemetry.inject({subjects.H_MSG_ID: msg_id, subjects.H_REQUEST_ID: env.request_id}),
         )
 
     async def finish(self, env: Envelope) -> Reply:
-        reply = answer_reply(env) if env.error is None else error_reply(env.request_id, env.error, env)
+        span = trace.get_current_span()
+        trace_id = telemetry.trace_id_of(span)
+        reply = answer_reply(env, trace_id) if env.error is None else error_reply(env.request_id, env.error, env, trace_id)
+        telemetry.record_reply(span, reply)
+        metrics.observe_reply(reply)
         await self.deliver(reply, env.reply_to)
         return reply
 
@@ -127,18 +140,36 @@ class Mesh:
         finds the stored Reply and re-sends that one, so the client (which keeps the
         first reply per request id) never sees two different answers.
         """
-        results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
         body = reply.model_dump_json().encode()
-        try:
-            await results.create(reply.request_id, body)
-        except KeyWrongLastSequenceError:
-            with suppress(NotFoundError):
-                body = (await results.get(reply.request_id)).value or body
+        if _REQUEST_ID.match(reply.request_id):  # a hostile id is answered, not stored
+            results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
+            try:
+                await results.create(reply.request_id, body)
+            except KeyWrongLastSequenceError:
+                with suppress(NotFoundError):
+                    body = (await results.get(reply.request_id)).value or body
         if reply_to:
-            await self.broker.publish(body, reply_to, headers={subjects.H_REQUEST_ID: reply.request_id})
+            await self.broker.publish(body, reply_to, headers=telemetry.inject({subjects.H_REQUEST_ID: reply.request_id}))
 
     async def reply_error(self, request_id: str, reply_to: str | None, error: Error) -> None:
-        await self.deliver(error_reply(request_id, error), reply_to)
+        span = trace.get_current_span()
+        reply = error_reply(request_id, error, trace_id=telemetry.trace_id_of(span))
+        telemetry.record_reply(span, reply)
+        metrics.observe_reply(reply)
+        await self.deliver(reply, reply_to)
+
+    # -- tracing -----------------------------------------------------------------
+
+    def hop(self, name: str, env: Envelope | None = None, **attributes: object):
+        """The span of this hop, parented on the publisher's span from the headers."""
+        message = self.current_message()
+        base = telemetry.envelope_attributes(env) if env is not None else {}
+        return telemetry.hop_span(self.tracer, name, message.headers, message.raw_message.subject, {**base, A.STEP: name, **attributes})
+
+    def observe(self, span: Span, env: Envelope, events: list[Event]) -> None:
+        """Decisions taken in this hop: onto its span and into the metrics."""
+        telemetry.record_events(span, events)
+        metrics.observe_events(env.route, events)
 
     # -- the hop ---------------------------------------------------------------
 
@@ -151,21 +182,25 @@ class Mesh:
                 return
             record = StepRecord(step=env.current.name, service=self.service, started_at=time.time(), duration_ms=0.0)
             record.queued_ms = round(max(0.0, record.started_at - env.sent_at) * 1000, 3)
-            try:
-                await self.run_within_budget(env, step, record)
-            except StepFailed as failure:
-                self._close(record, "failed")
+            with self.hop(env.current.name, env, **{A.QUEUED_MS: record.queued_ms}) as span:
+                events_before = len(env.events)
+                try:
+                    await self.run_within_budget(env, step, record)
+                except StepFailed as failure:
+                    self._close(record, "failed", span)
+                    env.steps.append(record)
+                    failure.error.step = env.current.name
+                    self.observe(span, env, env.events[events_before:])
+                    await self.fail(env, failure.error)
+                    return
+                self._close(record, "ok", span)
                 env.steps.append(record)
-                failure.error.step = env.current.name
-                await self.fail(env, failure.error)
-                return
-            self._close(record, "ok")
-            env.steps.append(record)
-            env.cursor += 1
-            if env.done:
-                await self.finish(env)
-            else:
-                await self.forward(env)
+                self.observe(span, env, env.events[events_before:])
+                env.cursor += 1
+                if env.done:
+                    await self.finish(env)
+                else:
+                    await self.forward(env)
 
         handle.__name__ = f"{self.service}_step"
         self.subscriber()(handle)
@@ -217,10 +252,12 @@ class Mesh:
             with suppress(Exception):
                 await message.in_progress()
 
-    @staticmethod
-    def _close(record: StepRecord, outcome: str) -> None:
+    def _close(self, record: StepRecord, outcome: str, span: Span) -> None:
         record.duration_ms = round((time.time() - record.started_at) * 1000, 3)
         record.outcome = outcome  # type: ignore[assignment]
+        span.set_attribute(A.STEP_OUTCOME, outcome)
+        metrics.STEP_SECONDS.labels(self.service, record.step, outcome).observe(record.duration_ms / 1000)
+        metrics.QUEUED_SECONDS.labels(self.service).observe(record.queued_ms / 1000)
 
 
 def _summary(exc: Exception) -> str:

@@ -29,6 +29,9 @@ H_REQUEST_ID = "Baton-Request-Id"
 H_REPLY_TO = "Baton-Reply-To"  # the client's inbox; the JetStream reply is the PubAck
 H_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication
 
+# A request id is also a KV key and a subject token: keep it to these characters.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_\-=]{1,128}$"
+
 # The server tells us when a message ran out of deliveries.
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>"
 

@@ -22,16 +22,18 @@ async def recover(body: bytes) -> None:
         return
     if env.error is None:
         env.error = Error(code=ErrorCode.INTERNAL, message="sent to fallback without an error")
-    decision = decide(env, mesh.config)
-    log.info("request %s: %s -> %s (%s)", env.request_id, env.error.code.value, decision.action, decision.reason)
-    env.events.append(Event(kind="fallback", step=env.error.step, data={"reason": env.error.code.value, "action": decision.action, "why": decision.reason, "model": decision.model}))
-    if decision.action == "retry_model":
-        retry_slip(env, decision.model)
-        await mesh.forward(env)
-    elif decision.action == "degrade":
-        degrade(env)
-        await mesh.finish(env)
-    else:
+    with mesh.hop("fallback", env) as span:
+        decision = decide(env, mesh.config)
+        log.info("request %s: %s -> %s (%s)", env.request_id, env.error.code.value, decision.action, decision.reason)
+        event = Event(kind="fallback", step=env.error.step, data={"reason": env.error.code.value, "action": decision.action, "why": decision.reason, "model": decision.model})
+        env.events.append(event)
+        mesh.observe(span, env, [event])
+        if decision.action == "retry_model":
+            retry_slip(env, decision.model)
+            await mesh.forward(env)
+            return
+        if decision.action == "degrade":
+            degrade(env)
         await mesh.finish(env)
 
 

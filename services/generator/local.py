@@ -320,8 +320,11 @@ def _split_long(sentence: str) -> list[str]:
 
 
 def rewrite_text(text: str) -> str:
+    """A light, rule-based clean-up standing in for a model's rewrite: whitespace normalised,
+    contractions expanded, run-on sentences split, sentences capitalised and punctuated.
+    It does not rephrase; a configured model does that far better."""
     text = _expand_contractions(" ".join(text.split()))
-    text = re.sub(r"\bi\b", "I", text)
+    text = re.sub(r"(?<![\w.'])i(?![\w'])(?!\.\w)", "I", text)  # "i" -> "I", but not in "i.e."
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)  # "word ," -> "word,"
     text = re.sub(r",(?=[A-Za-z])", ", ", text)  # "word,next" -> "word, next"
     sentences = []
@@ -353,14 +356,16 @@ def _cue_terms(cue: str) -> tuple[str, ...]:
 
 
 def classify_text(text: str, labels: Sequence[str]) -> str:
+    """The label with the most cue words in `text`; a catch-all label (or the first) when none match."""
     words = tuple(_stem(word) for word in _WORD.findall(text.lower()))
     joined = f" {' '.join(words)} "
     scores = {}
     for label in labels:
         cues = _CUES.get(label.lower(), (label,))
         scores[label] = sum(joined.count(f" {' '.join(_cue_terms(cue))} ") for cue in cues)
-    if "question" in scores and text.rstrip().endswith("?"):
-        scores["question"] += 2  # a question mark is the strongest cue there is
+    question = next((label for label in labels if label.lower() == "question"), None)
+    if question is not None and text.rstrip().endswith("?"):
+        scores[question] += 2  # a question mark is the strongest cue there is
     best = max(scores.values(), default=0)
     if best <= 0:
         return next((label for label in labels if label.lower() in _CATCH_ALL), labels[0])
@@ -375,6 +380,7 @@ _HELP_OFFER = "I can help with questions about bikes: maintenance, repairs, part
 
 
 def chat_reply(message: str) -> str:
+    """Small talk without passages: a fixed friendly line per kind of message."""
     if _HOW_ARE_YOU.search(message):
         return "I'm doing well, thanks for asking! How can I help with your bike today?"
     if _THANKS.search(message):
@@ -407,6 +413,15 @@ class LocalExtractive:
         max_sentences: int = 3,
         labels: Sequence[str] | None = None,
     ) -> Generation:
+        """Run one task; usage is estimated (about four characters per token).
+
+        answer     the best 1..max_sentences passage sentences, cited as [n] (1-based passage order),
+                   or NOT_FOUND with grounded=False when nothing in the passages matches
+        chat       a fixed friendly reply to small talk
+        summarize  the most central sentences of the text after the instruction (or of the passages)
+        rewrite    a rule-based clean-up of the text after the instruction
+        classify   "Label: <one of labels>" by cue words (default: complaint/question/praise/other)
+        """
         if task == "answer":
             text, citations = self._answer(question, passages, history, max_sentences)
         elif task == "chat":
@@ -449,6 +464,7 @@ class LocalExtractive:
         return _compose(chosen), sorted({index + 1 for index, _ in picked})
 
     def _rewrite(self, question: str) -> tuple[str, list[int]]:
+        """A stand-in for a model: see `rewrite_text` for the rules it applies."""
         body = _instruction_body(question, r"rewrite|rephrase|paraphrase|reword|improve|clean up|fix")
         return (rewrite_text(body) or "There is nothing to rewrite."), []
 

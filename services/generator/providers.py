@@ -111,12 +111,17 @@ def build_messages(
     history: Iterable[ChatMessage | Mapping[str, Any]] = (),
     system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Chat messages for a grounded answer: instructions and numbered passages, the history, the question."""
+    """Chat messages for a grounded answer: instructions and numbered passages, the history, the question.
+
+    A custom `system_prompt` replaces the instructions; without passages it stands alone (a
+    classify or rewrite task), while the default grounded prompt says that nothing was found.
+    """
+    system = system_prompt or DEFAULT_SYSTEM_PROMPT
     if passages:
         context = "\n\n".join(_format_passage(number, passage) for number, passage in enumerate(passages, 1))
-    else:
-        context = "(no passages were found)"
-    system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\nContext passages:\n\n{context}"
+        system = f"{system}\n\nContext passages:\n\n{context}"
+    elif system_prompt is None:
+        system = f"{system}\n\nContext passages:\n\n(no passages were found)"
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     turns = [_as_dict(turn) for turn in history]
     # The grounding prompt stays the only system instruction, so history cannot override it.

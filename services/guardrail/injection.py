@@ -14,6 +14,8 @@ noise from my derailleur?" or "forget the previous bike" score zero.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -52,8 +54,43 @@ class InjectionResult:
         return list(dict.fromkeys(signal.category for signal in self.signals))
 
 
+# Non-ASCII characters that normalize() rewrites; most text has none, so check first.
+_NEEDS_MAPPING = re.compile("[\u00ad\u200b-\u200f\u2060\ufeffавеосрухіјѕмтнкαεικνοτυ’‘АВЕОСРУХІЈЅМТНК]")
+
+
 def normalize(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold().translate(_HOMOGLYPHS)
+    """NFKC, case folded, invisible characters dropped, look-alike letters mapped to ASCII."""
+    if text.isascii():
+        return text.lower()  # the common case, and str.lower is what casefold does for ASCII
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    if _NEEDS_MAPPING.search(folded):
+        folded = folded.translate(_INVISIBLE).translate(_HOMOGLYPHS)
+    return folded
+
+
+# The squashed text: ASCII only, leetspeak mapped back to letters, and the separators a
+# fuzzy word may contain removed, so "1 g n 0 r e" contains "ignore". Any text a fuzzy
+# pattern matches therefore contains the pattern's anchor here; the converse is not
+# needed, as the regex has the final say.
+_SQUASH_TABLE = bytes.maketrans(b"4@8391!|05$7+", b"aabegiiiosstt")
+_SQUASH_DELETE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f._*~-"
+
+
+def _squash(folded: str) -> bytes:
+    return folded.encode("ascii", "ignore").translate(_SQUASH_TABLE, _SQUASH_DELETE)
+
+
+@lru_cache(maxsize=1024)
+def _anchor_forms(anchor: str) -> tuple[bytes, ...]:
+    """The squashed anchor, plus "l" spelled "i" because "1" and "|" squash to "i"."""
+    squashed = _squash(anchor)
+    return tuple(dict.fromkeys((squashed, squashed.replace(b"l", b"i"))))
+
+
+def _anchored(rule: _Rule, folded: str, squashed: bytes) -> bool:
+    if rule.fuzzy:
+        return any(form in squashed for anchor in rule.anchors for form in _anchor_forms(anchor))
+    return any(anchor in folded for anchor in rule.anchors)
 
 
 def _fuzzy(word: str) -> str:
@@ -86,7 +123,7 @@ def _phrase(*parts: str) -> re.Pattern[str]:
 
 _IGNORE = _any("ignore", "disregard", "forget", "skip", "bypass", "discard", "drop", "overlook", "neglect")
 _EARLIER = _any("previous", "prior", "above", "earlier", "preceding", "original", "initial", "former", "system")
-_RULES = _any(
+_RULES_WORDS = _any(
     "instructions", "instruction", "rules", "directions", "directives", "guidelines", "prompts", "prompt",
     "commands", "programming", "constraints", "policies", "restrictions", "guardrails",
 )  # fmt: skip
@@ -103,109 +140,187 @@ _LIMITS = _any(
     "policies", "morals", "censorship",
 )  # fmt: skip
 
-# (category, label, weight, pattern) for layer (a).
-_PHRASES: list[tuple[str, str, float, re.Pattern[str]]] = [
-    ("instruction_override", "ignore previous instructions", 0.9,
-     _phrase(_IGNORE, _gap(2), _EARLIER, _gap(1), _RULES)),
-    ("instruction_override", "ignore your instructions", 0.85,
-     _phrase(_IGNORE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES)),
-    ("instruction_override", "ignore everything above", 0.8,
-     _phrase(_IGNORE, _BETWEEN_WORDS, _any("everything", "all"), _gap(1),
-             _any("above", "before", "you were told", "you have been told"))),
-    ("prompt_leak", "reveal the system prompt", 0.85,
-     _phrase(_REVEAL, _gap(3), _HIDDEN, _BETWEEN_WORDS, _any("prompt", "prompts", "instructions"))),
+@dataclass(frozen=True)
+class _Rule:
+    category: str
+    label: str
+    weight: float
+    pattern: re.Pattern[str]
+    # Words one of which any match must contain. A rule runs only when one is present,
+    # which keeps the detector well under a millisecond on ordinary text.
+    anchors: tuple[str, ...]
+    fuzzy: bool = True  # anchors are looked up in the squashed text (see _squash)
+
+
+_RULE_NOUNS = ("instruction", "rule", "direction", "directive", "guideline", "prompt", "command", "programming",
+               "constraint", "polic", "restriction", "guardrail")
+_LIMIT_NOUNS = ("rule", "restriction", "guideline", "filter", "limit", "boundar", "ethic", "polic", "moral", "censor")
+
+# Layer (a): known attack phrases.
+_RULES: list[_Rule] = [
+    _Rule("instruction_override", "ignore previous instructions", 0.9,
+          _phrase(_IGNORE, _gap(2), _EARLIER, _gap(1), _RULES_WORDS), _RULE_NOUNS),
+    _Rule("instruction_override", "ignore your instructions", 0.85,
+          _phrase(_IGNORE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES_WORDS), _RULE_NOUNS),
+    _Rule("instruction_override", "ignore everything above", 0.8,
+          _phrase(_IGNORE, _BETWEEN_WORDS, _any("everything", "all"), _gap(1),
+                  _any("above", "before", "you were told", "you have been told")), ("above", "before", "told")),
+    _Rule("prompt_leak", "reveal the system prompt", 0.85,
+          _phrase(_REVEAL, _gap(3), _HIDDEN, _BETWEEN_WORDS, _any("prompt", "prompts", "instructions")),
+          ("prompt", "instruction")),
     # "message" and "rules" only with "your": "tell me what the system message E010 means" is benign.
-    ("prompt_leak", "reveal your instructions", 0.7,
-     _phrase(_REVEAL, _gap(2), r"your", _gap(1),
-             _any("prompt", "instructions", "message", "rules", "guidelines", "configuration"))),
-    ("prompt_leak", "repeat the text above", 0.45,
-     _phrase(_any("repeat", "print", "output", "copy"), _gap(2), _any("words", "text", "everything"),
-             _BETWEEN_WORDS, _any("above", "before this"))),
-    ("jailbreak_persona", "you are now <persona>", 0.9,
-     _phrase(r"you(?:'re| are)", _BETWEEN_WORDS, _fuzzy("now"), _gap(2),
-             _any("dan", "jailbroken", "unrestricted", "unfiltered", "uncensored", "evil", "developer mode",
-                  "free from", "no longer bound", "not bound", "an ai without"))),
-    ("jailbreak_persona", "developer mode enabled", 0.7,
-     _phrase(_any("developer mode", "dev mode", "god mode", "sudo mode"), _BETWEEN_WORDS,
-             _any("enabled", "activated", "engaged"))),
-    ("jailbreak_persona", "enable jailbreak mode", 0.85,
-     _phrase(_any("enable", "activate", "enter", "switch to", "turn on"), _gap(1),
-             _any("god mode", "jailbreak mode", "dan mode", "unrestricted mode"))),
+    _Rule("prompt_leak", "reveal your instructions", 0.7,
+          _phrase(_REVEAL, _gap(2), r"your", _gap(1),
+                  _any("prompt", "instructions", "message", "rules", "guidelines", "configuration")),
+          ("prompt", "instruction", "message", "rule", "guideline", "configuration")),
+    _Rule("prompt_leak", "repeat the text above", 0.45,
+          _phrase(_any("repeat", "print", "output", "copy"), _gap(2), _any("words", "text", "everything"),
+                  _BETWEEN_WORDS, _any("above", "before this")), ("above", "before")),
+    _Rule("jailbreak_persona", "you are now <persona>", 0.9,
+          _phrase(r"you(?:'re| are)", _BETWEEN_WORDS, _fuzzy("now"), _gap(2),
+                  _any("dan", "jailbroken", "unrestricted", "unfiltered", "uncensored", "evil", "developer mode",
+                       "free from", "no longer bound", "not bound", "an ai without")),
+          ("dan", "jailbr", "unrestricted", "unfiltered", "uncensored", "evil", "developer", "free", "bound",
+           "without")),
+    _Rule("jailbreak_persona", "developer mode enabled", 0.7,
+          _phrase(_any("developer mode", "dev mode", "god mode", "sudo mode"), _BETWEEN_WORDS,
+                  _any("enabled", "activated", "engaged")), ("enabled", "activated", "engaged")),
+    _Rule("jailbreak_persona", "enable jailbreak mode", 0.85,
+          _phrase(_any("enable", "activate", "enter", "switch to", "turn on"), _gap(1),
+                  _any("god mode", "jailbreak mode", "dan mode", "unrestricted mode")),
+          ("god", "jailbreak", "dan", "unrestricted")),
     # Weak alone: people enable developer mode on their phone to update bike firmware.
-    ("jailbreak_persona", "enable developer mode", 0.4,
-     _phrase(_any("enable", "activate", "enter", "switch to", "turn on"), _gap(1), _any("developer mode", "dev mode"))),
-    ("jailbreak_persona", "DAN", 0.9,
-     _phrase(r"(?:\bdan\b", _BETWEEN_WORDS, _any("mode", "prompt", "jailbreak"), "|", _fuzzy("do anything now"), ")")),
-    ("jailbreak_persona", "act as an unrestricted AI", 0.9,
-     _phrase(_any("act as", "act like", "pretend to be", "roleplay as", "behave like", "become", "you are"), _gap(2),
-             _UNRESTRICTED, _gap(1), _any("ai", "assistant", "model", "chatbot", "bot", "llm", "version", "mode"))),
-    ("jailbreak_persona", "pretend you have no rules", 0.9,
-     _phrase(_any("pretend", "imagine", "act as if", "suppose", "assume", "from now on"), _gap(3),
-             r"you", _BETWEEN_WORDS, r"(?:have|had|got)", _BETWEEN_WORDS, r"(?:no|zero)", _gap(1), _LIMITS)),
-    ("jailbreak_persona", "jailbroken", 0.45,
-     _phrase(_any("jailbroken", "jailbreak", "jail break"))),
-    ("guideline_override", "override your guidelines", 0.85,
-     _phrase(_OVERRIDE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES)),
-    ("guideline_override", "disable safety filters", 0.85,
-     _phrase(_OVERRIDE, _gap(2), _any("safety", "content", "ethical", "moral", "moderation"), _BETWEEN_WORDS,
-             _any("guidelines", "filters", "filter", "rules", "policies", "policy", "restrictions", "protocols"))),
-    ("new_instructions", "new instructions:", 0.8,
-     _phrase(_any("new", "updated", "revised", "real", "actual", "override", "secret"), _BETWEEN_WORDS,
-             _any("instructions", "instruction", "rules", "directive", "system prompt"), r"\s*[:\-=]")),
+    _Rule("jailbreak_persona", "enable developer mode", 0.4,
+          _phrase(_any("enable", "activate", "enter", "switch to", "turn on"), _gap(1),
+                  _any("developer mode", "dev mode")), ("dev",)),
+    _Rule("jailbreak_persona", "DAN", 0.9,
+          _phrase(r"(?:\bdan\b", _BETWEEN_WORDS, _any("mode", "prompt", "jailbreak"), "|",
+                  _fuzzy("do anything now"), ")"), ("dan", "anything")),
+    _Rule("jailbreak_persona", "act as an unrestricted AI", 0.9,
+          _phrase(_any("act as", "act like", "pretend to be", "roleplay as", "behave like", "become", "you are"),
+                  _gap(2), _UNRESTRICTED, _gap(1),
+                  _any("ai", "assistant", "model", "chatbot", "bot", "llm", "version", "mode")),
+          ("unrestricted", "unfiltered", "uncensored", "unlimited", "unbound", "evil", "amoral", "rogue")),
+    _Rule("jailbreak_persona", "pretend you have no rules", 0.9,
+          _phrase(_any("pretend", "imagine", "act as if", "suppose", "assume", "from now on"), _gap(3),
+                  r"you", _BETWEEN_WORDS, r"(?:have|had|got)", _BETWEEN_WORDS, r"(?:no|zero)", _gap(1), _LIMITS),
+          _LIMIT_NOUNS),
+    _Rule("jailbreak_persona", "jailbroken", 0.45, _phrase(_any("jailbroken", "jailbreak", "jail break")), ("jail",)),
+    _Rule("guideline_override", "override your guidelines", 0.85,
+          _phrase(_OVERRIDE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES_WORDS), _RULE_NOUNS),
+    _Rule("guideline_override", "disable safety filters", 0.85,
+          _phrase(_OVERRIDE, _gap(2), _any("safety", "content", "ethical", "moral", "moderation"), _BETWEEN_WORDS,
+                  _any("guidelines", "filters", "filter", "rules", "policies", "policy", "restrictions",
+                       "protocols")),
+          ("guideline", "filter", "rule", "polic", "restriction", "protocol")),
+    _Rule("new_instructions", "new instructions:", 0.8,
+          _phrase(_any("new", "updated", "revised", "real", "actual", "override", "secret"), _BETWEEN_WORDS,
+                  _any("instructions", "instruction", "rules", "directive", "system prompt"), r"\s*[:\-=]"),
+          ("instruction", "rule", "directive", "prompt")),
     # Not "maintenance mode": e-bike displays have one.
-    ("new_instructions", "system override", 0.75, _phrase(_any("system override", "admin override"))),
-    ("role_tag", "chat-template role tag", 0.95,
-     re.compile(r"<\|?\s*im_start\s*\|?>\s*(?:system|assistant|developer)|<\|(?:system|assistant|im_end|endoftext)\|>")),
-    ("role_tag", "markdown role header", 0.85,
-     re.compile(r"(?:^|\n)\s*#{2,}\s*(?:system|instructions?|assistant|developer)\s*(?::|\n)")),
-    ("role_tag", "llama-style tag", 0.85, re.compile(r"\[/?inst\]|<<\s*/?sys\s*>>|</?system>")),
+    _Rule("new_instructions", "system override", 0.75, _phrase(_any("system override", "admin override")),
+          ("override",)),
+    _Rule("role_tag", "chat-template role tag", 0.95,
+          re.compile(r"<\|?\s*im_start\s*\|?>\s*(?:system|assistant|developer)"
+                     r"|<\|(?:system|assistant|im_end|endoftext)\|>"),
+          ("im_start", "<|"), fuzzy=False),
+    _Rule("role_tag", "markdown role header", 0.85,
+          re.compile(r"(?:^|\n)\s*#{2,}\s*(?:system|instructions?|assistant|developer)\s*(?::|\n)"), ("##",),
+          fuzzy=False),
+    _Rule("role_tag", "llama-style tag", 0.85, re.compile(r"\[/?inst\]|<<\s*/?sys\s*>>|</?system>"),
+          ("inst]", "<<", "system>"), fuzzy=False),
 ]  # fmt: skip
 
 # Layer (b): weaker signals, none of which rejects on its own.
-_IMPERATIVE = re.compile(
-    r"(?<![a-z])(?:you (?:must|will|shall|should|are to)|from now on|do not|don't|never|stop|no longer)\b[^.!?\n]{0,60}?"
-    r"\b(?:follow|obey|apply|use|mention|bound by|adhere to|listen to)?\s*(?:your|these|those|any|the) "
-    r"(?:rules|guidelines|instructions|restrictions|filters|programming|policies|system prompt|training)"
-    r"|(?:rules|restrictions|filters|guidelines) (?:no longer|do not|don't) apply"
-)
-_FROM_NOW_ON = re.compile(r"(?<![a-z])(?:from now on|for the rest of (?:this|the) conversation),? (?:you|respond|answer|act|reply)")
-_WITHOUT_LIMITS = re.compile(
-    r"(?<![a-z])without (?:any )?(?:restrictions|filters|filtering|censorship|limitations|guidelines|rules|ethics)"
-)
+_HEURISTICS: list[_Rule] = [
+    _Rule("heuristic", "imperative aimed at the assistant's rules", 0.35, re.compile(
+        r"(?<![a-z])(?:you (?:must|will|shall|should|are to)|from now on|do not|don't|never|stop|no longer)\b"
+        r"[^.!?\n]{0,60}?\b(?:follow|obey|apply|use|mention|bound by|adhere to|listen to)?\s*"
+        r"(?:your|these|those|any|the) "
+        r"(?:rules|guidelines|instructions|restrictions|filters|programming|policies|system prompt|training)"
+        r"|(?:rules|restrictions|filters|guidelines) (?:no longer|do not|don't) apply"),
+        ("rules", "guidelines", "instructions", "restrictions", "filters", "programming", "policies",
+         "system prompt", "training"), fuzzy=False),
+    _Rule("heuristic", "persistent behaviour change ('from now on')", 0.3, re.compile(
+        r"(?<![a-z])(?:from now on|for the rest of (?:this|the) conversation),? (?:you|respond|answer|act|reply)"),
+        ("from now on", "for the rest of"), fuzzy=False),
+    _Rule("heuristic", "asks for answers without restrictions", 0.3, re.compile(
+        r"(?<![a-z])without (?:any )?(?:restrictions|filters|filtering|censorship|limitations|guidelines|rules|ethics)"),
+        ("without",), fuzzy=False),
+]  # fmt: skip
+
 # Base64-looking: long, and mixing upper, lower and digits (hex digests and words don't).
 _BLOB = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")
-_ROLE_LINE = re.compile(r"(?:^|\n)\s*(?:system|assistant|user|human|ai|developer)\s*:", re.I)
+_ROLES = frozenset({"system", "assistant", "user", "human", "ai", "developer"})
 
 
 def _looks_base64(blob: str) -> bool:
     return any(c.isupper() for c in blob) and any(c.islower() for c in blob) and any(c.isdigit() for c in blob)
 
 
-def _heuristics(original: str, folded: str) -> list[Signal]:
+def _role_lines(text: str) -> int:
+    """Lines that start like a transcript turn: "system: ...", "Assistant: ..."."""
+    count = 0
+    for line in text.splitlines():
+        head, colon, _ = line.partition(":")
+        count += bool(colon) and head.strip().lower() in _ROLES
+    return count
+
+
+def _structural_signals(text: str) -> list[Signal]:
+    """Heuristics on the original text, where case and line starts still mean something."""
     signals = []
-    if _IMPERATIVE.search(folded):
-        signals.append(Signal("heuristic", "imperative aimed at the assistant's rules", 0.35))
-    if _FROM_NOW_ON.search(folded):
-        signals.append(Signal("heuristic", "persistent behaviour change ('from now on')", 0.3))
-    if _WITHOUT_LIMITS.search(folded):
-        signals.append(Signal("heuristic", "asks for answers without restrictions", 0.3))
-    # Case matters for base64, so this one looks at the original text.
-    if any(_looks_base64(match.group()) for match in _BLOB.finditer(original)):
+    # Only whitespace-separated tokens of 40+ characters can hold a blob; checking those
+    # is far cheaper than scanning every position of the text with the blob regex.
+    long_tokens = [token for token in text.split() if len(token) >= 40]
+    if any(_looks_base64(match.group()) for token in long_tokens for match in _BLOB.finditer(token)):
         signals.append(Signal("heuristic", "base64-looking blob over 40 characters", 0.35))
-    if len(_ROLE_LINE.findall(original)) >= 2:
-        signals.append(Signal("heuristic", "several role-labelled lines (fake transcript)", 0.4))
+    role_lines = _role_lines(text) if ":" in text else 0
+    if role_lines >= 2:
+        # Two turns may be a pasted chat; three or more is a scripted conversation.
+        signals.append(Signal("heuristic", "several role-labelled lines (fake transcript)", 0.6 if role_lines >= 3 else 0.4))
     return signals
 
 
+def _decoded_signals(text: str) -> list[Signal]:
+    """Layer (a) again on base64 blobs that decode to text: a common way to smuggle a phrase."""
+    signals = []
+    for token in text.split():
+        if len(token) < 40:
+            continue
+        for match in _BLOB.finditer(token):
+            decoded = _b64_text(match.group())
+            if decoded:
+                folded = normalize(decoded)
+                squashed = _squash(folded)
+                signals += [
+                    Signal(f"encoded_{rule.category}", f"{rule.label} (base64-encoded)", rule.weight)
+                    for rule in _RULES
+                    if _anchored(rule, folded, squashed) and rule.pattern.search(folded)
+                ]
+    return signals
+
+
+def _b64_text(blob: str) -> str | None:
+    try:
+        raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    text = raw.decode("utf-8", "replace")
+    printable = sum(char.isprintable() or char.isspace() for char in text)
+    return text if text and printable / len(text) > 0.9 else None
+
+
 @lru_cache(maxsize=64)
-def _configured(phrases: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
-    """Operator phrases from config, compiled once per distinct list."""
-    compiled = []
+def _configured(phrases: tuple[str, ...]) -> tuple[_Rule, ...]:
+    """Operator phrases from config as rules, compiled once per distinct list."""
+    rules = []
     for phrase in phrases:
         words = re.findall(r"\w+", normalize(phrase))
         if words:
-            compiled.append((phrase, _phrase(_BETWEEN_WORDS.join(_fuzzy(word) for word in words))))
-    return tuple(compiled)
+            pattern = _phrase(_BETWEEN_WORDS.join(_fuzzy(word) for word in words))
+            rules.append(_Rule("configured_phrase", f"configured phrase {phrase!r}", 0.9, pattern, (max(words, key=len),)))
+    return tuple(rules)
 
 
 def combine(weights: Iterable[float]) -> float:
@@ -219,11 +334,13 @@ def combine(weights: Iterable[float]) -> float:
 def detect_injection(text: str, extra_phrases: Sequence[str] = ()) -> InjectionResult:
     """Score `text` for prompt injection; `extra_phrases` (from config) count as strong signals."""
     folded = normalize(text)
-    signals = [Signal(category, label, weight) for category, label, weight, pattern in _PHRASES if pattern.search(folded)]
-    signals += [
-        Signal("configured_phrase", f"configured phrase {phrase!r}", 0.9)
-        for phrase, pattern in _configured(tuple(extra_phrases))
-        if pattern.search(folded)
+    squashed = _squash(folded)
+    rules = [*_RULES, *_configured(tuple(extra_phrases)), *_HEURISTICS]
+    signals = [
+        Signal(rule.category, rule.label, rule.weight)
+        for rule in rules
+        if _anchored(rule, folded, squashed) and rule.pattern.search(folded)
     ]
-    signals += _heuristics(text, folded)
+    signals += _structural_signals(text)
+    signals += _decoded_signals(text)
     return InjectionResult(score=combine(signal.weight for signal in signals), signals=signals)

@@ -7,7 +7,8 @@ import uuid
 from pydantic import ValidationError
 
 from services.router.routing import Router, UnknownRoute
-from shared import subjects
+from shared import attributes as A
+from shared import subjects, telemetry
 from shared.mesh import Mesh, validation_details
 from shared.schema import Error, ErrorCode, Request
 
@@ -16,7 +17,7 @@ router = Router(mesh.config)
 app = mesh.app
 log = logging.getLogger("baton.router")
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_\-=]{1,128}$")
+REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
 
 
 @mesh.subscriber()
@@ -24,27 +25,38 @@ async def route(body: bytes) -> None:
     headers = mesh.current_message().headers or {}
     request_id = headers.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
     reply_to = headers.get(subjects.H_REPLY_TO)
+    with mesh.hop("route", **{A.REQUEST_ID: request_id}) as span:
+        error = check_request(request_id, body)
+        if isinstance(error, Error):
+            await mesh.reply_error(request_id, reply_to, error)
+            return
+        request = error
+        try:
+            decision = router.decide(request)
+        except UnknownRoute as exc:
+            await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)))
+            return
+        log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
+        env = router.envelope(request_id, request, decision, reply_to)
+        span.set_attributes(telemetry.envelope_attributes(env))
+        if telemetry.content_tracing():
+            span.set_attribute(A.CONTENT_PROMPT, request.text)
+        mesh.observe(span, env, env.events)
+        await mesh.forward(env)
+
+
+def check_request(request_id: str, body: bytes) -> Request | Error:
+    """The parsed Request, or the structured Error that names what is wrong with it."""
     if not REQUEST_ID.match(request_id):
-        await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.INVALID_REQUEST, message="the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='"))
-        return
+        return Error(code=ErrorCode.INVALID_REQUEST, message="the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='")
     if len(body) > mesh.settings.max_request_bytes:
-        message = f"the request is {len(body)} bytes; the limit is {mesh.settings.max_request_bytes}"
-        await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.PAYLOAD_TOO_LARGE, message=message))
-        return
+        return Error(code=ErrorCode.PAYLOAD_TOO_LARGE, message=f"the request is {len(body)} bytes; the limit is {mesh.settings.max_request_bytes}")
     try:
-        request = Request.model_validate_json(body)
+        return Request.model_validate_json(body)
     except ValidationError as exc:
         details = validation_details(exc)
         message = "invalid request: " + "; ".join(f"{d['field']}: {d['problem']}" for d in details)
-        await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details))
-        return
-    try:
-        decision = router.decide(request)
-    except UnknownRoute as exc:
-        await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)))
-        return
-    log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
-    await mesh.forward(router.envelope(request_id, request, decision, reply_to))
+        return Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details)
 
 
 if __name__ == "__main__":
