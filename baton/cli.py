@@ -38,14 +38,33 @@ def _state_file(settings: Settings) -> Path:
     return settings.state_dir / "mesh.json"
 
 
+def _mesh_state(settings: Settings) -> dict:
+    state = _state_file(settings)
+    return json.loads(state.read_text()) if state.exists() else {}
+
+
 def _nats_url(settings: Settings) -> str:
     """NATS_URL when set, else the URL of the mesh `baton up` started."""
     if "NATS_URL" in os.environ:
         return settings.nats_url
-    state = _state_file(settings)
-    if state.exists():
-        return json.loads(state.read_text())["nats_url"]
-    return settings.nats_url
+    return _mesh_state(settings).get("nats_url", settings.nats_url)
+
+
+def _collector_url(settings: Settings) -> str:
+    url = os.environ.get("BATON_COLLECTOR_URL") or _mesh_state(settings).get("collector_url")
+    if not url:
+        _fail("no collector known: start the mesh with `baton up` or set BATON_COLLECTOR_URL")
+    return url
+
+
+def _client_tracer(settings: Settings):
+    """Trace the client's publish too, so the trace starts where the request does."""
+    from shared.telemetry import setup_tracing
+
+    collector = os.environ.get("BATON_COLLECTOR_URL") or _mesh_state(settings).get("collector_url")
+    if collector and not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector
+    return setup_tracing("client")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -67,8 +86,9 @@ def parse_replicas(spec: str) -> dict[str, int]:
 @app.command()
 def up(
     replicas: str = typer.Option("", help="replicas per service, e.g. generator=4,retriever=2"),
+    collector: bool = typer.Option(True, help="start the trace collector and send every span to it"),
 ) -> None:
-    """Start NATS (unless NATS_URL is set) and every service; Ctrl-C stops them all."""
+    """Start NATS (unless NATS_URL is set), the collector and every service; Ctrl-C stops them all."""
     settings = _settings()
     counts = parse_replicas(replicas)
     _check_ready_to_start(settings)
@@ -77,9 +97,14 @@ def up(
         if "NATS_URL" not in os.environ:
             mesh.start_nats(settings.state_dir / "nats")
         with console.status("starting the mesh..."):
+            if collector:
+                mesh.start_collector()
             mesh.start(counts)
-        _state_file(settings).write_text(json.dumps({"nats_url": mesh.nats_url, "pid": os.getpid()}))
+        state = {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "pid": os.getpid()}
+        _state_file(settings).write_text(json.dumps(state))
         console.print(f"[green]mesh up[/] on {mesh.nats_url}: " + ", ".join(f"{s}×{n}" for s, n in counts.items()))
+        if mesh.collector_url:
+            console.print(f"traces: {mesh.collector_url}  (baton trace ID, baton stats)")
         console.print("ask it: [bold]baton ask \"How often should I replace my chain?\"[/]   stop: Ctrl-C")
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -118,21 +143,64 @@ def ask(
     metadata: list[str] = typer.Option([], "--meta", help="metadata key=value (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print the Reply as JSON"),
     timeout: float = typer.Option(30.0, help="seconds to wait for the reply"),
+    show_trace: bool = typer.Option(False, "--trace", help="draw the request's waterfall after the answer"),
 ) -> None:
     """Publish a question onto the bus and print the answer."""
+    from shared.telemetry import shutdown_tracing
+
+    settings = _settings()
     meta = dict(item.split("=", 1) for item in metadata if "=" in item)
     fields = {"route": route, "session_id": session, "metadata": meta}
-    reply = _run(_ask(_nats_url(_settings()), prompt, fields, timeout))
+    reply = _run(_ask(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
+    shutdown_tracing()  # flush the client's span before we read the trace back
     if as_json:
         print(reply.model_dump_json(indent=2))
     else:
         render.reply(console, prompt, reply)
+    if show_trace:
+        _show_trace(settings, reply.request_id)
     raise typer.Exit(0 if reply.ok else 3)
 
 
-async def _ask(url: str, prompt: str, fields: dict, timeout: float):
-    async with BatonClient(url, timeout_s=timeout) as client:
+async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
+    async with BatonClient(url, timeout_s=timeout, tracer=tracer) as client:
         return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
+
+
+@app.command("trace")
+def trace_command(request_id: str) -> None:
+    """Draw a request's waterfall: every hop, its duration, its decision."""
+    _show_trace(_settings(), request_id)
+
+
+def _show_trace(settings: Settings, request_id: str, wait_s: float = 5.0) -> None:
+    from services.collector.client import CollectorUnavailable, fetch_flow
+    from services.collector.render import waterfall
+
+    url = _collector_url(settings)
+    deadline = time.monotonic() + wait_s
+    try:
+        flow = fetch_flow(url, request_id)
+        while (flow is None or flow.outcome is None) and time.monotonic() < deadline:  # spans are exported in batches
+            time.sleep(0.2)
+            flow = fetch_flow(url, request_id)
+    except CollectorUnavailable as exc:
+        _fail(str(exc))
+    if flow is None:
+        _fail(f"the collector has no spans of request {request_id} (was tracing on when it ran?)", 4)
+    console.print(waterfall(flow))
+
+
+@app.command()
+def stats(limit: int = typer.Option(1000, help="how many recent requests to include")) -> None:
+    """Flow metrics from the collector: latency, steps, routing mix, fallbacks, gates, cost."""
+    from services.collector.client import CollectorUnavailable, fetch_stats
+    from services.collector.render import stats_table
+
+    try:
+        console.print(stats_table(fetch_stats(_collector_url(_settings()), limit)))
+    except CollectorUnavailable as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -20,7 +20,11 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
-from shared import subjects
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from shared import attributes as A
+from shared import subjects, telemetry
 from shared.schema import Reply, Request
 
 
@@ -43,8 +47,9 @@ class ReplyTimeout(BatonError):
 
 
 class BatonClient:
-    def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, **connect_options: Any):
+    def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, tracer: trace.Tracer | None = None, **connect_options: Any):
         self.nats_url = nats_url
+        self.tracer = tracer or trace.get_tracer("baton.client")
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.timeout_s = timeout_s
         self.inbox_prefix = f"_INBOX.{self.client_id}"
@@ -131,11 +136,14 @@ class BatonClient:
             subjects.H_REPLY_TO: self.reply_to(request_id),
             **extra_headers,
         }
-        try:
-            await self.js.publish(subjects.REQUEST, body, headers=headers, timeout=5)
-        except (NatsTimeout, NoRespondersError, MaxPayloadError) as exc:
-            self._pending.pop(request_id, None)
-            raise NotAccepted(f"the mesh did not accept the request ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
+        attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: subjects.REQUEST, A.MESSAGING_OPERATION: "publish", A.REQUEST_ID: request_id}
+        # The root of the request's trace: every hop nests under this span.
+        with self.tracer.start_as_current_span(f"publish {subjects.REQUEST}", kind=SpanKind.PRODUCER, attributes=attributes):
+            try:
+                await self.js.publish(subjects.REQUEST, body, headers=telemetry.inject(headers), timeout=5)
+            except (NatsTimeout, NoRespondersError, MaxPayloadError) as exc:
+                self._pending.pop(request_id, None)
+                raise NotAccepted(f"the mesh did not accept the request ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
 
     async def _on_reply(self, msg: Any) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.request
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import nats
 
 from shared import subjects
-from shared.natsd import NatsServer
+from shared.natsd import NatsServer, free_port
 from shared.provision import provision
 from shared.settings import ROOT, Settings
 
@@ -36,6 +37,7 @@ class Replica:
     index: int
     process: subprocess.Popen
     log_path: Path
+    metrics_port: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -56,6 +58,8 @@ class MeshProcesses:
     env: dict[str, str] = field(default_factory=dict)
     nats_server: NatsServer | None = None
     replicas: list[Replica] = field(default_factory=list)
+    collector: Replica | None = None
+    collector_url: str | None = None
 
     @property
     def nats_url(self) -> str:
@@ -72,21 +76,47 @@ class MeshProcesses:
 
     def spawn(self, service: str) -> Replica:
         index = sum(1 for r in self.replicas if r.service == service)
+        metrics_port = free_port()
+        replica = self._start_process(service, index, ["-m", "shared.run", service], {"BATON_METRICS_PORT": str(metrics_port)})
+        replica.metrics_port = metrics_port
+        self.replicas.append(replica)
+        return replica
+
+    def _start_process(self, name: str, index: int, args: list[str], extra_env: dict[str, str]) -> Replica:
         log_dir = self.settings.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{service}-{index}.log"
+        log_path = log_dir / f"{name}-{index}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "shared.run", service],
+                [sys.executable, *args],
                 cwd=ROOT,
-                env=self.child_env(),
+                env={**self.child_env(), **extra_env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the terminal reaches `baton`, which stops us in order
             )
-        replica = Replica(service, index, process, log_path)
-        self.replicas.append(replica)
-        return replica
+        return Replica(name, index, process, log_path)
+
+    def start_collector(self, timeout_s: float = 15.0) -> str:
+        """Start the trace collector and point every service started later at it."""
+        port = free_port()
+        env = {"BATON_COLLECTOR_PORT": str(port), "BATON_COLLECTOR_DB": str(self.settings.state_dir / "collector.sqlite3")}
+        self.collector = self._start_process("collector", 0, ["-m", "services.collector"], env)
+        self.collector_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.collector.alive:
+                raise MeshStartError(f"the collector exited with code {self.collector.process.returncode}:\n{self.collector.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.collector_url}/healthz", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise MeshStartError(f"the collector did not answer within {timeout_s:.0f}s") from None
+                time.sleep(0.1)
+        self.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.collector_url
+        self.env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")  # spans reach `baton trace` within a moment
+        return self.collector_url
 
     def start(self, counts: dict[str, int], timeout_s: float = 30.0) -> None:
         asyncio.run(self._provision())
@@ -147,6 +177,14 @@ class MeshProcesses:
                 replica.process.kill()
                 replica.process.wait(5)
         self.replicas.clear()
+        if self.collector is not None:  # last: the services' final spans land first
+            self.collector.process.send_signal(signal.SIGTERM)
+            try:
+                self.collector.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.collector.process.kill()
+                self.collector.process.wait(5)
+            self.collector = None
         if self.nats_server:
             self.nats_server.stop()
             self.nats_server = None

@@ -1,6 +1,10 @@
 """generator: calls the chosen model (local or remote) and records usage and cost."""
 
+from opentelemetry.trace import SpanKind
+
 from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
+from shared import attributes as A
+from shared import metrics
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER, CITATIONS
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
@@ -22,13 +26,24 @@ async def generate(env: Envelope, record: StepRecord) -> None:
         raise StepFailed(code, str(exc)) from exc
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
     call = model_call(env.context.question, env.context.passages, env.context.history, params)
-    try:
-        generation = await pool.generate(choice, call, timeout_s=max(0.1, env.remaining_s()))
-    except ProviderError as exc:
-        env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
-        raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
-    record.usage = generation.usage
-    record.cost_usd = pool.cost_usd(choice.spec, generation)
+    model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
+    with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
+        try:
+            generation = await pool.generate(choice, call, timeout_s=max(0.1, env.remaining_s()))
+        except ProviderError as exc:
+            env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
+            raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
+        record.usage = generation.usage
+        record.cost_usd = pool.cost_usd(choice.spec, generation)
+        span.set_attributes({
+            A.GEN_AI_RESPONSE_MODEL: generation.model,
+            A.GEN_AI_INPUT_TOKENS: generation.usage.input_tokens,
+            A.GEN_AI_OUTPUT_TOKENS: generation.usage.output_tokens,
+            A.USAGE_ESTIMATED: generation.usage.estimated,
+            A.COST_USD: record.cost_usd,
+        })
+    metrics.MODEL_TOKENS.labels(choice.name, "input").inc(generation.usage.input_tokens)
+    metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
     env.context.outputs[ANSWER] = generation.text
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}

@@ -327,7 +327,10 @@ class OpenAICompatible:
                 retry_after = retry_after / 1000 if retry_after is not None else None
         return self._error(kind, message, status=status, retry_after=retry_after)
 
-    def _transport_error(self, exc: httpx.HTTPError, timeout: float) -> ProviderError:
+    def _transport_error(self, exc: httpx.HTTPError | httpx.InvalidURL, timeout: float) -> ProviderError:
+        if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+            # A configuration mistake: retrying the same URL cannot help.
+            return self._error("bad_request", f"the base URL {self.base_url!r} is not usable: {exc}")
         if isinstance(exc, httpx.TimeoutException):
             return self._error("timeout", f"no answer from {self._url} within {timeout:g}s ({type(exc).__name__})")
         return self._error("connection", f"cannot reach {self._url}: {type(exc).__name__}: {exc}")
@@ -352,7 +355,7 @@ class OpenAICompatible:
                 )
         except TimeoutError:
             raise self._error("timeout", f"no complete answer from {self._url} within {timeout:g}s") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self._transport_error(exc, timeout) from None
         if response.status_code >= 400:
             raise self._status_error(response)
@@ -417,7 +420,7 @@ class OpenAICompatible:
                     delta = self._apply_chunk(state, data)
                     if delta:
                         yield delta
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             if started and not isinstance(exc, httpx.TimeoutException):
                 raise self._error("malformed", f"stream cut: the connection dropped ({type(exc).__name__})") from None
             raise self._transport_error(exc, timeout) from None

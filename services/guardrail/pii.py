@@ -8,6 +8,7 @@ the position of a match, never the matched value: findings travel in events and 
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,30 @@ def placeholder(kind: str) -> str:
     return f"[REDACTED_{kind.upper()}]"
 
 
+# --- numeric regions ----------------------------------------------------------------
+
+Regions = list[tuple[int, int]]
+
+# Everything a card, phone or SSN can consist of. Scanning for these runs once and
+# running the detailed regexes only inside runs long enough to hold one is what keeps
+# the detectors fast: a regex that starts with a lookbehind cannot skip ahead to the
+# next digit and pays for every character of the text.
+_NUMERIC_REGION = re.compile(r"[+(\d][\d ().+/-]*")
+_NUMERIC_KINDS = frozenset({"card", "phone", "national_id"})
+
+
+def _numeric_regions(text: str) -> Regions:
+    return [match.span() for match in _NUMERIC_REGION.finditer(text) if match.end() - match.start() >= 9]
+
+
+def _in_regions(pattern: re.Pattern[str], text: str, regions: Regions, min_chars: int) -> Iterator[re.Match[str]]:
+    for start, end in regions:
+        if end - start >= min_chars:
+            # One character past the region so trailing lookaheads see what really follows;
+            # lookbehinds already see the whole string.
+            yield from pattern.finditer(text, start, min(end + 1, len(text)))
+
+
 # --- email -------------------------------------------------------------------------
 
 # The lookbehind makes matches start only at token boundaries, which keeps the scan
@@ -44,7 +69,9 @@ def placeholder(kind: str) -> str:
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?![A-Za-z])")
 
 
-def _emails(text: str) -> Iterator[Finding]:
+def _emails(text: str, regions: Regions) -> Iterator[Finding]:
+    if "@" not in text:
+        return  # a substring test is ~100x cheaper than scanning with the regex
     for match in _EMAIL.finditer(text):
         yield Finding("email", match.start(), match.end())
 
@@ -76,8 +103,8 @@ def _is_card(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and digits[0] in _CARD_FIRST_DIGITS and luhn_valid(digits)
 
 
-def _cards(text: str) -> Iterator[Finding]:
-    for run in _DIGIT_RUN.finditer(text):
+def _cards(text: str, regions: Regions) -> Iterator[Finding]:
+    for run in _in_regions(_DIGIT_RUN, text, regions, min_chars=13):
         groups = [(m.start(), m.end()) for m in _DIGITS.finditer(text, run.start(), run.end())]
         after = text[run.end() : run.end() + 1]
         if after.isalpha() or after == "_":
@@ -110,8 +137,10 @@ def _card_windows(text: str, groups: list[tuple[int, int]]) -> Iterator[Finding]
 
 # --- IBAN ----------------------------------------------------------------------------
 
-# Country code, check digits, then 11-30 alphanumerics with optional single spaces.
-_IBAN = re.compile(r"(?<!\w)[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}")
+# Check digits and 11-30 alphanumerics with optional single spaces; the two letters of
+# the country code before them are checked in code. Starting at the digits lets the
+# regex engine skip straight to digits instead of trying every letter of the text.
+_IBAN_TAIL = re.compile(r"\d\d(?: ?[A-Za-z0-9]){11,30}")
 # Official lengths; a known country lets us cut an IBAN out of a longer candidate
 # ("DE89 3704 0044 0532 0130 00 and more words").
 _IBAN_LENGTHS = {
@@ -138,18 +167,33 @@ def iban_valid(candidate: str) -> bool:
     return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
 
 
-def _ibans(text: str) -> Iterator[Finding]:
-    for match in _IBAN.finditer(text):
-        # Positions of the non-space characters, so a compact prefix maps back to text.
-        positions = [i for i in range(match.start(), match.end()) if text[i] != " "]
-        expected = _IBAN_LENGTHS.get(text[match.start() : match.start() + 2].upper(), len(positions))
-        if len(positions) < expected:
-            continue
-        end = positions[expected - 1] + 1
-        after = text[end : end + 1]
-        if after.isalnum() or after == "_" or not iban_valid(text[match.start() : end]):
-            continue  # cut in the middle of a longer token, or the checksum fails
-        yield Finding("iban", match.start(), end)
+def _ibans(text: str, regions: Regions) -> Iterator[Finding]:
+    pos = 0
+    while match := _IBAN_TAIL.search(text, pos):
+        finding = _iban_at(text, match.start() - 2, match.end())
+        # A rejected candidate may hide a real IBAN that starts inside it, so step one
+        # character; an accepted one is consumed whole.
+        pos = finding.end if finding else match.start() + 1
+        if finding:
+            yield finding
+
+
+def _iban_at(text: str, start: int, end: int) -> Finding | None:
+    country = text[max(start, 0) : start + 2]
+    if start < 0 or not (country.isascii() and country.isalpha()):
+        return None
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        return None  # inside a longer token
+    # Positions of the non-space characters, so a compact prefix maps back to the text.
+    positions = [i for i in range(start, end) if text[i] != " "]
+    expected = _IBAN_LENGTHS.get(country.upper(), len(positions))
+    if len(positions) < expected:
+        return None
+    end = positions[expected - 1] + 1
+    after = text[end : end + 1]
+    if after.isalnum() or after == "_" or not iban_valid(text[start:end]):
+        return None  # cut in the middle of a longer token, or the checksum fails
+    return Finding("iban", start, end)
 
 
 # --- US social security number --------------------------------------------------------
@@ -158,8 +202,8 @@ def _ibans(text: str) -> Iterator[Finding]:
 _SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 
 
-def _ssns(text: str) -> Iterator[Finding]:
-    for match in _SSN.finditer(text):
+def _ssns(text: str, regions: Regions) -> Iterator[Finding]:
+    for match in _in_regions(_SSN, text, regions, min_chars=11):
         yield Finding("national_id", match.start(), match.end())
 
 
@@ -201,8 +245,8 @@ def _looks_like_phone(text: str, start: int, end: int) -> bool:
     return not (_CURRENCY_BEFORE.search(text, max(0, start - 2), start) or _UNIT_AFTER.match(text, end))
 
 
-def _phones(text: str) -> Iterator[Finding]:
-    for match in _PHONE.finditer(text):
+def _phones(text: str, regions: Regions) -> Iterator[Finding]:
+    for match in _in_regions(_PHONE, text, regions, min_chars=9):
         if _looks_like_phone(text, match.start(), match.end()):
             yield Finding("phone", match.start(), match.end())
 
@@ -211,19 +255,21 @@ def _phones(text: str) -> Iterator[Finding]:
 
 # (pattern, whether the value must mix letters and digits). A named group "v" marks the
 # secret part when the pattern also matches a label such as "Bearer" or "api_key=".
-_SECRET_PATTERNS: list[tuple[re.Pattern[str], bool]] = [
-    (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"), True),  # OpenAI, Anthropic
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), False),  # GitHub classic tokens
-    (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{22,}"), False),  # GitHub fine-grained tokens
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), False),  # AWS access key id
-    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), False),  # Slack
-    (re.compile(r"\b[Bb]earer\s+(?P<v>[A-Za-z0-9._~+/=-]{20,})"), True),
+# The markers (lower case) are substrings every match contains, used as a cheap prefilter.
+_SECRET_PATTERNS: list[tuple[re.Pattern[str], bool, tuple[str, ...]]] = [
+    (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"), True, ("sk-",)),  # OpenAI, Anthropic
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), False, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),  # GitHub
+    (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{22,}"), False, ("github_pat_",)),  # GitHub fine-grained
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), False, ("akia", "asia")),  # AWS access key id
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), False, ("xox",)),  # Slack
+    (re.compile(r"\b[Bb]earer\s+(?P<v>[A-Za-z0-9._~+/=-]{20,})"), True, ("bearer",)),
     (
         re.compile(
             r"(?i)\b(?:api[_-]?key|access[_-]?token|auth[_-]?token|secret[_-]?key|client[_-]?secret|password|passwd)"
             r"[\"']?\s*[:=]\s*[\"']?(?P<v>[^\s\"',;]{12,})"
         ),
         False,
+        ("key", "token", "secret", "passw"),
     ),
 ]
 
@@ -232,8 +278,11 @@ def _mixes_letters_and_digits(value: str) -> bool:
     return any(char.isdigit() for char in value) and any(char.isalpha() for char in value)
 
 
-def _secrets(text: str) -> Iterator[Finding]:
-    for pattern, needs_mix in _SECRET_PATTERNS:
+def _secrets(text: str, regions: Regions) -> Iterator[Finding]:
+    lowered = text.lower()
+    for pattern, needs_mix, markers in _SECRET_PATTERNS:
+        if not any(marker in lowered for marker in markers):
+            continue  # every match contains one of the markers; skip the scan when none is there
         for match in pattern.finditer(text):
             group = "v" if "v" in pattern.groupindex else 0
             if needs_mix and not _mixes_letters_and_digits(match.group(group)):
@@ -243,7 +292,7 @@ def _secrets(text: str) -> Iterator[Finding]:
 
 # --- public API ----------------------------------------------------------------------
 
-_DETECTORS: dict[str, Callable[[str], Iterator[Finding]]] = {
+_DETECTORS: dict[str, Callable[[str, Regions], Iterator[Finding]]] = {
     "email": _emails,
     "phone": _phones,
     "card": _cards,
@@ -267,13 +316,24 @@ def find_pii(text: str, kinds: Iterable[str] = KINDS) -> list[Finding]:
     Only the requested detectors run, so with kinds=["phone"] an Amex number written
     like a phone is reported as a phone: for redaction, erring towards removal is right.
     """
-    candidates = [finding for kind in _check_kinds(kinds) for finding in _DETECTORS[kind](text)]
+    kinds = _check_kinds(kinds)
+    regions = _numeric_regions(text) if _NUMERIC_KINDS.intersection(kinds) else []
+    candidates = [finding for kind in kinds for finding in _DETECTORS[kind](text, regions)]
+    return _without_overlaps(candidates)
+
+
+def _without_overlaps(candidates: list[Finding]) -> list[Finding]:
+    """Keep the highest-priority (then longest) finding wherever candidates overlap."""
     candidates.sort(key=lambda f: (_PRIORITY[f.kind], -(f.end - f.start), f.start))
-    kept: list[Finding] = []
+    kept: list[Finding] = []  # sorted by start and non-overlapping, so one neighbour check each side suffices
     for finding in candidates:
-        if all(finding.end <= other.start or finding.start >= other.end for other in kept):
-            kept.append(finding)
-    return sorted(kept, key=lambda f: f.start)
+        index = bisect.bisect_left(kept, finding.start, key=lambda f: f.start)
+        if index > 0 and kept[index - 1].end > finding.start:
+            continue
+        if index < len(kept) and kept[index].start < finding.end:
+            continue
+        kept.insert(index, finding)
+    return kept
 
 
 def redact(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, list[Finding]]:
