@@ -55,7 +55,12 @@ _MIN_WORDS = 3  # shorter fragments are headings, not answers
 _SUPPORT_RATIO = 0.5
 # Share of the question (idf-weighted) the best sentence must cover: one shared word like
 # "bike" in "who won the Tour de France bike race?" is not an answer.
-_MIN_COVERAGE = 0.2
+_MIN_COVERAGE = 0.3
+# Questions about amounts ("how often", "what pressure", "how many days") are answered by
+# sentences with figures in them.
+_QUANTITY_QUESTION = re.compile(r"\b(how (often|many|much|long|far|heavy|big)|what (pressure|size|weight|price|range)|when should)\b", re.I)
+_FIGURE = re.compile(r"\d")
+_QUANTITY_BONUS = 1.4
 
 
 # -- text utilities ----------------------------------------------------------------------
@@ -66,11 +71,21 @@ def _stem(word: str) -> str:
     return _STEMMER.stemWord(word) if _STEMMER is not None else word
 
 
+# Irregular forms a suffix stemmer cannot join to their verb ("is it worn?" / "chain wear").
+IRREGULAR = {
+    "worn": "wear", "wore": "wear", "bought": "buy", "ridden": "ride", "rode": "ride", "broke": "break",
+    "broken": "break", "chose": "choose", "chosen": "choose", "fell": "fall", "fallen": "fall",
+    "paid": "pay", "sent": "send", "spent": "spend", "stolen": "steal", "stole": "steal", "tore": "tear",
+    "torn": "tear", "froze": "freeze", "frozen": "freeze", "lost": "lose", "kept": "keep", "left": "leave",
+}
+
+
 def terms(text: str) -> list[str]:
     """Lower-cased, stemmed content words of `text`, stopwords removed, in order."""
     out = []
     for word in _WORD.findall(text.lower()):
         word = word.split("'", 1)[0]  # "chain's" -> "chain"
+        word = IRREGULAR.get(word, word)
         if word and word not in STOPWORDS and word not in VAGUE and (len(word) > 1 or word.isdigit()):
             out.append(_stem(word))
     return out
@@ -220,6 +235,21 @@ def _select(candidates: list[_Candidate], limit: int) -> list[_Candidate]:
             continue
         chosen.append(candidate)
     return chosen
+
+
+def _with_follow_on(chosen: list[_Candidate], candidates: list[_Candidate], query: dict[str, float], limit: int) -> list[_Candidate]:
+    """Add the sentence after the best one when it stays on the question.
+
+    Writers often state the topic, then the specifics ("Hydraulic brakes use one of two
+    fluids. Shimano brakes use mineral oil."); the second sentence is the answer.
+    """
+    best = chosen[0]
+    follow = next((c for c in candidates if c.passage == best.passage and c.position == best.position + 1), None)
+    if follow is None or follow in chosen or len(chosen) >= limit:
+        return chosen
+    if not any(query.get(term, 0) >= 1.0 for term in follow.terms):
+        return chosen
+    return [*chosen, follow]
 
 
 def _near_duplicate(a: _Candidate, b: _Candidate) -> bool:
@@ -447,9 +477,14 @@ class LocalExtractive:
         if not candidates or not query:
             return NOT_FOUND, []
         _score(candidates, query, _passage_weights(passages))
+        if _QUANTITY_QUESTION.search(question):
+            for candidate in candidates:
+                if _FIGURE.search(candidate.text):
+                    candidate.score *= _QUANTITY_BONUS
         chosen = _select(candidates, max(1, max_sentences))
         if not chosen:
             return NOT_FOUND, []
+        chosen = _with_follow_on(chosen, candidates, query, max(1, max_sentences) + 1)
         return _compose(chosen), sorted({candidate.passage + 1 for candidate in chosen})
 
     def _summarize(self, question: str, passages: Sequence[Passage], max_sentences: int) -> tuple[str, list[int]]:

@@ -82,9 +82,12 @@ def _squash(folded: str) -> bytes:
 
 @lru_cache(maxsize=1024)
 def _anchor_forms(anchor: str) -> tuple[bytes, ...]:
-    """The squashed anchor, plus "l" spelled "i" because "1" and "|" squash to "i"."""
-    squashed = _squash(anchor)
-    return tuple(dict.fromkeys((squashed, squashed.replace(b"l", b"i"))))
+    """The squashed anchor in every spelling of its "l"s: "1" and "|" squash to "i"."""
+    pieces = _squash(anchor).split(b"l")
+    forms = {pieces[0]}
+    for piece in pieces[1:]:
+        forms = {form + letter + piece for form in forms for letter in (b"l", b"i")}
+    return tuple(sorted(forms))
 
 
 def _anchored(rule: _Rule, folded: str, squashed: bytes) -> bool:

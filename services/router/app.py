@@ -52,6 +52,10 @@ def check_request(request_id: str, body: bytes) -> Request | Error:
     if len(body) > mesh.settings.max_request_bytes:
         return Error(code=ErrorCode.PAYLOAD_TOO_LARGE, message=f"the request is {len(body)} bytes; the limit is {mesh.settings.max_request_bytes}")
     try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Error(code=ErrorCode.INVALID_REQUEST, message=f"the request body is not UTF-8 JSON (bad byte at position {exc.start})")
+    try:
         return Request.model_validate_json(body)
     except ValidationError as exc:
         details = validation_details(exc)

@@ -15,6 +15,9 @@ from shared.config import MeshConfig, RouteSpec
 from shared.schema import Envelope, Event, Request
 
 
+PATTERN_WEIGHT = 2
+
+
 class UnknownRoute(LookupError):
     pass
 
@@ -48,14 +51,17 @@ class Router:
             if rule and all(request.metadata.get(key) == value for key, value in rule.items()):
                 shown = ", ".join(f"{key}={value}" for key, value in rule.items())
                 return RouteDecision(name, f"metadata {shown}", 1.0)
-        best, hits, matched = None, 0, []
+        best, points, matched = None, 0, []
         for name in self.config.routes:
-            found = [r.pattern for r in self._keyword_res[name] + self._pattern_res[name] if r.search(request.text)]
-            if len(found) > hits:
-                best, hits, matched = name, len(found), found
+            words = [r.pattern for r in self._keyword_res[name] if r.search(request.text)]
+            patterns = [r.pattern for r in self._pattern_res[name] if r.search(request.text)]
+            # A pattern is written for its route; a keyword may be shared: patterns weigh more.
+            score = len(words) + PATTERN_WEIGHT * len(patterns)
+            if score > points:
+                best, points, matched = name, score, patterns + words
         if best is not None:
             shown = ", ".join(_readable(p) for p in matched[:3])
-            return RouteDecision(best, f"matched {shown}", min(1.0, 0.5 + 0.25 * hits))
+            return RouteDecision(best, f"matched {shown}", min(1.0, 0.5 + 0.25 * points))
         return RouteDecision(self.config.default_route, "no rule matched: default route", 0.3)
 
     def envelope(self, request_id: str, request: Request, decision: RouteDecision, reply_to: str | None, now: float | None = None) -> Envelope:

@@ -87,11 +87,11 @@ def test_answers_from_the_right_passage_with_a_citation(local: LocalExtractive) 
 
 def test_answer_picks_other_passages_and_keeps_sentences_whole(local: LocalExtractive) -> None:
     tyres = local.generate("What pressure for mountain bike tyres?", PASSAGES)
-    assert "mountain bike tyres run at 25 to 35 psi [1]." in tyres.text
+    assert "mountain bike tyres run at 25 to 35 psi." in tyres.text and tyres.text.endswith("[1].")
     assert tyres.citations == [1]
     storage = local.generate("Where should I store my bike?", PASSAGES)
     # "e.g." does not end a sentence; "rust." does.
-    assert storage.text == "Store the bike indoors, e.g. in a garage, to protect it from rust [4]."
+    assert storage.text.startswith("Store the bike indoors, e.g. in a garage, to protect it from rust.")
     assert storage.citations == [4]
 
 
