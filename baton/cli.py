@@ -23,7 +23,8 @@ from shared.natsd import NatsServerError
 from shared.settings import ROOT, Settings
 
 app = typer.Typer(help="Baton: an AI orchestration mesh on NATS.", no_args_is_help=True, add_completion=False)
-console = Console()
+# Piped output (make, CI logs) gets room for the waterfall instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 SAMPLE_CORPUS = ROOT / "corpus"

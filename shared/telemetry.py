@@ -100,7 +100,7 @@ def record_events(span: Span, events: list[Event]) -> None:
         elif event.kind == "retrieval":
             span.set_attributes({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
         elif event.kind == "gate":
-            span.set_attributes({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: data.get("verdict", ""), A.GATE_SCORE: float(data.get("score", 0.0)), A.GATE_REASON: str(data.get("reason", ""))})
+            span.set_attributes({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: data.get("verdict", ""), A.GATE_SCORE: float(data.get("score") or 0.0), A.GATE_REASON: str(data.get("reason", ""))})
         elif event.kind == "fallback":
             span.set_attributes({A.FALLBACK_REASON: data["reason"], A.FALLBACK_ACTION: data["action"]})
 

@@ -80,10 +80,13 @@ IRREGULAR = {
 }
 
 
+_REDACTED = re.compile(r"\[REDACTED_[A-Z_]+\]")
+
+
 def terms(text: str) -> list[str]:
     """Lower-cased, stemmed content words of `text`, stopwords removed, in order."""
     out = []
-    for word in _WORD.findall(text.lower()):
+    for word in _WORD.findall(_REDACTED.sub(" ", text).lower()):
         word = word.split("'", 1)[0]  # "chain's" -> "chain"
         word = IRREGULAR.get(word, word)
         if word and word not in STOPWORDS and word not in VAGUE and (len(word) > 1 or word.isdigit()):
