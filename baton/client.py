@@ -52,7 +52,8 @@ class BatonClient:
         self.tracer = tracer or trace.get_tracer("baton.client")
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.timeout_s = timeout_s
-        self.inbox_prefix = f"_INBOX.{self.client_id}"
+        self.inbox_prefix = subjects.inbox_prefix(self.client_id)
+        self.subject = subjects.request(self.client_id)
         self._connect_options = connect_options
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self.duplicates = 0  # replies that arrived for a request already answered
@@ -136,11 +137,11 @@ class BatonClient:
             subjects.H_REPLY_TO: self.reply_to(request_id),
             **extra_headers,
         }
-        attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: subjects.REQUEST, A.MESSAGING_OPERATION: "publish", A.REQUEST_ID: request_id}
+        attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: self.subject, A.MESSAGING_OPERATION: "publish", A.REQUEST_ID: request_id}
         # The root of the request's trace: every hop nests under this span.
-        with self.tracer.start_as_current_span(f"publish {subjects.REQUEST}", kind=SpanKind.PRODUCER, attributes=attributes):
+        with self.tracer.start_as_current_span(f"publish {subjects.REQUEST_PREFIX}", kind=SpanKind.PRODUCER, attributes=attributes):
             try:
-                await self.js.publish(subjects.REQUEST, body, headers=telemetry.inject(headers), timeout=5)
+                await self.js.publish(self.subject, body, headers=telemetry.inject(headers), timeout=5)
             except (NatsTimeout, NoRespondersError, MaxPayloadError) as exc:
                 self._pending.pop(request_id, None)
                 raise NotAccepted(f"the mesh did not accept the request ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc

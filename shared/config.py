@@ -84,6 +84,8 @@ class FallbackPolicy(_Strict):
 class RouteSpec(_Strict):
     description: str = ""
     match: MatchRule = Field(default_factory=MatchRule)
+    examples: list[str] = Field(default_factory=list)  # labeled utterances the classifier learns from
+    escalate_to: str | None = None  # the route that takes this route's requests when they are complex
     steps: list[Step]
     latency_budget_ms: int = Field(default=20_000, gt=0)
     models: list[str] = Field(default_factory=list)  # allow-list; empty means any
@@ -104,6 +106,12 @@ class GuardSpec(_Strict):
     redact: list[Literal["email", "phone", "card"]] = Field(default_factory=lambda: ["email", "phone", "card"])
 
 
+class RoutingSpec(_Strict):
+    classifier: Literal["tfidf", "embeddings", "off"] = "tfidf"  # embeddings only when a model package is installed
+    min_confidence: float = Field(default=0.45, ge=0, le=1)  # below this, the default route answers
+    complexity_threshold: float = Field(default=0.6, ge=0, le=1)  # above this, a route escalates
+
+
 class RetrievalSpec(_Strict):
     default_top_k: int = Field(default=4, gt=0, le=50)
 
@@ -113,6 +121,7 @@ class MeshConfig(_Strict):
     default_route: str
     models: dict[str, ModelSpec]
     routes: dict[str, RouteSpec]
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     digest: str = ""  # content hash, set on load; recorded on every Reply
@@ -123,6 +132,8 @@ class MeshConfig(_Strict):
         if self.default_route not in self.routes:
             problems.append(f"default_route: {self.default_route!r} is not one of the routes {sorted(self.routes)}")
         for name, route in self.routes.items():
+            if route.escalate_to is not None and route.escalate_to not in self.routes:
+                problems.append(f"routes.{name}.escalate_to: {route.escalate_to!r} is not one of the routes")
             for model in route.models + route.fallback.models:
                 if model not in self.models:
                     problems.append(f"routes.{name}: model {model!r} is not in the models catalog")

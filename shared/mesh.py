@@ -33,7 +33,7 @@ from shared.config import MeshConfig, load_config
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
 from shared.schema import Envelope, Error, ErrorCode, Event, Reply, StepRecord
-from shared.settings import Settings, settings as load_settings
+from shared.settings import Settings, nats_credentials, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
 _REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
@@ -65,10 +65,12 @@ class Mesh:
         self.config: MeshConfig = load_config(self.settings.config)
         self.broker = NatsBroker(
             self.settings.nats_url,
+            inbox_prefix=f"_INBOX.{service}",  # a service's users may subscribe only under their own inbox
             ping_interval=5,  # notice a dead server in seconds, not minutes
             max_reconnect_attempts=-1,
             log_level=logging.DEBUG,  # per-message "Received/Processed" lines only when debugging
             logger=logging.getLogger(f"baton.{service}"),
+            **nats_credentials(self.settings),
         )
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)
@@ -79,7 +81,9 @@ class Mesh:
     async def _provision(self) -> None:
         import nats
 
-        nc = await nats.connect(self.settings.nats_url)
+        if not self.settings.provision:
+            return  # deployed with least privilege: an admin provisioned the stream
+        nc = await nats.connect(self.settings.nats_url, **nats_credentials(self.settings))
         try:
             await provision(nc.jetstream(), self.settings)
         finally:

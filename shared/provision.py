@@ -27,7 +27,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024  # the server's default max_payload
 def stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=subjects.STREAM,
-        subjects=[subjects.REQUEST, f"{subjects.STEP_PREFIX}.*"],
+        subjects=[subjects.REQUESTS, f"{subjects.STEP_PREFIX}.*"],
         # Work queue: a hop is deleted once acknowledged; what is left is each service's backlog.
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,

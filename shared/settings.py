@@ -13,6 +13,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
 
     nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    # Each service connects as its own NATS user when these are set (deploy/nats holds the users).
+    nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
+    nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    provision: bool = True  # create the stream, consumers and buckets at start (needs admin rights)
     config: Path = ROOT / "shared" / "default_config.yaml"
     index_dir: Path = ROOT / ".baton" / "index"
     state_dir: Path = ROOT / ".baton"
@@ -30,3 +34,11 @@ class Settings(BaseSettings):
 @lru_cache
 def settings() -> Settings:
     return Settings()
+
+
+def nats_credentials(config: Settings) -> dict[str, str]:
+    """Connect options for the configured NATS user, if any."""
+    if not config.nats_user:
+        return {}
+    password = config.nats_password.get_secret_value() if config.nats_password else ""
+    return {"user": config.nats_user, "password": password}

@@ -4,7 +4,24 @@ STREAM = "BATON"
 PREFIX = "baton.v1"
 ALL = f"{PREFIX}.>"
 
-REQUEST = f"{PREFIX}.request"  # clients publish Requests here (JetStream: PubAck = accepted)
+# Clients publish Requests to baton.v1.request.<client id> (JetStream: PubAck = accepted).
+# The last token is the client's identity: NATS permissions let each client user publish
+# only under its own id, and the router only answers to that client's inbox.
+REQUEST_PREFIX = f"{PREFIX}.request"
+REQUESTS = f"{REQUEST_PREFIX}.*"
+
+
+def request(client_id: str) -> str:
+    return f"{REQUEST_PREFIX}.{client_id}"
+
+
+def client_of(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def inbox_prefix(client_id: str) -> str:
+    """Where a client receives its replies (and nothing else)."""
+    return f"_INBOX.{client_id}"
 STEP_PREFIX = f"{PREFIX}.step"
 
 SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
@@ -29,8 +46,9 @@ H_REQUEST_ID = "Baton-Request-Id"
 H_REPLY_TO = "Baton-Reply-To"  # the client's inbox; the JetStream reply is the PubAck
 H_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication
 
-# A request id is also a KV key and a subject token: keep it to these characters.
+# A request id is also a KV key and a subject token, a client id a subject token.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_\-=]{1,128}$"
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
 # The server tells us when a message ran out of deliveries.
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>"
@@ -42,4 +60,4 @@ def durable(service: str) -> str:
 
 
 def consumer_subject(service: str) -> str:
-    return REQUEST if service == "router" else step(service)
+    return REQUESTS if service == "router" else step(service)

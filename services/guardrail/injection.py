@@ -7,6 +7,9 @@ adds weaker heuristics. Each signal has a weight; the score combines them as a
 noisy-or, 1 - prod(1 - w), so one strong phrase is enough to reject while a single
 weak heuristic is not.
 
+Each phrase rule carries anchor words; a rule's regex runs only when one of its anchors
+occurs in a squashed copy of the text, which keeps ordinary text well under a millisecond.
+
 Phrases require the object of the attack ("previous instructions", "system prompt",
 "your rules"), not just the verb, so cycling questions such as "how do I ignore the
 noise from my derailleur?" or "forget the previous bike" score zero.
@@ -55,7 +58,7 @@ class InjectionResult:
 
 
 # Non-ASCII characters that normalize() rewrites; most text has none, so check first.
-_NEEDS_MAPPING = re.compile("[\u00ad\u200b-\u200f\u2060\ufeffавеосрухіјѕмтнкαεικνοτυ’‘АВЕОСРУХІЈЅМТНК]")
+_NEEDS_MAPPING = re.compile("[" + re.escape("".join(map(chr, {*_INVISIBLE, *_HOMOGLYPHS}))) + "]")
 
 
 def normalize(text: str) -> str:
@@ -253,7 +256,8 @@ _HEURISTICS: list[_Rule] = [
         r"(?<![a-z])(?:from now on|for the rest of (?:this|the) conversation),? (?:you|respond|answer|act|reply)"),
         ("from now on", "for the rest of"), fuzzy=False),
     _Rule("heuristic", "asks for answers without restrictions", 0.3, re.compile(
-        r"(?<![a-z])without (?:any )?(?:restrictions|filters|filtering|censorship|limitations|guidelines|rules|ethics)"),
+        r"(?<![a-z])without (?:any )?"
+        r"(?:restrictions|filters|filtering|censorship|limitations|guidelines|rules|ethics)"),
         ("without",), fuzzy=False),
 ]  # fmt: skip
 
@@ -286,7 +290,8 @@ def _structural_signals(text: str) -> list[Signal]:
     role_lines = _role_lines(text) if ":" in text else 0
     if role_lines >= 2:
         # Two turns may be a pasted chat; three or more is a scripted conversation.
-        signals.append(Signal("heuristic", "several role-labelled lines (fake transcript)", 0.6 if role_lines >= 3 else 0.4))
+        weight = 0.6 if role_lines >= 3 else 0.4
+        signals.append(Signal("heuristic", "several role-labelled lines (fake transcript)", weight))
     return signals
 
 
@@ -327,7 +332,8 @@ def _configured(phrases: tuple[str, ...]) -> tuple[_Rule, ...]:
         words = re.findall(r"\w+", normalize(phrase))
         if words:
             pattern = _phrase(_BETWEEN_WORDS.join(_fuzzy(word) for word in words))
-            rules.append(_Rule("configured_phrase", f"configured phrase {phrase!r}", 0.9, pattern, (max(words, key=len),)))
+            anchor = max(words, key=len)  # any match contains every word; the longest is the rarest
+            rules.append(_Rule("configured_phrase", f"configured phrase {phrase!r}", 0.9, pattern, (anchor,)))
     return tuple(rules)
 
 

@@ -22,9 +22,18 @@ REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
 
 @mesh.subscriber()
 async def route(body: bytes) -> None:
-    headers = mesh.current_message().headers or {}
+    message = mesh.current_message()
+    headers = message.headers or {}
     request_id = headers.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
     reply_to = headers.get(subjects.H_REPLY_TO)
+    client = subjects.client_of(message.raw_message.subject)
+    if reply_to and not reply_to.startswith(subjects.inbox_prefix(client) + "."):
+        # Answering would hand one client's reply to another: refuse, and keep the
+        # refusal under the request id for the real client to find.
+        log.warning("request %s from client %s names a foreign reply address; refused", request_id, client)
+        error = Error(code=ErrorCode.INVALID_REQUEST, message=f"the reply address must start with {subjects.inbox_prefix(client)}.")
+        await mesh.reply_error(request_id, None, error)
+        return
     with mesh.hop("route", **{A.REQUEST_ID: request_id}) as span:
         error = check_request(request_id, body)
         if isinstance(error, Error):

@@ -124,3 +124,24 @@ async def test_many_concurrent_requests_each_get_exactly_one_reply(client):
 async def test_the_request_model_round_trips(client):
     reply = await client.ask(Request(prompt="How do I set my saddle height?", metadata={"tenant": "acme"}, session_id="s-1"))
     assert reply.ok and reply.session_id == "s-1"
+
+
+async def test_a_request_naming_another_clients_inbox_is_refused_not_delivered(client, mesh):
+    async with BatonClient(mesh.nats_url) as victim:
+        stolen = []
+
+        async def steal(msg):
+            stolen.append(msg)
+
+        await victim.nc.subscribe(f"{victim.inbox_prefix}.>", cb=steal)
+        request_id = "forged-reply-1"
+        headers = {subjects.H_REQUEST_ID: request_id, subjects.H_MSG_ID: request_id, subjects.H_REPLY_TO: victim.reply_to(request_id)}
+        await client.js.publish(client.subject, b'{"prompt": "How do I fix a puncture?"}', headers=headers)
+        for _ in range(50):  # bounded: 5 s
+            refused = await client.result(request_id)
+            if refused is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert refused is not None and refused.error.code == ErrorCode.INVALID_REQUEST
+        assert victim.inbox_prefix in refused.error.message or client.inbox_prefix in refused.error.message
+        assert stolen == []
