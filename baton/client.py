@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -93,6 +94,44 @@ class BatonClient:
             raise ReplyTimeout(request_id, timeout_s) from None
         finally:
             self._pending.pop(request_id, None)
+
+    async def stream(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> AsyncIterator[str | Reply]:
+        """Yield the answer's text as it is generated, then the final Reply.
+
+        The Reply is what the output gate let through: when a route streams live,
+        partial text may differ from the final answer (e.g. redacted), so a UI
+        should replace the streamed text with `reply.answer` at the end.
+        """
+        if isinstance(request, str):
+            request = Request(prompt=request, **fields)
+        request = request.model_copy(update={"stream": True})
+        timeout_s = timeout_s or self.timeout_s
+        request_id = uuid.uuid4().hex
+        chunks: asyncio.Queue[str] = asyncio.Queue()
+
+        async def on_chunk(msg: Any) -> None:
+            chunks.put_nowait(msg.data.decode())
+
+        sub = await self.nc.subscribe(subjects.chunk_address(self.reply_to(request_id)), cb=on_chunk)
+        try:
+            _, future = await self._publish(request, request_id, {})
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while not future.done():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise ReplyTimeout(request_id, timeout_s)
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait({getter, future}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not chunks.empty():
+                yield chunks.get_nowait()
+            yield future.result()
+        finally:
+            self._pending.pop(request_id, None)
+            await sub.unsubscribe()
 
     async def send_raw(self, body: bytes, *, request_id: str | None = None, headers: dict[str, str] | None = None) -> asyncio.Future[Reply]:
         """Publish arbitrary bytes as a request (for tests of hostile input)."""

@@ -86,6 +86,10 @@ class RouteSpec(_Strict):
     match: MatchRule = Field(default_factory=MatchRule)
     examples: list[str] = Field(default_factory=list)  # labeled utterances the classifier learns from
     escalate_to: str | None = None  # the route that takes this route's requests when they are complex
+    # How a streamed request's partial text reaches the client: "live" as the model writes it
+    # (the output gate then applies to the final Reply only), or "after_gate": nothing
+    # partial, the gated answer at the end.
+    stream: Literal["live", "after_gate"] = "live"
     steps: list[Step]
     latency_budget_ms: int = Field(default=20_000, gt=0)
     models: list[str] = Field(default_factory=list)  # allow-list; empty means any

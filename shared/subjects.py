@@ -34,8 +34,12 @@ def step(service: str) -> str:
 
 FALLBACK = step("fallback")
 
-# Core-NATS subjects (not stored): partial text while a request streams.
-STREAM_CHUNKS_PREFIX = f"{PREFIX}.chunks"
+
+
+def chunk_address(reply_to: str) -> str:
+    """Where partial text of a streamed request goes: beside its reply, in the client's inbox."""
+    head, sep, request_id = reply_to.rpartition(".reply.")
+    return f"{head}.chunk.{request_id}" if sep else f"{reply_to}.chunk"
 
 # Key-value buckets.
 RESULTS_BUCKET = "baton_results"  # request id -> Reply

@@ -4,7 +4,7 @@ from opentelemetry.trace import SpanKind
 
 from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
 from shared import attributes as A
-from shared import metrics
+from shared import metrics, subjects
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER, CITATIONS
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
@@ -29,7 +29,11 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
     with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
         try:
-            generation = await pool.generate(choice, call, timeout_s=max(0.1, env.remaining_s()))
+            timeout_s = max(0.1, env.remaining_s())
+            if streams_live(env):
+                generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
+            else:
+                generation = await pool.generate(choice, call, timeout_s)
         except ProviderError as exc:
             env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
             raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
@@ -48,6 +52,20 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "skipped": choice.skipped}))
+
+
+def streams_live(env: Envelope) -> bool:
+    return env.request.stream and env.reply_to is not None and mesh.config.routes[env.route].stream == "live"
+
+
+def chunk_sender(env: Envelope):
+    """Partial text goes straight to the client's inbox (core NATS: not stored, not retried)."""
+    address = subjects.chunk_address(env.reply_to)
+
+    async def send(text: str) -> None:
+        await mesh.broker.publish(text.encode(), address)
+
+    return send
 
 
 if __name__ == "__main__":

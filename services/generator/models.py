@@ -8,11 +8,11 @@ still answers; a model outside the route's allow-list is never called.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.generator.local import LocalExtractive
+from services.generator.local import LocalExtractive, split_sentences
 from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages
 from shared.config import MeshConfig, ModelSpec
 from shared.schema import ChatMessage, Passage
@@ -91,6 +91,25 @@ class ModelPool:
         generation = await client.generate(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=timeout_s)
         generation.model = choice.name
         return generation
+
+    async def stream(self, choice: Choice, call: ModelCall, timeout_s: float, on_delta: Callable[[str], Awaitable[None]]) -> Generation:
+        """Generate, handing each piece of text to `on_delta` as it arrives."""
+        if choice.spec.provider == "local":
+            generation = await self.generate(choice, call, timeout_s)
+            for sentence in split_sentences(generation.text):  # instant: one piece per sentence
+                await on_delta(sentence + " ")
+            return generation
+        client = self._client(choice)
+        messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
+        final = None
+        async for piece in client.stream(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=timeout_s):
+            if isinstance(piece, str):
+                await on_delta(piece)
+            else:
+                final = piece
+        assert final is not None, "a provider stream ends with its Generation"
+        final.model = choice.name
+        return final
 
     def cost_usd(self, spec: ModelSpec, generation: Generation) -> float:
         usage = generation.usage

@@ -127,19 +127,64 @@ def _phrase(*parts: str) -> re.Pattern[str]:
     return re.compile(r"(?<![a-z])" + "".join(parts) + r"(?![a-z])")
 
 
-_IGNORE = _any("ignore", "disregard", "forget", "skip", "bypass", "discard", "drop", "overlook", "neglect")
+def _present_forms(word: str) -> list[str]:
+    """A verb (or phrasal verb) in the forms an instruction uses: base, -s and -ing.
+
+    Past forms are left out on purpose: "I ignored the previous instructions in the
+    manual" tells a story, "ignores all previous instructions" describes an attack.
+    """
+    head, _, rest = word.partition(" ")
+    tail = f" {rest}" if rest else ""
+    vowels = "aeiou"
+    if head.endswith(("s", "sh", "ch", "x")):
+        third = head + "es"
+    elif head.endswith("y") and head[-2:-1] not in vowels:
+        third = head[:-1] + "ies"
+    else:
+        third = head + "s"
+    if head.endswith("e") and not head.endswith("ee"):
+        ing = head[:-1] + "ing"
+    elif len(head) <= 4 and head[-1] not in vowels + "wxy" and head[-2] in vowels and head[-3:-2] not in vowels:
+        ing = head + head[-1] + "ing"  # set -> setting, skip -> skipping
+    else:
+        ing = head + "ing"
+    return [head + tail, third + tail, ing + tail]
+
+
+def _verbs(*words: str) -> str:
+    return _any(*(form for word in words for form in _present_forms(word)))
+
+
+_IGNORE = _verbs("ignore", "disregard", "forget", "skip", "bypass", "discard", "drop", "overlook", "neglect")
+# Wider set for "... the rules you were given", where the object already names the target.
+_SET_ASIDE = _verbs(
+    "ignore", "disregard", "forget", "skip", "bypass", "discard", "drop", "overlook", "neglect", "set aside",
+    "put aside", "throw out", "abandon", "break", "violate", "override",
+)  # fmt: skip
 _EARLIER = _any("previous", "prior", "above", "earlier", "preceding", "original", "initial", "former", "system")
 _RULES_WORDS = _any(
     "instructions", "instruction", "rules", "directions", "directives", "guidelines", "prompts", "prompt",
-    "commands", "programming", "constraints", "policies", "restrictions", "guardrails",
+    "commands", "programming", "constraints", "policies", "policy", "restrictions", "guardrails",
 )  # fmt: skip
 _YOUR = r"(?:your|all (?:of )?your|any (?:of )?your|the ai'?s|its)"
 _OVERRIDE = _any("override", "bypass", "disable", "circumvent", "deactivate", "turn off", "get around", "break")
 _REVEAL = _any(
-    "reveal", "print", "show", "display", "output", "repeat", "leak", "dump", "tell", "give", "share",
-    "write out", "expose", "what is", "what's", "what are", "what were",
+    *_present_forms("reveal"), *_present_forms("print"), *_present_forms("show"), "display", "output",
+    *_present_forms("repeat"), *_present_forms("leak"), "dump", *_present_forms("tell"), *_present_forms("give"),
+    *_present_forms("share"), "write out", "expose", "what is", "what's", "what are", "what were",
+    *_present_forms("list"), "read", "recite", "spell out", "send", "paste", "type out", "copy", "quote",
+    "disclose",
 )  # fmt: skip
-_HIDDEN = _any("system", "initial", "hidden", "original", "secret", "internal", "developer", "pre")
+_HIDDEN = _any("system", "initial", "hidden", "original", "secret", "internal", "developer", "pre", "confidential")
+# After "instructions": "the original instructions for the Kiox display" asks for a manual.
+_NOT_A_MANUAL = r"(?!\W+(?:for|on|of|from|that came|in the|with the)\b)"
+# "what are your rules for test rides?" asks about shop policy, not about the assistant.
+_NOT_SHOP_POLICY = r"(?!\W+(?:for|on|about|regarding|when|if|of|around)\b)"
+# "... you were given", "... you have been told": refers to the assistant's own instructions.
+_YOU_WERE_GIVEN = (
+    r"you(?:'ve been|'ve| have been| have| were| had been| had| got) "
+    r"(?:given|told|trained|programmed|instructed|configured|provided)"
+)
 _UNRESTRICTED = _any("unrestricted", "unfiltered", "uncensored", "unlimited", "unbound", "evil", "amoral", "rogue")
 _LIMITS = _any(
     "rules", "restrictions", "guidelines", "filters", "limits", "limitations", "boundaries", "ethics",

@@ -145,3 +145,16 @@ async def test_a_request_naming_another_clients_inbox_is_refused_not_delivered(c
         assert refused is not None and refused.error.code == ErrorCode.INVALID_REQUEST
         assert victim.inbox_prefix in refused.error.message or client.inbox_prefix in refused.error.message
         assert stolen == []
+
+
+async def test_a_streamed_request_yields_partial_text_then_the_final_reply(client):
+    pieces, final = [], None
+    async for item in client.stream("What tyre pressure should I run on 40 mm gravel tyres?"):
+        if isinstance(item, str):
+            pieces.append(item)
+        else:
+            final = item
+    assert final is not None and final.ok
+    assert len(pieces) >= 2
+    assert "".join(pieces).strip() == final.answer.strip()
+    assert "2 and 3 bar" in final.answer

