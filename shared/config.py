@@ -116,6 +116,11 @@ class RoutingSpec(_Strict):
     complexity_threshold: float = Field(default=0.6, ge=0, le=1)  # above this, a route escalates
 
 
+class SessionSpec(_Strict):
+    max_turns: int = Field(default=20, gt=0)  # older turns are dropped first
+    max_chars: int = Field(default=16_000, gt=0)
+
+
 class RetrievalSpec(_Strict):
     default_top_k: int = Field(default=4, gt=0, le=50)
 
@@ -126,6 +131,7 @@ class MeshConfig(_Strict):
     models: dict[str, ModelSpec]
     routes: dict[str, RouteSpec]
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    sessions: SessionSpec = Field(default_factory=SessionSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     digest: str = ""  # content hash, set on load; recorded on every Reply

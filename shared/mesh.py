@@ -32,7 +32,8 @@ from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
-from shared.schema import Envelope, Error, ErrorCode, Event, Reply, StepRecord
+from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
+from shared.sessions import SessionStore
 from shared.settings import Settings, nats_credentials, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
@@ -77,6 +78,7 @@ class Mesh:
         self.tracer = telemetry.setup_tracing(service)
         self.app.after_shutdown(telemetry.shutdown_tracing)
         metrics.serve(service)
+        self._sessions: SessionStore | None = None
 
     async def _provision(self) -> None:
         import nats
@@ -134,8 +136,25 @@ class Mesh:
         reply = answer_reply(env, trace_id) if env.error is None else error_reply(env.request_id, env.error, env, trace_id)
         telemetry.record_reply(span, reply)
         metrics.observe_reply(reply)
+        if reply.ok and env.request.session_id:
+            await self.remember_turn(env, reply)
         await self.deliver(reply, env.reply_to)
         return reply
+
+    async def sessions(self) -> SessionStore:
+        if self._sessions is None:
+            kv = await self.broker.key_value(subjects.SESSIONS_BUCKET, declare=False)
+            spec = self.config.sessions
+            self._sessions = SessionStore(kv, spec.max_turns, spec.max_chars)
+        return self._sessions
+
+    async def remember_turn(self, env: Envelope, reply: Reply) -> None:
+        """Append the turn to the session; the question as the gates left it (redacted)."""
+        try:
+            store = await self.sessions()
+            await store.append(env.request.session_id, ChatMessage(role="user", content=env.context.question), ChatMessage(role="assistant", content=reply.answer or ""))
+        except Exception:  # a lost turn must not cost the user the answer
+            log.exception("request %s: could not record the session turn", env.request_id)
 
     async def deliver(self, reply: Reply, reply_to: str | None) -> None:
         """Store the Reply under its request id, then send it to the client's inbox.

@@ -57,7 +57,7 @@ class Request(_Wire):
     schema_version: int = SCHEMA_VERSION
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    session_id: str | None = None
+    session_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-=]{1,128}$")
     metadata: dict[str, str] = Field(default_factory=dict)
     route: str | None = Field(default=None, description="route hint; must name a configured route")
     max_latency_ms: int | None = Field(default=None, gt=0)

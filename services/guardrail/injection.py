@@ -164,7 +164,7 @@ _SET_ASIDE = _verbs(
 _EARLIER = _any("previous", "prior", "above", "earlier", "preceding", "original", "initial", "former", "system")
 _RULES_WORDS = _any(
     "instructions", "instruction", "rules", "directions", "directives", "guidelines", "prompts", "prompt",
-    "commands", "programming", "constraints", "policies", "policy", "restrictions", "guardrails",
+    "commands", "programming", "constraints", "policies", "policy", "restrictions", "guardrails", "guidance",
 )  # fmt: skip
 _YOUR = r"(?:your|all (?:of )?your|any (?:of )?your|the ai'?s|its)"
 _OVERRIDE = _any("override", "bypass", "disable", "circumvent", "deactivate", "turn off", "get around", "break")
@@ -204,7 +204,7 @@ class _Rule:
 
 
 _RULE_NOUNS = ("instruction", "rule", "direction", "directive", "guideline", "prompt", "command", "programming",
-               "constraint", "polic", "restriction", "guardrail")
+               "constraint", "polic", "restriction", "guardrail", "guidance")
 _LIMIT_NOUNS = ("rule", "restriction", "guideline", "filter", "limit", "boundar", "ethic", "polic", "moral", "censor")
 
 # Layer (a): known attack phrases.
@@ -214,16 +214,62 @@ _RULES: list[_Rule] = [
     _Rule("instruction_override", "ignore your instructions", 0.85,
           _phrase(_IGNORE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES_WORDS), _RULE_NOUNS),
     _Rule("instruction_override", "ignore everything above", 0.8,
-          _phrase(_IGNORE, _BETWEEN_WORDS, _any("everything", "all"), _gap(1),
-                  _any("above", "before", "you were told", "you have been told")), ("above", "before", "told")),
+          _phrase(_IGNORE, _BETWEEN_WORDS, _any("everything", "all", "whatever", "anything", "what"), _gap(1),
+                  "(?:", _any("above", "before", "earlier"), "|", _YOU_WERE_GIVEN, ")"),
+          ("above", "before", "earlier", "told", "given", "trained", "programmed", "instructed", "configured",
+           "provided")),
+    # "Forget your translation task and instead ...", "ignore the summary request and reply that ...":
+    # the classic way to hijack a task that wraps untrusted text. Not "my": "disregard my last
+    # question and tell me ..." is a customer changing their mind.
+    _Rule("instruction_override", "abandon the task and instead", 0.75,
+          _phrase(_IGNORE, _BETWEEN_WORDS, r"(?:the|this|that|your|these|those)", _gap(2),
+                  _any("task", "request", "question", "rewrite", "summary", "translation", "assignment", "job",
+                       "text", "prompt", "user", "classification", "conversation"),
+                  r"(?:(?:\W+\w+){0,3}?\W+(?:and\W+)?instead\b|\W+and\W+",
+                  _any("reply", "respond", "say", "output", "print", "send", "tell", "write", "answer", "list",
+                       "reveal", "give", "share", "email", "state", "claim"), ")"),
+          ("task", "request", "question", "rewrite", "summar", "translation", "assignment", "job", "text",
+           "prompt", "user", "classification", "conversation")),
+    # "... the rules you were given" names the assistant's own instructions as the object.
+    _Rule("instruction_override", "set aside the rules you were given", 0.85,
+          _phrase(_SET_ASIDE, _gap(3), _RULES_WORDS, r"\W+", _YOU_WERE_GIVEN), _RULE_NOUNS),
     _Rule("prompt_leak", "reveal the system prompt", 0.85,
-          _phrase(_REVEAL, _gap(3), _HIDDEN, _BETWEEN_WORDS, _any("prompt", "prompts", "instructions")),
+          _phrase(_REVEAL, _gap(4), _HIDDEN, _BETWEEN_WORDS,
+                  "(?:", _any("prompt", "prompts"), "|", _any("instructions"), _NOT_A_MANUAL, ")"),
           ("prompt", "instruction")),
-    # "message" and "rules" only with "your": "tell me what the system message E010 means" is benign.
+    # "rules" and "guidelines" only with "your", and not "your rules for test rides"; "message"
+    # only as the system message: "tell me what the system message E010 means" is benign and
+    # "could you repeat your last message?" is an ordinary request.
     _Rule("prompt_leak", "reveal your instructions", 0.7,
-          _phrase(_REVEAL, _gap(2), r"your", _gap(1),
-                  _any("prompt", "instructions", "message", "rules", "guidelines", "configuration")),
-          ("prompt", "instruction", "message", "rule", "guideline", "configuration")),
+          _phrase(_REVEAL, _gap(3), r"your", _gap(1),
+                  "(?:", _any("prompt", "configuration", "config"), "|", _any("instructions"), _NOT_A_MANUAL,
+                  "|", _HIDDEN, _BETWEEN_WORDS, _any("message"),
+                  "|", _any("rules", "guidelines"), _NOT_SHOP_POLICY, ")"),
+          ("prompt", "instruction", "message", "rule", "guideline", "config")),
+    _Rule("prompt_leak", "what instructions were you given", 0.6,
+          re.compile(r"(?<![a-z])(?:instructions?|rules|guidelines|prompt|directives|orders)"
+                     r" (?:were|have|had|did) you(?: been)? (?:given|told|trained|programmed|instructed|get|receive)"),
+          ("instruction", "rule", "guideline", "prompt", "directive", "order"), fuzzy=False),
+    _Rule("prompt_leak", "contents of your instructions", 0.65,
+          _phrase(_any("contents", "content", "text", "wording", "full text", "exact words"), _BETWEEN_WORDS,
+                  r"of\W+your\W+(?:\w+\W+)?", _any("instructions", "prompt", "rules", "configuration", "guidelines")),
+          ("instruction", "prompt", "rule", "configuration", "guideline")),
+    _Rule("prompt_leak", "reveal_prompt()", 0.6,
+          _phrase(_any("reveal", "dump", "leak", "expose", "print"), r"[\W_]+(?:the[\W_]+)?(?:system[\W_]*)?prompt"),
+          ("prompt",)),
+    # Asks for the hidden prompt by its usual first words.
+    _Rule("prompt_leak", "start with the words 'You are'", 0.6,
+          re.compile(r"(?<![a-z])start(?:ing|s)? (?:with|from) (?:the )?(?:words?|phrase|text|line|sentence)?\s*"
+                     r"['\"“‘`]?you are"), ("start",), fuzzy=False),
+    _Rule("exfiltration", "asks for credentials or other customers' data", 0.65,
+          _phrase(_REVEAL, _gap(4),
+                  r"(?:environment variables|env vars|api keys|credentials|passwords|admin password|"
+                  r"root password|access tokens|private keys|secret keys|database|"
+                  r"customer (?:emails|data|records|addresses|details|list)|"
+                  r"(?:email addresses|emails|phone numbers|addresses|details|data|orders|names) of "
+                  r"(?:other|all|every|the other) (?:customers|users|riders|buyers|people))"),
+          ("environment", "env", "api", "credential", "password", "token", "privatekey", "secretkey", "database",
+           "customer", "user", "rider", "buyer", "people")),
     _Rule("prompt_leak", "repeat the text above", 0.45,
           _phrase(_any("repeat", "print", "output", "copy"), _gap(2), _any("words", "text", "everything"),
                   _BETWEEN_WORDS, _any("above", "before this")), ("above", "before")),
@@ -258,9 +304,24 @@ _RULES: list[_Rule] = [
                   _any("ai", "assistant", "model", "chatbot", "bot", "llm", "version", "mode")),
           ("unrestricted", "unfiltered", "uncensored", "unlimited", "unbound", "evil", "amoral", "rogue")),
     _Rule("jailbreak_persona", "pretend you have no rules", 0.9,
-          _phrase(_any("pretend", "imagine", "act as if", "suppose", "assume", "from now on"), _gap(3),
-                  r"you", _BETWEEN_WORDS, r"(?:have|had|got)", _BETWEEN_WORDS, r"(?:no|zero)", _gap(1), _LIMITS),
+          _phrase(_any("pretend", "imagine", "act as if", "suppose", "assume", "from now on", "hypothetically",
+                       "what if", "let's say"), _gap(3),
+                  r"you(?:\W+(?:are|were|'re)\W+(?:an?\W+)?(?:ai|assistant|model|bot|chatbot)(?:\W+that|\W+who)?)?",
+                  _BETWEEN_WORDS, r"(?:have|has|had|got)", _BETWEEN_WORDS, r"(?:no|zero)", _gap(1), _LIMITS),
           _LIMIT_NOUNS),
+    _Rule("jailbreak_persona", "rules don't apply to you", 0.75,
+          re.compile(r"(?<![a-z])(?:rules|guidelines|restrictions|policies|filters|instructions|limits|ethics)"
+                     r" (?:don'?t|do not|no longer|doesn'?t|does not|won'?t|will not|shouldn'?t|should not|"
+                     r"wouldn'?t|would not|never) apply (?:to you|here|anymore|any more)"),
+          ("apply",), fuzzy=False),
+    _Rule("jailbreak_persona", "you are no longer an assistant", 0.75,
+          _phrase(r"you(?:'re| are)", _BETWEEN_WORDS, r"no longer", _gap(3),
+                  _any("assistant", "bot", "chatbot", "ai", "model", "helper", "agent", "bound", "restricted")),
+          ("assistant", "bot", "ai", "model", "helper", "agent", "bound", "restricted")),
+    _Rule("jailbreak_persona", "act as a terminal", 0.5,
+          _phrase(r"(?:you(?:'re| are)(?: now)?|act as|pretend to be|behave like)", _BETWEEN_WORDS,
+                  r"(?:an?\W+)?(?:linux\W+|unix\W+|bash\W+)?(?:terminal|shell|console|python interpreter)"),
+          ("terminal", "shell", "console", "interpreter"), fuzzy=False),
     _Rule("jailbreak_persona", "jailbroken", 0.45, _phrase(_any("jailbroken", "jailbreak", "jail break")), ("jail",)),
     _Rule("guideline_override", "override your guidelines", 0.85,
           _phrase(_OVERRIDE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES_WORDS), _RULE_NOUNS),
@@ -274,6 +335,23 @@ _RULES: list[_Rule] = [
                   _any("instructions", "instruction", "rules", "directive", "system prompt"), r"\s*[:\-=]"),
           ("instruction", "rule", "directive", "prompt")),
     # Not "maintenance mode": e-bike displays have one.
+    _Rule("new_instructions", "your new task:", 0.65,
+          re.compile(r"(?<![a-z])your (?:new|real|actual|true|updated|next|only) "
+                     r"(?:task|role|objective|goal|mission|job|purpose|instructions?)\s*(?::|is to|is now)"),
+          ("task", "role", "objective", "goal", "mission", "job", "purpose", "instruction"), fuzzy=False),
+    _Rule("new_instructions", "message addressed to the AI", 0.7,
+          re.compile(r"(?<![a-z])(?:instructions?|notes?|messages?|commands?|orders?) (?:to|for) (?:the |any |all )?"
+                     r"(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)(?![a-z])"),
+          ("ai", "assistant", "model", "llm", "bot"), fuzzy=False),
+    _Rule("new_instructions", "claims the user is privileged", 0.5,
+          re.compile(r"(?<![a-z])(?:the )?(?:user|requester|sender|customer) (?:is|has been) (?:an? |now )?"
+                     r"(?:verified|authori[sz]ed|admin|administrator|developer|root|superuser|trusted|whitelisted)"),
+          ("verified", "authori", "admin", "developer", "root", "superuser", "trusted", "whitelisted"),
+          fuzzy=False),
+    _Rule("new_instructions", "skip all checks", 0.45,
+          _phrase(_verbs("skip", "bypass", "ignore", "disable", "turn off"), _BETWEEN_WORDS,
+                  r"(?:all|any|the|every)\W+(?:\w+\W+)?(?:checks|verification|validation|safety checks|security)"),
+          ("check", "verification", "validation", "security")),
     _Rule("new_instructions", "system override", 0.75, _phrase(_any("system override", "admin override")),
           ("override",)),
     _Rule("role_tag", "chat-template role tag", 0.95,
@@ -283,12 +361,49 @@ _RULES: list[_Rule] = [
     _Rule("role_tag", "markdown role header", 0.85,
           re.compile(r"(?:^|\n)\s*#{2,}\s*(?:system|instructions?|assistant|developer)\s*(?::|\n)"), ("##",),
           fuzzy=False),
+    _Rule("role_tag", "role hidden in a comment or bracket", 0.8,
+          re.compile(r"(?:<!--|\[\[?|\{\{|/\*)\s*(?:system|assistant|ai|developer|instructions?|prompt)\s*[:,]"),
+          ("<!--", "[", "{{", "/*"), fuzzy=False),
     _Rule("role_tag", "llama-style tag", 0.85, re.compile(r"\[/?inst\]|<<\s*/?sys\s*>>|</?system>"),
           ("inst]", "<<", "system>"), fuzzy=False),
+    # The same attacks in the languages a European shop sees most; accents optional.
+    _Rule("instruction_override", "ignore previous instructions (de)", 0.9,
+          re.compile(r"(?<![a-z])(?:ignorier(?:e|en|t)?|vergiss|vergessen sie|missachte|übergehe|uebergehe)"
+                     r"(?:\W+\w+){0,3}?\W+(?:vorherigen?|vorigen?|bisherigen?|obigen?|früheren?|frueheren?|"
+                     r"ursprünglichen?|urspruenglichen?|alten?)\W+(?:anweisungen|instruktionen|regeln|befehle|vorgaben)"),
+          ("anweisung", "instruktion", "regeln", "befehle", "vorgaben"), fuzzy=False),
+    _Rule("instruction_override", "ignore previous instructions (es/pt/it/fr)", 0.9,
+          re.compile(r"(?<![a-z])(?:ignora|ignore[zs]?|olvida|olvide|olvidate de|descarta|omite|esque[cç]a|"
+                     r"dimentica|oublie[zs]?|ne tiens pas compte des?)(?:\W+\w+){0,3}?\W+"
+                     r"(?:instrucciones|instru[cç][õo]es|istruzioni|instructions|consignes|reglas|regras|regole|"
+                     r"r[èe]gles|indicaciones|[óo]rdenes)\W+"
+                     r"(?:anteriores|previas|pr[ée]vias|precedenti|pr[ée]c[ée]dentes|ant[ée]rieures|iniciales|"
+                     r"iniciais|iniziali|initiales|originales|originais|originali|ci-dessus)"),
+          ("instruc", "instru", "istruzion", "consigne", "regla", "regra", "regole", "regle", "règle",
+           "indicacion", "orden"), fuzzy=False),
+    _Rule("instruction_override", "ignore previous instructions (nl)", 0.9,
+          re.compile(r"(?<![a-z])(?:negeer|vergeet)(?:\W+\w+){0,2}?\W+(?:vorige|eerdere|voorgaande|oorspronkelijke)"
+                     r"\W+(?:instructies|regels|opdrachten)"), ("instructies", "regels", "opdrachten"), fuzzy=False),
+    _Rule("prompt_leak", "system prompt (de/es/pt/it/fr/nl)", 0.5,
+          re.compile(r"(?<![a-z])(?:system-?prompts?|systemanweisung(?:en)?|prompt (?:del|de|di) sistema|"
+                     r"prompt syst[èe]me|(?:reglas|instrucciones|regras|instru[cç][õo]es|regole|istruzioni|"
+                     r"r[èe]gles|consignes|anweisungen|regeln|instructies) (?:internas|internos|interne|internes|"
+                     r"ocultas|nascoste|cach[ée]es|geheimen?|versteckten?|verborgen))"),
+          ("systemprompt", "system-prompt", "systemanweisung", "sistema", "système", "systeme", "intern",
+           "oculta", "nascost", "cach", "geheim", "versteckt", "verborgen"), fuzzy=False),
 ]  # fmt: skip
 
 # Layer (b): weaker signals, none of which rejects on its own.
 _HEURISTICS: list[_Rule] = [
+    _Rule("heuristic", "mentions the assistant's hidden prompt", 0.4, re.compile(
+        r"(?<![a-z])(?:your|the assistant'?s|the ai'?s|the bot'?s) (?:system prompt|system message|hidden prompt|"
+        r"initial prompt|hidden instructions|initial instructions|secret instructions|pre-?prompt)"),
+        ("system prompt", "system message", "hidden", "initial", "secret", "prompt"), fuzzy=False),
+    _Rule("heuristic", "asks for a verbatim copy", 0.25, re.compile(
+        r"(?<![a-z])(?:verbatim|word for word|word-for-word|exactly as (?:written|given)|"
+        r"including the (?:hidden|secret|system)|one word per line|in full)(?![a-z])"),
+        ("verbatim", "word for word", "word-for-word", "exactly as", "including the", "one word per", "in full"),
+        fuzzy=False),
     _Rule("heuristic", "imperative aimed at the assistant's rules", 0.35, re.compile(
         r"(?<![a-z])(?:you (?:must|will|shall|should|are to)|from now on|do not|don't|never|stop|no longer)\b"
         r"[^.!?\n]{0,60}?\b(?:follow|obey|apply|use|mention|bound by|adhere to|listen to)?\s*"

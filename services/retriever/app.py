@@ -18,7 +18,7 @@ async def retrieve(env: Envelope, record: StepRecord) -> None:
     retriever.reload_if_changed()  # a re-ingest is picked up without a restart
     params = env.current.params
     top_k = int(params.get("top_k", mesh.config.retrieval.default_top_k))
-    passages = retriever.search(env.context.question, top_k=top_k, corpora=params.get("corpora"))
+    passages = retriever.search(search_query(env), top_k=top_k, corpora=params.get("corpora"))
     env.context.passages = passages
     env.events.append(
         Event(
@@ -27,6 +27,18 @@ async def retrieve(env: Envelope, record: StepRecord) -> None:
             data={"count": len(passages), "top_score": round(passages[0].score, 4) if passages else 0.0, "corpora": params.get("corpora") or retriever.corpora},
         )
     )
+
+
+FOLLOW_UP_WORDS = 8
+
+
+def search_query(env: Envelope) -> str:
+    """A short follow-up ("and for gravel tyres?") is searched with the previous question."""
+    question = env.context.question
+    previous = next((turn.content for turn in reversed(env.context.history) if turn.role == "user"), None)
+    if previous and len(question.split()) < FOLLOW_UP_WORDS:
+        return f"{previous} {question}"
+    return question
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ async def route(body: bytes) -> None:
             return
         log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
         env = router.envelope(request_id, request, decision, reply_to)
+        if request.session_id:
+            env.context.history = await (await mesh.sessions()).history(request.session_id) + env.context.history
         span.set_attributes(telemetry.envelope_attributes(env))
         if telemetry.content_tracing():
             span.set_attribute(A.CONTENT_PROMPT, request.text)

@@ -158,3 +158,15 @@ async def test_a_streamed_request_yields_partial_text_then_the_final_reply(clien
     assert len(pieces) >= 2
     assert "".join(pieces).strip() == final.answer.strip()
     assert "2 and 3 bar" in final.answer
+
+
+async def test_a_follow_up_in_the_same_session_is_understood_with_its_history(client):
+    first = await client.ask("What tyre pressure should I run on road tyres?", session_id="rider-42")
+    assert first.ok
+    follow_up = await client.ask("And on gravel tyres?", session_id="rider-42")
+    assert follow_up.ok and "bar" in follow_up.answer.lower()
+    assert any("tyre-pressure" in c.source for c in follow_up.citations)
+    history = await (await client.js.key_value("baton_sessions")).get("rider-42")
+    turns = json.loads(history.value)["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[2]["content"] == "And on gravel tyres?" and turns[3]["content"] == follow_up.answer

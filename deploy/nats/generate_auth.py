@@ -1,0 +1,320 @@
+"""Baton's NATS users and their permissions: the one table, and the files made from it.
+
+    python deploy/nats/generate_auth.py          # rewrite auth.conf and the Helm values
+    python deploy/nats/generate_auth.py --check  # exit 1 when a generated file is stale
+
+Everything is named from `shared/subjects.py`, so a renamed stream, consumer or bucket
+changes the permissions with it. The tests import `USERS` and check the running server
+against it, subject by subject (tests/integration/test_nats_auth.py).
+
+Least privilege, per role (every subject below was needed by a real run of the code;
+see deploy/README.md for how each was found):
+
+- admin: the whole JetStream API ($JS.API.>) and replies under its own inbox prefix.
+  Only the provisioning job uses it; services never hold it.
+- a service: its own durable pull consumer (INFO, MSG.NEXT, ACKs), publishing the next
+  hop to any step subject (the slip decides which), the results bucket (read + create),
+  replies to any client's reply inbox, and its own inbox prefix `_INBOX.<service>`.
+  No service may publish a request (that would be impersonating a client), and no
+  service may create, change or delete streams, consumers or buckets.
+- a client: publish its own request subject, receive under `_INBOX.<client>`, read the
+  results bucket. Nothing else: no other client's inbox, no step subject, no KV write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from shared import subjects  # noqa: E402
+from shared.config import STEP_SERVICES  # noqa: E402
+
+ACCOUNT = "BATON"  # one account for the mesh; KEDA's `account` is this name
+AUTH_CONF = HERE / "auth.conf"
+DEV_ENV = HERE / "dev.env"
+HELM_VALUES = ROOT / "deploy" / "helm" / "nats-values.yaml"
+HELM_SECRET = "baton-nats-users"  # the Kubernetes Secret holding every password (deploy/k8s)
+
+# The example clients. A real deployment adds one line per client here.
+CLIENTS = ("client-acme", "client-globex")
+
+STREAM = subjects.STREAM
+RESULTS = subjects.RESULTS_BUCKET
+
+# Where a hop may go next: every service a slip step can name, plus the fallback.
+STEP_TARGETS = tuple(sorted({*STEP_SERVICES.values(), "fallback"}))
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def kv_read(bucket: str) -> list[str]:
+    """Read a KV bucket: bind to it (stream info) and get a key.
+
+    nats-py reads with STREAM.MSG.GET unless the bucket's stream allows direct gets, in
+    which case it (and the Go client and the nats CLI) use DIRECT.GET with the key in
+    the subject. Both are listed so the table works either way.
+    """
+    stream = kv_stream(bucket)
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.>",
+    ]
+
+
+def kv_write(bucket: str) -> list[str]:
+    """Put/create keys: a publish to $KV.<bucket>.<key>, answered by a PubAck."""
+    return [f"$KV.{bucket}.>"]
+
+
+def pull_consumer(durable: str) -> list[str]:
+    """Bind to an existing durable pull consumer, fetch from it, ack/nak/in-progress."""
+    return [
+        f"$JS.API.CONSUMER.INFO.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
+        f"$JS.ACK.{STREAM}.{durable}.>",
+    ]
+
+
+def own_inbox(name: str) -> str:
+    """Replies (PubAcks, JetStream API answers, pulled messages) land under here."""
+    return f"{subjects.inbox_prefix(name)}.>"
+
+
+# Any client's reply inbox: `_INBOX.<client>.reply.<request id>` (request ids have no dots).
+ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str  # admin | service | client
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    why: str = ""
+    password_env: str = field(default="")
+
+    @property
+    def password_var(self) -> str:
+        """The environment variable nats-server reads this user's password from."""
+        return self.password_env or "BATON_" + self.name.upper().replace("-", "_") + "_PASSWORD"
+
+    @property
+    def inbox_prefix(self) -> str:
+        return subjects.inbox_prefix(self.name)
+
+
+def admin() -> User:
+    return User(
+        name="admin",
+        role="admin",
+        publish=("$JS.API.>",),
+        subscribe=(own_inbox("admin"),),
+        why="provisions the stream, the consumers and the buckets (deploy/provision.py)",
+    )
+
+
+def service(name: str) -> User:
+    durable = subjects.durable(name)
+    publish = [
+        *pull_consumer(durable),
+        *(subjects.step(target) for target in STEP_TARGETS),
+        *kv_read(RESULTS),
+        *kv_write(RESULTS),
+        ANY_CLIENT_REPLY,
+    ]
+    return User(
+        name=name,
+        role="service",
+        publish=tuple(publish),
+        subscribe=(own_inbox(name),),
+        why=f"pulls from {STREAM}/{durable}, forwards hops, stores and sends Replies",
+    )
+
+
+def client(name: str) -> User:
+    return User(
+        name=name,
+        role="client",
+        publish=(subjects.request(name), *kv_read(RESULTS)),
+        subscribe=(own_inbox(name),),
+        why="publishes its own requests, receives its replies, reads stored Replies",
+    )
+
+
+USERS: dict[str, User] = {u.name: u for u in (admin(), *(service(s) for s in subjects.SERVICES), *(client(c) for c in CLIENTS))}
+
+# Development passwords: compose and the tests use these; production sets the same
+# variables from a secret store (deploy/k8s: the baton-nats-users Secret).
+DEV_PASSWORDS = {u.password_var: f"dev-{u.name}-password" for u in USERS.values()}
+
+
+# -- subject matching, as nats-server does it (for the tests and `--explain`) ---------
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """True when `subject` (literal, or a subscription with wildcards) falls under `pattern`.
+
+    For a wildcard subscription the server asks whether the whole subscription is a
+    subset of the allowed pattern: `*` in the subscription only fits `*` or `>` in the
+    pattern, `>` only fits `>`.
+    """
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if token == "*":
+            if s[i] == ">":
+                return False
+            continue
+        if token != s[i]:
+            return False
+    return len(p) == len(s)
+
+
+def allowed(user: User, action: str, subject: str) -> bool:
+    patterns = user.publish if action == "pub" else user.subscribe
+    return any(matches(p, subject) for p in patterns)
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+HEADER = "# GENERATED by deploy/nats/generate_auth.py from its USERS table; do not edit by hand.\n"
+
+
+def _quote_list(items: tuple[str, ...], indent: str) -> str:
+    return "[\n" + "".join(f'{indent}  "{item}"\n' for item in items) + f"{indent}]"
+
+
+def render_auth_conf() -> str:
+    lines = [
+        HEADER.rstrip("\n"),
+        "#",
+        "# Included by single.conf and cluster/node-*.conf. Every password comes from an",
+        "# environment variable of the nats-server process (dev values: dev.env).",
+        "# One account for the mesh; anonymous connections are refused.",
+        "",
+        "accounts {",
+        f"  {ACCOUNT} {{",
+        "    jetstream: enabled",
+        "    users: [",
+    ]
+    for user in USERS.values():
+        ind = "        "
+        lines += [
+            f"      # {user.name} ({user.role}): {user.why}",
+            "      {",
+            f"        user: \"{user.name}\"",
+            f"        password: ${user.password_var}",
+            "        permissions: {",
+            f"          publish: {{ allow: {_quote_list(user.publish, ind + '  ')} }}",
+            f"          subscribe: {{ allow: {_quote_list(user.subscribe, ind + '  ')} }}",
+            "        }",
+            "      }",
+        ]
+    lines += ["    ]", "  }", "}", ""]
+    return "\n".join(lines)
+
+
+def render_dev_env() -> str:
+    head = [
+        "# GENERATED by deploy/nats/generate_auth.py. DEVELOPMENT passwords only: compose",
+        "# and the tests use them. Never use them anywhere reachable from outside.",
+    ]
+    return "\n".join([*head, *(f"{k}={v}" for k, v in DEV_PASSWORDS.items()), ""])
+
+
+def render_helm_values() -> str:
+    """Values for the official NATS chart (1.x): 3-node JetStream cluster + the same users."""
+    import yaml
+
+    users = []
+    for user in USERS.values():
+        users.append(
+            {
+                "user": user.name,
+                # The chart writes `<< $VAR >>` unquoted: a variable nats-server resolves
+                # from the container environment (container.env below).
+                "password": f"<< ${user.password_var} >>",
+                "permissions": {"publish": {"allow": list(user.publish)}, "subscribe": {"allow": list(user.subscribe)}},
+            }
+        )
+    env = {
+        user.password_var: {"valueFrom": {"secretKeyRef": {"name": HELM_SECRET, "key": user.password_var}}}
+        for user in USERS.values()
+    }
+    env["GOMEMLIMIT"] = "900MiB"  # ~90% of the memory limit below; Go units
+    values = {
+        "config": {
+            "cluster": {"enabled": True, "replicas": 3},
+            "jetstream": {
+                "enabled": True,
+                "fileStore": {"enabled": True, "dir": "/data", "pvc": {"enabled": True, "size": "10Gi"}},
+                "memoryStore": {"enabled": False},
+            },
+            # /jsz on 8222 is what KEDA's nats-jetstream scaler reads (deploy/k8s/keda).
+            "monitor": {"enabled": True, "port": 8222},
+            "merge": {
+                "max_payload": "1MB",
+                "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
+            },
+        },
+        "container": {
+            "env": env,
+            "merge": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}},
+        },
+        "podTemplate": {
+            "topologySpreadConstraints": {
+                "kubernetes.io/hostname": {"maxSkew": 1, "whenUnsatisfiable": "DoNotSchedule"},
+            },
+        },
+        "natsBox": {"enabled": False},  # it would need its own user; use `nats --user admin` instead
+    }
+    head = (
+        HEADER
+        + "#\n"
+        + "# Values for the official NATS Helm chart (nats/nats 1.x):\n"
+        + "#   helm repo add nats <the chart repository from the NATS docs>\n"
+        + "#   kubectl -n baton apply -f deploy/k8s/base/secret.yaml   # or your own Secret\n"
+        + "#   helm install nats nats/nats -n baton -f deploy/helm/nats-values.yaml\n"
+        + f"# Passwords come from the Secret `{HELM_SECRET}` (one key per variable).\n"
+    )
+    return head + yaml.safe_dump(values, sort_keys=False, width=120)
+
+
+OUTPUTS = {AUTH_CONF: render_auth_conf, DEV_ENV: render_dev_env, HELM_VALUES: render_helm_values}
+
+
+def stale() -> list[Path]:
+    return [path for path, render in OUTPUTS.items() if not path.exists() or path.read_text() != render()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
+    args = parser.parse_args(argv)
+    if args.check:
+        old = stale()
+        for path in old:
+            print(f"stale: {path.relative_to(ROOT)} (run python deploy/nats/generate_auth.py)")
+        return 1 if old else 0
+    for path, render in OUTPUTS.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render())
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
