@@ -274,6 +274,51 @@ def _run(coro):
         _fail(f"cannot reach NATS ({exc}); start the mesh with `baton up` or set NATS_URL")
 
 
+config_app = typer.Typer(help="Live configuration: validate, apply, show.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("apply")
+def config_apply(path: Path) -> None:
+    """Validate FILE and make it the active config of every running replica, without a restart."""
+    from shared.config import parse_config
+    from shared.live_config import publish_config
+    from shared import subjects
+
+    try:
+        text = path.read_text()
+        parse_config(text, str(path))  # refuse before touching the bus
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror}", 2)
+    except ConfigError as exc:
+        _fail(f"{exc}\nthe running config is unchanged", 2)
+
+    async def go():
+        async with BatonClient(_nats_url(_settings())) as client:
+            return await publish_config(await client.js.key_value(subjects.CONFIG_BUCKET), text, str(path))
+
+    config = _run(go())
+    console.print(f"[green]applied[/] config version {config.digest} ({len(config.routes)} routes: {', '.join(config.routes)})")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """The active config version and its routes."""
+    from shared import subjects
+    from shared.config import parse_config
+    from shared.live_config import ACTIVE
+
+    async def go():
+        async with BatonClient(_nats_url(_settings())) as client:
+            kv = await client.js.key_value(subjects.CONFIG_BUCKET)
+            return (await kv.get(ACTIVE)).value.decode()
+
+    config = parse_config(_run(go()), "active")
+    console.print(f"active config version {config.digest}")
+    for name, route in config.routes.items():
+        console.print(f"  [bold]{name}[/]: {' → '.join(step.name for step in route.steps)}  [dim]{route.description}[/]")
+
+
 def main() -> None:
     app()
 

@@ -21,6 +21,7 @@ import nats
 
 from shared import subjects
 from shared.natsd import NatsServer, free_port
+from shared.live_config import publish_config
 from shared.provision import provision
 from shared.settings import ROOT, Settings
 
@@ -126,9 +127,12 @@ class MeshProcesses:
         self.wait_ready(timeout_s)
 
     async def _provision(self) -> None:
+        """Create what the mesh needs and make the config file the active version."""
         nc = await nats.connect(self.nats_url)
         try:
-            await provision(nc.jetstream(), self.settings)
+            js = nc.jetstream()
+            await provision(js, self.settings)
+            await publish_config(await js.key_value(subjects.CONFIG_BUCKET), self.settings.config.read_text(), str(self.settings.config))
         finally:
             await nc.close()
 

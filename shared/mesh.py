@@ -30,6 +30,7 @@ from opentelemetry.trace import Span
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
+from shared.live_config import ConfigStore
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
@@ -63,7 +64,7 @@ class Mesh:
     def __init__(self, service: str, config: Settings | None = None):
         self.service = service
         self.settings = config or load_settings()
-        self.config: MeshConfig = load_config(self.settings.config)
+        self.configs = ConfigStore(load_config(self.settings.config))
         self.broker = NatsBroker(
             self.settings.nats_url,
             inbox_prefix=f"_INBOX.{service}",  # a service's users may subscribe only under their own inbox
@@ -75,6 +76,8 @@ class Mesh:
         )
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)
+        self.app.after_startup(self._follow_config)
+        self.app.on_shutdown(self.configs.detach)
         self.tracer = telemetry.setup_tracing(service)
         self.app.after_shutdown(telemetry.shutdown_tracing)
         metrics.serve(service)
@@ -90,6 +93,18 @@ class Mesh:
             await provision(nc.jetstream(), self.settings)
         finally:
             await nc.close()
+
+    async def _follow_config(self) -> None:
+        await self.configs.attach(await self.broker.key_value(subjects.CONFIG_BUCKET, declare=False))
+
+    @property
+    def config(self) -> MeshConfig:
+        """The active config: for decisions about new requests."""
+        return self.configs.current
+
+    async def config_for(self, env: Envelope) -> MeshConfig:
+        """The config a request started with: every hop of it runs on one version."""
+        return await self.configs.get(env.config_version)
 
     def subscriber(self) -> Callable:
         return self.broker.subscriber(

@@ -44,6 +44,7 @@ def chunk_address(reply_to: str) -> str:
 # Key-value buckets.
 RESULTS_BUCKET = "baton_results"  # request id -> Reply
 SESSIONS_BUCKET = "baton_sessions"  # session id -> history
+CONFIG_BUCKET = "baton_config"  # "active" and "v.<digest>" -> config YAML
 
 # Headers that travel with every message.
 H_REQUEST_ID = "Baton-Request-Id"

@@ -23,7 +23,8 @@ async def recover(body: bytes) -> None:
     if env.error is None:
         env.error = Error(code=ErrorCode.INTERNAL, message="sent to fallback without an error")
     with mesh.hop("fallback", env) as span:
-        decision = decide(env, mesh.config)
+        config = await mesh.config_for(env)
+        decision = decide(env, config)
         log.info("request %s: %s -> %s (%s)", env.request_id, env.error.code.value, decision.action, decision.reason)
         event = Event(kind="fallback", step=env.error.step, data={"reason": env.error.code.value, "action": decision.action, "why": decision.reason, "model": decision.model})
         env.events.append(event)
@@ -33,14 +34,14 @@ async def recover(body: bytes) -> None:
             await mesh.forward(env)
             return
         if decision.action == "degrade":
-            degrade(env)
+            degrade(env, config)
         await mesh.finish(env)
 
 
-def degrade(env: Envelope) -> None:
+def degrade(env: Envelope, config) -> None:
     """Answer from the passages already retrieved, with the same output redaction."""
     generation = local.generate(env.context.question, env.context.passages)
-    checked = output_gate(generation.text, mesh.config.guard)
+    checked = output_gate(generation.text, config.guard)
     env.context.outputs[ANSWER] = checked.text if checked.text is not None else generation.text
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[DEGRADED] = True

@@ -11,14 +11,27 @@ from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
 app = mesh.app
-pool = ModelPool(mesh.config)
-app.after_shutdown(pool.aclose)
+pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
+
+
+async def pool_for(env: Envelope) -> ModelPool:
+    config = await mesh.config_for(env)
+    if config.digest not in pools:
+        pools[config.digest] = ModelPool(config)
+    return pools[config.digest]
+
+
+@app.after_shutdown
+async def close_pools() -> None:
+    for pool in pools.values():
+        await pool.aclose()
 
 
 @mesh.step_handler
 async def generate(env: Envelope, record: StepRecord) -> None:
     params = env.current.params
-    preferred = params.get("models") or mesh.config.routes[env.route].models or ["local-extractive"]
+    pool = await pool_for(env)
+    preferred = params.get("models") or pool.config.routes[env.route].models or ["local-extractive"]
     try:
         choice = pool.choose(env.route, preferred)
     except NoModelAvailable as exc:
@@ -30,7 +43,7 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
         try:
             timeout_s = max(0.1, env.remaining_s())
-            if streams_live(env):
+            if streams_live(env, pool):
                 generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
             else:
                 generation = await pool.generate(choice, call, timeout_s)
@@ -54,8 +67,8 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "skipped": choice.skipped}))
 
 
-def streams_live(env: Envelope) -> bool:
-    return env.request.stream and env.reply_to is not None and mesh.config.routes[env.route].stream == "live"
+def streams_live(env: Envelope, pool: ModelPool) -> bool:
+    return env.request.stream and env.reply_to is not None and pool.config.routes[env.route].stream == "live"
 
 
 def chunk_sender(env: Envelope):

@@ -18,7 +18,7 @@ FAILURE_CODES = {
 @mesh.step_handler
 async def guard(env: Envelope, record: StepRecord) -> None:
     name, params = env.current.name, env.current.params
-    spec = mesh.config.guard
+    spec = (await mesh.config_for(env)).guard
     if name == "guard.input":
         result = input_gate(env.context.question, spec, threshold=float(params.get("threshold", 0.5)))
         if result.verdict == "fixed":

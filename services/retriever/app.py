@@ -17,7 +17,7 @@ except IndexMissingError as exc:
 async def retrieve(env: Envelope, record: StepRecord) -> None:
     retriever.reload_if_changed()  # a re-ingest is picked up without a restart
     params = env.current.params
-    top_k = int(params.get("top_k", mesh.config.retrieval.default_top_k))
+    top_k = int(params.get("top_k", (await mesh.config_for(env)).retrieval.default_top_k))
     passages = retriever.search(search_query(env), top_k=top_k, corpora=params.get("corpora"))
     env.context.passages = passages
     env.events.append(

@@ -13,8 +13,8 @@ from shared.mesh import Mesh, validation_details
 from shared.schema import Error, ErrorCode, Request
 
 mesh = Mesh("router")
-router = Router(mesh.config)
 app = mesh.app
+routers: dict[str, Router] = {}  # one per config version: each compiles its rules once
 log = logging.getLogger("baton.router")
 
 REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
@@ -40,6 +40,7 @@ async def route(body: bytes) -> None:
             await mesh.reply_error(request_id, reply_to, error)
             return
         request = error
+        router = router_for(mesh.config)
         try:
             decision = router.decide(request)
         except UnknownRoute as exc:
@@ -54,6 +55,13 @@ async def route(body: bytes) -> None:
             span.set_attribute(A.CONTENT_PROMPT, request.text)
         mesh.observe(span, env, env.events)
         await mesh.forward(env)
+
+
+def router_for(config) -> Router:
+    if config.digest not in routers:
+        routers.clear()  # only the active version routes new requests
+        routers[config.digest] = Router(config)
+    return routers[config.digest]
 
 
 def check_request(request_id: str, body: bytes) -> Request | Error:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,6 +31,8 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 if TYPE_CHECKING:
     from shared.config import MeshConfig
@@ -98,7 +101,9 @@ def _is_payload(head: str, tail: str) -> bool:
 class _Features(Protocol):
     def fit_transform(self, texts: list[str]) -> Any: ...
 
-    def transform(self, texts: list[str]) -> Any: ...
+    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """One text as (column indices, values): the fast path for a single prediction."""
+        ...
 
 
 class _TfidfFeatures:
@@ -107,30 +112,58 @@ class _TfidfFeatures:
     def __init__(self) -> None:
         self._words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w[\w'&-]*\b")
         self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True)
+        self._parts: list[tuple[Any, dict[str, int], np.ndarray, int]] = []
 
     def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
         focused = [focus_text(t) for t in texts]
-        return sparse.hstack([self._words.fit_transform(focused), self._chars.fit_transform(focused)], format="csr")
+        blocks = [self._words.fit_transform(focused), self._chars.fit_transform(focused)]
+        offset = 0
+        for vectorizer, block in zip((self._words, self._chars), blocks):
+            self._parts.append((vectorizer.build_analyzer(), vectorizer.vocabulary_, vectorizer.idf_, offset))
+            offset += block.shape[1]
+        return sparse.hstack(blocks, format="csr")
 
     def transform(self, texts: list[str]) -> sparse.csr_matrix:
         focused = [focus_text(t) for t in texts]
         return sparse.hstack([self._words.transform(focused), self._chars.transform(focused)], format="csr")
 
+    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        # The same numbers as transform() (sublinear tf x idf, l2 per vectorizer) without
+        # scikit-learn's per-call validation, which costs more than the arithmetic.
+        focused = focus_text(text)
+        columns, values = [], []
+        for analyze, vocabulary, idf, offset in self._parts:
+            counts = Counter(term for term in analyze(focused) if term in vocabulary)
+            if not counts:
+                continue
+            index = np.fromiter((vocabulary[term] for term in counts), dtype=np.intp, count=len(counts))
+            weights = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * idf[index]
+            columns.append(index + offset)
+            values.append(weights / np.linalg.norm(weights))
+        if not columns:
+            return np.zeros(0, dtype=np.intp), np.zeros(0)
+        return np.concatenate(columns), np.concatenate(values)
+
 
 class _EmbeddingFeatures:
     """Normalized sentence embeddings of the instruction part (all-MiniLM-L6-v2 or a local model).
 
-    Untested in this repository's CI: neither torch nor a model is installed there.
-    `train(..., backend="embeddings")` raises BackendUnavailable in that case.
+    Untested in this repository: neither torch nor a model is installed here, and
+    nothing is downloaded. `train(..., backend="embeddings")` raises BackendUnavailable
+    then, naming what to install.
     """
 
     def __init__(self) -> None:
         self._model = _load_sentence_model()
 
     def fit_transform(self, texts: list[str]) -> np.ndarray:
-        return self.transform(texts)
+        return self._encode(texts)
 
-    def transform(self, texts: list[str]) -> np.ndarray:
+    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        values = self._encode([text])[0]
+        return np.arange(values.shape[0]), values
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         focused = [focus_text(t) for t in texts]
         return np.asarray(self._model.encode(focused, normalize_embeddings=True, show_progress_bar=False), dtype=np.float64)
 
@@ -206,8 +239,9 @@ class RouteClassifier:
 
     routes: tuple[str, ...]
     backend: str
+    temperature: float = 1.0  # learned by cross-validation; <1 sharpens, >1 softens
     _features: _Features | None = field(repr=False, default=None)
-    _coef: np.ndarray | None = field(repr=False, default=None)  # (routes, features); None when one route
+    _coef: np.ndarray | None = field(repr=False, default=None)  # (routes, features), already divided by temperature
     _intercept: np.ndarray | None = field(repr=False, default=None)
 
     @classmethod
@@ -223,13 +257,16 @@ class RouteClassifier:
             raise ValueError("no route has examples: give at least one route an 'examples' list")
         features: _Features = _EmbeddingFeatures() if backend == "embeddings" else _TfidfFeatures()
         if len(routes) == 1:
-            return cls(routes=routes, backend=backend, _features=features)
+            return cls(routes=routes, backend=backend)
         texts, labels, weights = _training_set(examples, keywords or {}, routes)
         matrix = features.fit_transform(texts)
-        model = LogisticRegression(C=TFIDF_C if backend == "tfidf" else EMBEDDINGS_C, max_iter=2000, random_state=RANDOM_STATE)
-        model.fit(matrix, [routes.index(label) for label in labels], sample_weight=weights)
-        coef, intercept = _per_route(model.coef_, model.intercept_, len(routes))
-        return cls(routes=routes, backend=backend, _features=features, _coef=coef, _intercept=intercept)
+        targets = np.array([routes.index(label) for label in labels])
+        c = TFIDF_C if backend == "tfidf" else EMBEDDINGS_C
+        # The problem is tiny: BLAS threads only add contention (seen: 10x slower on a busy host).
+        with threadpool_limits(limits=1):
+            coef, intercept = _fit_linear(matrix, targets, weights, c, len(routes))
+            temperature = _fit_temperature(matrix, targets, weights, c, len(routes))
+        return cls(routes=routes, backend=backend, temperature=temperature, _features=features, _coef=coef / temperature, _intercept=intercept / temperature)
 
     @classmethod
     def from_config(cls, config: MeshConfig, *, backend: str | None = None) -> RouteClassifier:
@@ -243,11 +280,10 @@ class RouteClassifier:
 
     def predict(self, text: str) -> list[tuple[str, float]]:
         """Every known route with its probability, best first; the probabilities sum to 1."""
-        if self._coef is None or self._intercept is None or self._features is None:
+        if self._features is None or self._coef is None or self._intercept is None:
             return [(self.routes[0], 1.0)]
-        row = self._features.transform([text])
-        logits = np.asarray(row @ self._coef.T).ravel() + self._intercept
-        probs = _softmax(logits)
+        columns, values = self._features.vectorize(text)
+        probs = _softmax(self._coef[:, columns] @ values + self._intercept)
         # Stable sort: equal probabilities keep the config's route order.
         order = sorted(range(len(self.routes)), key=lambda i: -probs[i])
         return [(self.routes[i], float(probs[i])) for i in order]
@@ -256,7 +292,7 @@ class RouteClassifier:
         return self.predict(text)[0]
 
 
-def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]], routes: tuple[str, ...]) -> tuple[list[str], list[str], list[float]]:
+def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]], routes: tuple[str, ...]) -> tuple[list[str], list[str], np.ndarray]:
     texts, labels, weights = [], [], []
     for route in routes:
         for text in examples[route]:
@@ -269,18 +305,58 @@ def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]]
             texts.append(word)
             labels.append(route)
             weights.append(KEYWORD_WEIGHT)
-    return texts, labels, weights
+    return texts, labels, np.array(weights)
 
 
-def _per_route(coef: np.ndarray, intercept: np.ndarray, n_routes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One weight row per route, so prediction is a single softmax.
-
-    With two classes scikit-learn keeps one row w (p1 = sigmoid(w.x + b)); the rows
-    [-w/2, w/2] give exactly the same probabilities under a softmax.
-    """
+def _fit_linear(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression; one weight row per route, so prediction is one softmax."""
+    # newton-cg converges in a handful of steps here, ten times faster than lbfgs.
+    model = LogisticRegression(C=c, solver="newton-cg", max_iter=1000, random_state=RANDOM_STATE)
+    model.fit(matrix, targets, sample_weight=weights)
+    coef, intercept = np.asarray(model.coef_), np.asarray(model.intercept_)
     if n_routes == 2 and coef.shape[0] == 1:
+        # scikit-learn keeps one row w for two classes (p1 = sigmoid(w.x + b));
+        # the rows [-w/2, w/2] give the same probabilities under a softmax.
         return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    return np.asarray(coef), np.asarray(intercept)
+    return coef, intercept
+
+
+CALIBRATION_FOLDS = 5
+_TEMPERATURES = np.exp(np.linspace(np.log(0.1), np.log(3.0), 61))
+
+
+def _fit_temperature(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> float:
+    """The softmax temperature that makes held-out confidences honest.
+
+    With a dozen examples per route a logistic regression's raw probabilities say
+    little (they depend mostly on C). Cross-validated logits over the examples
+    (keywords always stay in training) pick the temperature with the lowest held-out
+    log-loss, so min_confidence compares against something like an accuracy.
+    The vectorizer is shared across folds: a small leak that keeps training fast.
+    """
+    real = np.flatnonzero(weights >= 1.0)
+    hints = np.flatnonzero(weights < 1.0)
+    smallest = np.bincount(targets[real], minlength=n_routes).min()
+    folds = min(CALIBRATION_FOLDS, int(smallest))
+    if folds < 2:
+        return 1.0  # too few examples to hold any out: keep the raw probabilities
+    logits, truth = [], []
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=RANDOM_STATE)
+    for train_at, test_at in splitter.split(real, targets[real]):
+        train = np.concatenate([real[train_at], hints])
+        coef, intercept = _fit_linear(matrix[train], targets[train], weights[train], c, n_routes)
+        held_out = real[test_at]
+        logits.append(np.asarray(matrix[held_out] @ coef.T) + intercept)
+        truth.append(targets[held_out])
+    stacked, gold = np.vstack(logits), np.concatenate(truth)
+    losses = [_log_loss(stacked / t, gold) for t in _TEMPERATURES]
+    return float(_TEMPERATURES[int(np.argmin(losses))])
+
+
+def _log_loss(logits: np.ndarray, gold: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(gold)), gold].mean())
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
