@@ -274,6 +274,47 @@ def _run(coro):
         _fail(f"cannot reach NATS ({exc}); start the mesh with `baton up` or set NATS_URL")
 
 
+@app.command()
+def health() -> None:
+    """Circuit breakers of every model, as all replicas share them."""
+    from rich.table import Table
+
+    from shared import subjects
+    from shared.breakers import Breaker
+
+    async def go() -> dict[str, Breaker]:
+        async with BatonClient(_nats_url(_settings())) as client:
+            kv = await client.js.key_value(subjects.BREAKERS_BUCKET)
+            states = {}
+            for key in await _keys(kv):
+                entry = await kv.get(key)
+                if entry.value:
+                    states[key] = Breaker(**json.loads(entry.value))
+            return states
+
+    states = _run(go())
+    table = Table(title="model circuit breakers")
+    for column in ("model", "state", "failures", "opened"):
+        table.add_column(column)
+    for model, breaker in sorted(states.items()):
+        color = {"closed": "green", "open": "red", "half_open": "yellow"}[breaker.state]
+        opened = time.strftime("%H:%M:%S", time.localtime(breaker.opened_at)) if breaker.opened_at else "-"
+        table.add_row(model, f"[{color}]{breaker.state}[/]", str(breaker.failures), opened)
+    if not states:
+        console.print("[green]no breaker has tripped: every model is closed (healthy)[/]")
+    else:
+        console.print(table)
+
+
+async def _keys(kv) -> list[str]:
+    from nats.js.errors import NoKeysError
+
+    try:
+        return await kv.keys()
+    except NoKeysError:
+        return []
+
+
 config_app = typer.Typer(help="Live configuration: validate, apply, show.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -53,6 +53,7 @@ class ModelSpec(_Strict):
     base_url_env: str | None = None  # environment variable holding the base URL
     api_key_env: str | None = None  # environment variable holding the key, never the key itself
     timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=5)  # for errors that can succeed on a second try
 
 
 class MatchRule(_Strict):
@@ -104,16 +105,51 @@ class RouteSpec(_Strict):
 
 
 class GuardSpec(_Strict):
+    class BannedTopic(_Strict):
+        """A topic the input gate refuses: any keyword (whole words, case-insensitive) or pattern."""
+
+        name: str = Field(min_length=1)
+        keywords: list[str] = Field(default_factory=list)
+        patterns: list[str] = Field(default_factory=list)  # regular expressions, matched case-insensitively
+
+        @field_validator("patterns")
+        @classmethod
+        def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+            return patterns
+
+        @model_validator(mode="after")
+        def _not_empty(self) -> GuardSpec.BannedTopic:
+            if not any(keyword.strip() for keyword in self.keywords) and not self.patterns:
+                raise ValueError(f"banned topic {self.name!r} needs at least one keyword or pattern")
+            return self
+
     max_input_chars: int = Field(default=8000, gt=0)
     max_output_chars: int = Field(default=8000, gt=0)
+    max_input_tokens: int | None = Field(default=None, gt=0)  # estimated as characters / 4; None: no limit
     injection_phrases: list[str] = Field(default_factory=list)
-    redact: list[Literal["email", "phone", "card"]] = Field(default_factory=lambda: ["email", "phone", "card"])
+    injection_threshold: float = Field(default=0.5, gt=0, le=1)  # input gate fails at or above this score
+    injection_model: bool = False  # add the TF-IDF classifier to the injection score (needs scikit-learn)
+    banned_topics: list[BannedTopic] = Field(default_factory=list)
+    fail_on_refusal: bool = False  # output gate: fail a refusal instead of passing it with a finding
+    redact: list[Literal["email", "phone", "card", "iban", "national_id", "secret"]] = Field(
+        default_factory=lambda: ["email", "phone", "card"]
+    )
 
 
 class RoutingSpec(_Strict):
     classifier: Literal["tfidf", "embeddings", "off"] = "tfidf"  # embeddings only when a model package is installed
     min_confidence: float = Field(default=0.45, ge=0, le=1)  # below this, the default route answers
     complexity_threshold: float = Field(default=0.6, ge=0, le=1)  # above this, a route escalates
+
+
+class BreakerSpec(_Strict):
+    threshold: int = Field(default=5, gt=0)  # consecutive failures that open a model's breaker
+    cooldown_s: float = Field(default=30.0, gt=0)  # open this long before one probe call
 
 
 class SessionSpec(_Strict):
@@ -132,6 +168,7 @@ class MeshConfig(_Strict):
     routes: dict[str, RouteSpec]
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     sessions: SessionSpec = Field(default_factory=SessionSpec)
+    breakers: BreakerSpec = Field(default_factory=BreakerSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     digest: str = ""  # content hash, set on load; recorded on every Reply

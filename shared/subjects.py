@@ -44,6 +44,7 @@ def chunk_address(reply_to: str) -> str:
 # Key-value buckets.
 RESULTS_BUCKET = "baton_results"  # request id -> Reply
 SESSIONS_BUCKET = "baton_sessions"  # session id -> history
+BREAKERS_BUCKET = "baton_breakers"  # model -> circuit breaker state, shared by replicas
 CONFIG_BUCKET = "baton_config"  # "active" and "v.<digest>" -> config YAML
 
 # Headers that travel with every message.

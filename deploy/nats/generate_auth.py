@@ -47,6 +47,8 @@ CLIENTS = ("client-acme", "client-globex")
 
 STREAM = subjects.STREAM
 RESULTS = subjects.RESULTS_BUCKET
+SESSIONS = subjects.SESSIONS_BUCKET
+CONFIG = subjects.CONFIG_BUCKET
 
 # Where a hop may go next: every service a slip step can name, plus the fallback.
 STEP_TARGETS = tuple(sorted({*STEP_SERVICES.values(), "fallback"}))
@@ -71,6 +73,23 @@ def kv_read(bucket: str) -> list[str]:
     ]
 
 
+def kv_watch(bucket: str) -> list[str]:
+    """Watch keys of a bucket: an ordered push consumer the client creates and owns.
+
+    nats-py creates it without a name (CONSUMER.CREATE.<stream>), asks for its info and
+    answers the server's flow-control messages ($JS.FC). Clients that name the consumer
+    (Go, the nats CLI) put the name and the filter in the subject: that form is allowed
+    only with a filter inside the bucket. The server deletes it after inactivity.
+    """
+    stream = kv_stream(bucket)
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.*.$KV.{bucket}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
 def kv_write(bucket: str) -> list[str]:
     """Put/create keys: a publish to $KV.<bucket>.<key>, answered by a PubAck."""
     return [f"$KV.{bucket}.>"]
@@ -90,8 +109,17 @@ def own_inbox(name: str) -> str:
     return f"{subjects.inbox_prefix(name)}.>"
 
 
-# Any client's reply inbox: `_INBOX.<client>.reply.<request id>` (request ids have no dots).
+# Any client's reply inbox: `_INBOX.<client>.reply.<request id>` (request ids have no dots),
+# and where streamed partial text goes: `_INBOX.<client>.chunk.<request id>`.
 ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
+ANY_CLIENT_CHUNK = "_INBOX.*.chunk.*"
+
+# Which services may write the sessions bucket: every service that can run the last step
+# of a slip or end a request (Mesh.finish appends the turn). The router only reads the
+# history; its early error replies do not record a turn.
+SESSION_WRITERS = frozenset(subjects.SERVICES) - {"router"}
+# Only the generator streams partial text (services/generator/app.py chunk_sender).
+CHUNK_SENDERS = frozenset({"generator"})
 
 
 @dataclass(frozen=True)
@@ -117,9 +145,11 @@ def admin() -> User:
     return User(
         name="admin",
         role="admin",
-        publish=("$JS.API.>",),
+        # The whole JetStream API, plus writing the live config (`baton config apply`,
+        # deploy/provision.py --apply-config): changing routing is an operator's act.
+        publish=("$JS.API.>", *kv_write(CONFIG)),
         subscribe=(own_inbox("admin"),),
-        why="provisions the stream, the consumers and the buckets (deploy/provision.py)",
+        why="provisions the stream, the consumers and the buckets; applies the live config",
     )
 
 
@@ -130,14 +160,19 @@ def service(name: str) -> User:
         *(subjects.step(target) for target in STEP_TARGETS),
         *kv_read(RESULTS),
         *kv_write(RESULTS),
+        *kv_read(SESSIONS),
+        *(kv_write(SESSIONS) if name in SESSION_WRITERS else ()),
+        *kv_read(CONFIG),
+        *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
+        *((ANY_CLIENT_CHUNK,) if name in CHUNK_SENDERS else ()),
     ]
     return User(
         name=name,
         role="service",
         publish=tuple(publish),
         subscribe=(own_inbox(name),),
-        why=f"pulls from {STREAM}/{durable}, forwards hops, stores and sends Replies",
+        why=f"pulls from {STREAM}/{durable}, forwards hops, stores and sends Replies, follows the live config",
     )
 
 
@@ -147,7 +182,7 @@ def client(name: str) -> User:
         role="client",
         publish=(subjects.request(name), *kv_read(RESULTS)),
         subscribe=(own_inbox(name),),
-        why="publishes its own requests, receives its replies, reads stored Replies",
+        why="publishes its own requests, receives its replies and chunks, reads stored Replies",
     )
 
 

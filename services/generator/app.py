@@ -1,10 +1,13 @@
 """generator: calls the chosen model (local or remote) and records usage and cost."""
 
+import time
+
 from opentelemetry.trace import SpanKind
 
 from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
 from shared import attributes as A
 from shared import metrics, subjects
+from shared.breakers import Breakers
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER, CITATIONS
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
@@ -12,17 +15,24 @@ from shared.schema import Envelope, ErrorCode, Event, StepRecord
 mesh = Mesh("generator")
 app = mesh.app
 pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
+breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)
+
+
+@app.after_startup
+async def share_breakers() -> None:
+    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
 
 
 async def pool_for(env: Envelope) -> ModelPool:
     config = await mesh.config_for(env)
     if config.digest not in pools:
-        pools[config.digest] = ModelPool(config)
+        pools[config.digest] = ModelPool(config, breakers=breakers)
     return pools[config.digest]
 
 
 @app.after_shutdown
 async def close_pools() -> None:
+    await breakers.detach()
     for pool in pools.values():
         await pool.aclose()
 
@@ -33,7 +43,7 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     pool = await pool_for(env)
     preferred = params.get("models") or pool.config.routes[env.route].models or ["local-extractive"]
     try:
-        choice = pool.choose(env.route, preferred)
+        choice = await pool.choose(env.route, preferred)
     except NoModelAvailable as exc:
         code = ErrorCode.MODEL_NOT_ALLOWED if exc.not_allowed else ErrorCode.MODEL_ERROR
         raise StepFailed(code, str(exc)) from exc
@@ -42,11 +52,11 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
     with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
         try:
-            timeout_s = max(0.1, env.remaining_s())
+            timeout_s = step_time_left(env, record)
             if streams_live(env, pool):
                 generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
             else:
-                generation = await pool.generate(choice, call, timeout_s)
+                generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name))
         except ProviderError as exc:
             env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
             raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
@@ -65,6 +75,22 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "skipped": choice.skipped}))
+
+
+def step_time_left(env: Envelope, record: StepRecord) -> float:
+    """What is left of the step's budget, never past the request's deadline."""
+    left = env.remaining_s()
+    if env.current.budget_ms:
+        left = min(left, env.current.budget_ms / 1000 - (time.time() - record.started_at))
+    return max(0.05, left)
+
+
+def retry_noter(env: Envelope, model: str):
+    def note(attempt: int, exc: Exception, wait_s: float) -> None:
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": model, "retry": attempt, "error": getattr(exc, "kind", type(exc).__name__), "wait_s": round(wait_s, 3)}))
+        metrics.MODEL_RETRIES.labels(model).inc()
+
+    return note
 
 
 def streams_live(env: Envelope, pool: ModelPool) -> bool:

@@ -8,13 +8,16 @@ still answers; a model outside the route's allow-list is never called.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.generator.local import LocalExtractive, split_sentences
 from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages
+from shared.breakers import Breakers
 from shared.config import MeshConfig, ModelSpec
+from shared.retry import retrying
 from shared.schema import ChatMessage, Passage
 
 TASK_PROMPTS = {
@@ -49,9 +52,10 @@ class ModelCall:
 
 
 class ModelPool:
-    def __init__(self, config: MeshConfig, environ: Mapping[str, str] | None = None):
+    def __init__(self, config: MeshConfig, environ: Mapping[str, str] | None = None, breakers: Breakers | None = None):
         self.config = config
         self.environ = environ if environ is not None else os.environ
+        self.breakers = breakers or Breakers(config.breakers.threshold, config.breakers.cooldown_s)
         self.local = LocalExtractive()
         self._clients: dict[str, OpenAICompatible] = {}
 
@@ -59,13 +63,12 @@ class ModelPool:
         spec = self.config.models[name]
         if spec.provider == "local":
             return None
-        if spec.provider == "anthropic":
-            return "the Anthropic provider is not built yet"
         if spec.api_key_env and not self.environ.get(spec.api_key_env):
             return f"{spec.api_key_env} is not set"
         return None
 
-    def choose(self, route: str, preferred: list[str]) -> Choice:
+    async def choose(self, route: str, preferred: list[str]) -> Choice:
+        """The first model of `preferred` that is allowed, configured and not cut off by its breaker."""
         allowed = self.config.routes[route].models
         skipped = []
         for name in preferred:
@@ -75,20 +78,39 @@ class ModelPool:
                 skipped.append({"model": name, "why": f"not allowed on route {route}"})
             elif reason := self.unavailable_reason(name):
                 skipped.append({"model": name, "why": reason})
+            elif self.config.models[name].provider != "local" and not await self.breakers.acquire(name):
+                skipped.append({"model": name, "why": "circuit breaker open"})
             else:
                 return Choice(name, self.config.models[name], skipped)
         only_policy = skipped and all("not allowed" in s["why"] for s in skipped)
         shown = "; ".join(f"{s['model']}: {s['why']}" for s in skipped) or "the step names no models"
         raise NoModelAvailable(f"no model available for route {route} ({shown})", not_allowed=bool(only_policy))
 
-    async def generate(self, choice: Choice, call: ModelCall, timeout_s: float) -> Generation:
+    async def generate(self, choice: Choice, call: ModelCall, timeout_s: float, on_retry: Callable[[int, Exception, float], None] | None = None) -> Generation:
+        """One answer from `choice`, retried on errors that can succeed, within `timeout_s`."""
         if choice.spec.provider == "local":
             return self.local.generate(
                 call.question, call.passages, task=call.task, history=call.history, max_sentences=call.max_sentences, labels=call.labels
             )
         client = self._client(choice)
         messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
-        generation = await client.generate(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=timeout_s)
+
+        async def attempt(remaining_s: float) -> Generation:
+            return await client.generate(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=min(remaining_s, choice.spec.timeout_s))
+
+        try:
+            generation = await retrying(
+                attempt,
+                deadline=time.time() + timeout_s,
+                retries=choice.spec.retries,
+                retryable=lambda exc: isinstance(exc, ProviderError) and exc.retryable,
+                retry_after=lambda exc: exc.retry_after if isinstance(exc, ProviderError) else None,
+                on_retry=on_retry,
+            )
+        except ProviderError as exc:
+            await self.breakers.record(choice.name, ok=not exc.retryable)  # a bad request says nothing about health
+            raise
+        await self.breakers.record(choice.name, ok=True)
         generation.model = choice.name
         return generation
 
@@ -118,7 +140,10 @@ class ModelPool:
     def _client(self, choice: Choice) -> OpenAICompatible:
         client = self._clients.get(choice.name)
         if client is None:
-            client = self._clients[choice.name] = OpenAICompatible.from_spec(choice.spec, self.environ, name=choice.name)
+            provider = OpenAICompatible
+            if choice.spec.provider == "anthropic":
+                from services.generator.anthropic import AnthropicMessages as provider
+            client = self._clients[choice.name] = provider.from_spec(choice.spec, self.environ, name=choice.name)
         return client
 
     async def aclose(self) -> None:

@@ -67,6 +67,8 @@ _CITATION = re.compile(r"\[\^?\d+(?:\s*[,;–-]\s*\d+)*\]|【\d+】|\[(?:source|
 # A word, or a number with thousands separators or decimals.
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:'[^\W\d_]+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
+_ZERO_DECIMALS = re.compile(r"(?:(\.\d*?[1-9])|\.)0+$")  # 1299.00 -> 1299, 1.50 -> 1.5
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[.,;:!?])")
 # Sentence ends: ., ! or ? followed by space and something that starts a sentence; line breaks.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -82,7 +84,8 @@ def _raw_terms(text: str) -> list[str]:
     words = []
     for token in _TOKEN.findall(_fold(text)):
         if token[0].isdigit():
-            words.append(_THOUSANDS.sub("", token).replace(",", "."))
+            number = _THOUSANDS.sub("", token).replace(",", ".")
+            words.append(_ZERO_DECIMALS.sub(r"\1", number) if "." in number else number)
         elif len(token) > 1 and token not in STOPWORDS:
             words.append(token.replace("'", ""))
     return words
@@ -112,7 +115,7 @@ def _passage_text(passage: Passage | str) -> str:
 
 
 def strip_citations(text: str) -> str:
-    return _CITATION.sub("", text)
+    return _SPACE_BEFORE_PUNCT.sub("", _CITATION.sub("", text))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -139,12 +142,11 @@ def term_overlap(question: str, passages: Iterable[Passage | str]) -> tuple[floa
 
 
 def sentence_support(sentence: str, passages: Sequence[Passage | str]) -> float | None:
-    """The best share of the sentence's content terms that one passage contains, or None
-    when the sentence has too few terms to judge.
+    """The largest share of the sentence's content terms that one passage contains, or
+    None when the sentence has too few terms to judge.
 
-    A sentence with a number that no passage holding its other terms contains gets the
-    share of that passage capped below any sensible threshold: an invented price or
-    torque value is exactly what this check is for.
+    Only passages that contain every number the sentence states count: an invented price
+    or torque value is exactly what this check is for, and it changes one term of many.
     """
     terms = _term_set(sentence)
     if len(terms) < MIN_TERMS:
@@ -153,10 +155,8 @@ def sentence_support(sentence: str, passages: Sequence[Passage | str]) -> float 
     best = 0.0
     for passage in passages:
         available = _term_set(_passage_text(passage))
-        share = len(terms & available) / len(terms)
-        if numbers - available:
-            share = min(share, 0.49 * share)
-        best = max(best, share)
+        if numbers <= available:
+            best = max(best, len(terms & available) / len(terms))
     return best
 
 

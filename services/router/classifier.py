@@ -64,6 +64,10 @@ class BackendUnavailable(RuntimeError):
 # punctuation or the end, so apostrophes inside words ("it's") do not end it.
 _QUOTED = re.compile(r"""(?:^|(?<=[\s:(\-]))['"\u2018\u201c](.+?)['"\u2019\u201d](?=[\s.,;!?)]|$)""", re.S)
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+_FIRST_BREAK = re.compile(r":\s*|[.!?]+\s+")
+_POINTS_AT = re.compile(r"\b(this|these|the following|below|here)\b", re.I)
+_MATERIAL = r"(text|message|e-?mail|notes?|reviews?|post|thread|paragraph|sentence|article|blurb|description|announcement|letter|reply|ticket|feedback|comments?|list|ad|chat|conversation|report|newsletter|instructions?)"
+_NAMES_MATERIAL = re.compile(rf"\b(this|these|the following|that|my)\s+(\w+\s+){{0,2}}{_MATERIAL}\b", re.I)
 MIN_QUOTED_WORDS = 4
 MIN_PAYLOAD_WORDS = 8
 MAX_INSTRUCTION_WORDS = 25
@@ -71,11 +75,11 @@ MAX_INSTRUCTION_WORDS = 25
 
 def focus_text(text: str) -> str:
     """The text with pasted payloads replaced by a marker: what the route depends on."""
-    text = _QUOTED.sub(_quoted_marker, text)
-    head, colon, tail = text.partition(":")
-    if colon and _is_payload(head, tail):
+    text = _QUOTED.sub(_quoted_marker, text).strip()
+    head, brk, tail = _split_instruction(text)
+    if tail and _is_payload(head, brk, tail):
         return f"{head.strip()} {PAYLOAD_MARKER}"
-    return text.strip()
+    return text
 
 
 def _quoted_marker(match: re.Match[str]) -> str:
@@ -83,15 +87,27 @@ def _quoted_marker(match: re.Match[str]) -> str:
     return f" {PAYLOAD_MARKER} " if len(match.group(1).split()) >= MIN_QUOTED_WORDS else match.group(0)
 
 
-def _is_payload(head: str, tail: str) -> bool:
-    """Whether what follows a colon is material to work on rather than the question itself."""
+def _split_instruction(text: str) -> tuple[str, str, str]:
+    """The first clause, the break that ends it (":" or a sentence end) and the rest."""
+    match = _FIRST_BREAK.search(text)
+    if match is None:
+        return text, "", ""
+    return text[: match.start()], match.group().strip(), text[match.end():]
+
+
+def _is_payload(head: str, brk: str, tail: str) -> bool:
+    """Whether what follows the first clause is material to work on rather than the question itself."""
     if len(head.split()) > MAX_INSTRUCTION_WORDS or len(tail.split()) < MIN_PAYLOAD_WORDS:
         return False
-    if tail.strip().startswith(PAYLOAD_MARKER) or "\n" in tail.strip():
-        return True
+    if tail.lstrip().startswith(PAYLOAD_MARKER) or _NAMES_MATERIAL.search(head):
+        return True  # "... this review: <review>", "Can you condense these notes? <notes>"
+    if brk != ":":
+        return False  # sentences after a sentence are just a longer request
+    if _POINTS_AT.search(head):
+        return True  # "Make this more formal: <text>"
     # "Quick question: how do I ...?" is one question after the colon, not material.
     sentences = [s for s in _SENTENCE_END.split(tail.strip()) if s.strip()]
-    return len(sentences) > 1 or not tail.rstrip().endswith("?")
+    return len(sentences) > 1 or "\n" in tail.strip() or not tail.rstrip().endswith("?")
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +421,7 @@ CONSTRAINT_POINTS, CONSTRAINT_CAP = 0.1, 0.2
 
 def complexity(text: str) -> Complexity:
     """How demanding a request is, with the reasons: transparent, cheap, deterministic."""
-    parts = [_length(text), _questions(text), _clauses(text),
+    parts = [_length(text), _asks(text), _clauses(text),
              _matches(text, _MULTI_PART, MULTI_PART_POINTS, MULTI_PART_CAP, "multi-part"),
              _matches(text, _REASONING, REASONING_POINTS, REASONING_CAP, "reasoning"),
              _matches(text, _CONSTRAINTS, CONSTRAINT_POINTS, CONSTRAINT_CAP, "constraints")]
@@ -423,11 +439,21 @@ def _length(text: str) -> tuple[float, str]:
     return points, f"{words} words"
 
 
-def _questions(text: str) -> tuple[float, str]:
-    count = len(re.findall(r"\?+", text))
+_ASK_WORDS = (
+    r"what|what's|how|which|why|when|where|should|can|could|would|will|is|are|do|does|"
+    r"compare|explain|recommend|rank|list|tell|give|show|work|break|walk|plan|design|suggest|describe|estimate|weigh|outline|help"
+)
+# A clause start is the text's start, a sentence end, a comma or semicolon, or "and"/"then".
+_ASK = re.compile(rf"(?:^|[.?!;,:]\s+|\band\s+|\bthen\s+)(?:{_ASK_WORDS})\b", re.I)
+
+
+def _asks(text: str) -> tuple[float, str]:
+    # "What X, how Y, and what Z?" is three questions behind one question mark:
+    # count clauses that open with a question word or a request verb.
+    count = max(len(re.findall(r"\?+", text)), len(_ASK.findall(text.strip())))
     if count < 2:
         return 0.0, ""
-    return min(0.35, 0.2 + 0.1 * (count - 2)), f"{count} questions"
+    return min(0.35, 0.2 + 0.15 * (count - 2)), f"{count} asks"
 
 
 def _clauses(text: str) -> tuple[float, str]:

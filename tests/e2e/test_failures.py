@@ -41,6 +41,7 @@ def flaky_config(path) -> None:
         "models": ["fake-gpt", "local-extractive"],
         "fallback": {"models": ["local-extractive"], "degrade": True},
     }
+    config["breakers"] = {"threshold": 1000, "cooldown_s": 60}  # breakers have their own test
     path.write_text(yaml.safe_dump(config))
 
 
@@ -81,14 +82,38 @@ async def test_a_healthy_provider_answers_with_its_usage_and_cost(client, fake):
 
 
 @pytest.mark.parametrize("mode", ["error500", "malformed", "rate_limit"])
-async def test_a_failing_provider_falls_back_to_the_next_model(client, fake, mode):
-    fake.script([{"mode": mode, "retry_after": 1}])
+async def test_a_transient_fault_is_retried_on_the_same_model(client, fake, mode):
+    fake.script([{"mode": mode, "retry_after": 0.3}])
     reply = await client.ask(QUESTION, route="flaky")
+    assert reply.ok and reply.answer.startswith("Fake answer to:")
+    assert reply.models == ["fake-gpt"] and not reply.fallbacks
+    retries = [e.data for e in reply.events if e.kind == "model" and "retry" in e.data]
+    assert [r["retry"] for r in retries] == [1]
+    if mode == "rate_limit":
+        assert retries[0]["wait_s"] == pytest.approx(0.3)  # the server's Retry-After, not our backoff
+    assert len(fake.calls) == 2
+
+
+async def test_a_bad_request_is_not_retried(client, fake):
+    fake.script([{"mode": "bad_request"}])
+    reply = await client.ask(QUESTION, route="flaky")
+    assert reply.ok and reply.fallbacks == ["retry_model"]
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("mode", ["error500", "malformed", "rate_limit"])
+async def test_a_provider_that_keeps_failing_falls_back_to_the_next_model(client, fake, mode):
+    fake.set_default({"mode": mode, "retry_after": 0.2})
+    try:
+        reply = await client.ask(QUESTION, route="flaky")
+    finally:
+        fake.set_default({"mode": "ok"})
     assert reply.ok, reply.error
     assert reply.fallbacks == ["retry_model"]
     assert reply.models == ["fake-gpt", "local-extractive"]
     assert [s.outcome for s in reply.steps if s.step == "generate"] == ["failed", "ok"]
     assert "puncture" in reply.answer.lower() or "tube" in reply.answer.lower()
+    assert len(fake.calls) == 3  # the first try and two retries
 
 
 async def test_a_hanging_provider_is_cut_at_the_step_budget_and_the_request_still_answered(client, fake):

@@ -1,0 +1,315 @@
+"""The HTTP gateway: the OpenAI Chat Completions API in front of the Baton mesh.
+
+Endpoints:
+  POST /v1/chat/completions   OpenAI Chat Completions, plain or streamed (SSE).
+                              model `baton/auto` lets the router decide; `baton/<route>`
+                              is a route hint. The response carries an extra `baton`
+                              object and x-baton-* headers.
+  GET  /v1/models             baton/auto and baton/<route> for every configured route
+  GET  /v1/models/{model}     one of them
+  GET  /healthz               200 when the NATS connection is up, else 503
+
+Any OpenAI client works against it, e.g. the official SDK:
+
+    OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="...").chat.completions.create(
+        model="baton/auto", messages=[{"role": "user", "content": "How do I fix a puncture?"}])
+
+Environment (read by main() only; create_app takes explicit arguments):
+  BATON_GATEWAY_HOST       bind address, default 127.0.0.1
+  BATON_GATEWAY_PORT       default 8080
+  BATON_GATEWAY_KEYS       "key1=tenant1,key2=tenant2"; unset = no auth (local development)
+  BATON_GATEWAY_TIMEOUT_S  seconds to wait for a reply, default 60
+  BATON_GATEWAY_CLIENT_ID  the gateway's Baton client id (its NATS inbox), default "gateway";
+                           give each replica its own
+  NATS_URL, NATS_USER, NATS_PASSWORD, BATON_CONFIG   as for the rest of the mesh
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from baton.client import BatonClient
+from services.gateway import errors, mapping
+from services.gateway.auth import KEYS_ENV, Authenticator, parse_keys
+from shared import subjects
+from shared.config import ConfigError, MeshConfig, load_config
+from shared.schema import Reply
+
+log = logging.getLogger("baton.gateway")
+
+DEFAULT_MAX_BODY = 1024 * 1024  # the mesh refuses requests over 256 KiB anyway
+
+
+def create_app(
+    nats_url: str,
+    *,
+    config_path: str | Path,
+    api_keys: dict[str, str] | None,
+    client_id: str = "gateway",
+    timeout_s: float = 60,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    tracer: trace.Tracer | None = None,
+    **connect_options: Any,
+) -> Starlette:
+    """Build the gateway. `api_keys` maps key -> tenant; None turns auth off.
+
+    Raises ConfigError for a bad config file. Extra keyword arguments go to
+    `nats.connect` (e.g. user/password); by default the connection reconnects forever.
+    """
+    holder = _ConfigHolder(load_config(config_path))
+    auth = Authenticator(api_keys)
+    started = int(time.time())
+    state: dict[str, BatonClient] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        options = {"max_reconnect_attempts": -1, "name": f"baton-gateway-{client_id}", **connect_options}
+        client = BatonClient(nats_url, client_id=client_id, timeout_s=timeout_s, tracer=tracer, **options)
+        await client.connect()
+        state["client"] = client
+        await holder.follow(client)
+        log.info("gateway connected to NATS as client %s; routes: %s", client_id, ", ".join(holder.routes))
+        try:
+            yield
+        finally:
+            await holder.stop()
+            await client.close()
+
+    @_openai_errors
+    async def chat_completions(request: HttpRequest) -> Response:
+        tenant = auth.tenant(request.headers.get("authorization"))
+        body = await _read_body(request, max_body_bytes)
+        call = mapping.parse_chat_request(body, routes=holder.routes, tenant=tenant)
+        client = state["client"]
+        if call.stream:
+            return await _stream(client, call, timeout_s)
+        reply = await client.ask(call.request, timeout_s=timeout_s)
+        if not reply.ok:
+            raise errors.from_reply(reply)
+        return JSONResponse(mapping.completion(reply, model=call.model, created=int(time.time())), headers=mapping.reply_headers(reply))
+
+    @_openai_errors
+    async def list_models(request: HttpRequest) -> Response:
+        auth.tenant(request.headers.get("authorization"))
+        return JSONResponse(mapping.models_list(holder.routes, started))
+
+    @_openai_errors
+    async def get_model(request: HttpRequest) -> Response:
+        auth.tenant(request.headers.get("authorization"))
+        model = request.path_params["model"]
+        mapping.route_of(model, holder.routes)  # 404 when unknown
+        return JSONResponse(mapping.model_object(model, started))
+
+    async def healthz(request: HttpRequest) -> Response:
+        client = state.get("client")
+        nc = client.nc if client else None
+        connected = bool(nc and nc.is_connected)
+        status = "connected" if connected else "reconnecting" if nc and nc.is_reconnecting else "disconnected"
+        body = {"status": "ok" if connected else "unavailable", "nats": status, "config_version": holder.config.digest, "auth": auth.enabled}
+        return JSONResponse(body, status_code=200 if connected else 503)
+
+    async def http_exception(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error_response(errors.http_error(exc.status_code, exc.detail))
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_exception},
+        lifespan=lifespan,
+    )
+
+
+class _ConfigHolder:
+    """The routes the gateway offers: the file's, then the mesh's live config when there is one."""
+
+    def __init__(self, config: MeshConfig):
+        self._initial = config
+        self._store: Any = None
+
+    @property
+    def config(self) -> MeshConfig:
+        return self._store.current if self._store is not None else self._initial
+
+    @property
+    def routes(self) -> list[str]:
+        return list(self.config.routes)
+
+    async def follow(self, client: BatonClient) -> None:
+        """Follow the active config in the KV bucket, as every service does (best effort)."""
+        try:
+            from shared.live_config import ConfigStore
+
+            kv = await client.js.key_value(getattr(subjects, "CONFIG_BUCKET", "baton_config"))
+            store = ConfigStore(self._initial)
+            await store.attach(kv)
+            self._store = store
+        except Exception as exc:  # no bucket, no permission: the file's routes stay
+            log.info("not following the live config (%s); serving the routes of the config file", type(exc).__name__)
+
+    async def stop(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self._store.detach()
+
+
+def _openai_errors(endpoint: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
+    """Every failure of an endpoint as an OpenAI-style error response."""
+
+    @functools.wraps(endpoint)
+    async def wrapped(request: HttpRequest) -> Response:
+        try:
+            return await endpoint(request)
+        except Exception as exc:
+            error = errors.from_exception(exc)
+            if error.status >= 500:
+                if error.code == "internal_error" and not isinstance(exc, errors.GatewayError):
+                    log.exception("%s %s failed", request.method, request.url.path)
+                else:
+                    log.warning("%s %s -> %d %s: %s", request.method, request.url.path, error.status, error.code, error.message)
+            return _error_response(error)
+
+    return wrapped
+
+
+def _error_response(error: errors.GatewayError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def _read_body(request: HttpRequest, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise errors.body_too_large(limit)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float) -> Response:
+    """Server-sent chunks: role, content deltas, finish (and usage), then [DONE].
+
+    The first item is awaited before the response starts, so a request refused at once
+    (bad route, input gate, mesh unreachable) gets a real HTTP status, not a 200 stream.
+    """
+    items = client.stream(call.request, timeout_s=timeout_s)
+    try:
+        first = await anext(items)
+    except BaseException:
+        await items.aclose()
+        raise
+    if isinstance(first, Reply) and not first.ok:
+        await items.aclose()
+        raise errors.from_reply(first)
+
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    chunk = functools.partial(mapping.chunk, chunk_id, created=created, model=call.model, include_usage=call.include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield mapping.sse(chunk(delta={"role": "assistant", "content": ""}))
+            pieces: list[str] = []
+            item: str | Reply = first
+            while isinstance(item, str):
+                if item:
+                    pieces.append(item)
+                    yield mapping.sse(chunk(delta={"content": item}))
+                item = await anext(items)
+            final = item
+            if not final.ok:
+                yield mapping.sse(errors.from_reply(final).body())
+            else:
+                answer, streamed = final.answer or "", "".join(pieces)
+                extra = mapping.baton_extra(final)
+                if answer.startswith(streamed):
+                    if answer[len(streamed):]:  # nothing streamed (or only a prefix): send the rest
+                        yield mapping.sse(chunk(delta={"content": answer[len(streamed):]}))
+                else:
+                    # The gates changed the text after it was streamed (e.g. redaction):
+                    # a delta cannot retract it, so the authoritative answer travels here.
+                    extra["answer"] = answer
+                yield mapping.sse(chunk(finish_reason="stop", extra={"baton": extra}))
+                if call.include_usage:
+                    yield mapping.sse(chunk(choices=False, usage_value=mapping.usage(final)))
+        except StopAsyncIteration:
+            yield mapping.sse(errors.GatewayError(502, "the stream ended without a final reply", type=errors.SERVER, code="internal_error").body())
+        except Exception as exc:
+            error = errors.from_exception(exc)
+            log.warning("stream %s failed: %d %s: %s", chunk_id, error.status, error.code, error.message)
+            yield mapping.sse(error.body())
+        finally:
+            await items.aclose()
+        yield mapping.DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def _without_credentials(url: str) -> str:
+    """A NATS URL fit for a log line: any user:password@ part removed."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url.rpartition("@")[2]
+
+
+def main() -> None:
+    import uvicorn
+
+    from shared.settings import Settings, nats_credentials
+    from shared.telemetry import setup_tracing, shutdown_tracing
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()  # NATS_URL, BATON_CONFIG (default shared/default_config.yaml)
+    host = os.environ.get("BATON_GATEWAY_HOST", "127.0.0.1")
+    port = int(os.environ.get("BATON_GATEWAY_PORT", "8080"))
+    timeout_s = float(os.environ.get("BATON_GATEWAY_TIMEOUT_S", "60"))
+    client_id = os.environ.get("BATON_GATEWAY_CLIENT_ID", "gateway")
+    try:
+        api_keys = parse_keys(os.environ.get(KEYS_ENV))
+        app = create_app(
+            settings.nats_url,
+            config_path=settings.config,
+            api_keys=api_keys,
+            client_id=client_id,
+            timeout_s=timeout_s,
+            tracer=setup_tracing("gateway"),
+            **nats_credentials(settings),
+        )
+    except (ValueError, ConfigError) as exc:  # ConfigError is a ValueError; neither names a key
+        print(f"baton gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if api_keys is None:
+        log.warning("%s is not set: authentication is OFF (local development only)", KEYS_ENV)
+    else:
+        log.info("authentication on: %d API key(s)", len(api_keys))
+    log.info("gateway on http://%s:%d/v1 -> NATS %s, config %s", host, port, _without_credentials(settings.nats_url), settings.config)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    main()
