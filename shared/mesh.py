@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -261,6 +262,7 @@ class Mesh:
 
     async def run_within_budget(self, env: Envelope, step: StepFn, record: StepRecord) -> None:
         """Run the step with at most the step's budget and never past the deadline."""
+        self._maybe_crash(env)
         remaining = env.remaining_s()
         if remaining <= 0:
             raise StepFailed(ErrorCode.DEADLINE_EXCEEDED, f"the request's deadline passed before {env.current.name} started")
@@ -280,6 +282,12 @@ class Mesh:
             raise StepFailed(ErrorCode.INTERNAL, f"{env.current.name} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             heartbeat.cancel()
+
+    def _maybe_crash(self, env: Envelope) -> None:
+        service, _, marker = self.settings.chaos_crash_on.partition(":")
+        if marker and service == self.service and marker in env.context.question:
+            log.error("chaos: crashing on request %s as BATON_CHAOS_CRASH_ON asks", env.request_id)
+            os._exit(70)
 
     async def _keep_alive(self) -> None:
         """Tell JetStream the message is still being worked on (long model calls)."""

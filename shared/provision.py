@@ -58,7 +58,7 @@ async def provision(js: JetStreamContext, settings: Settings, replicas: int = 1)
         await js.update_stream(config)
     for service in subjects.SERVICES:
         await ensure_consumer(js, service, settings)
-    for bucket, ttl in ((subjects.RESULTS_BUCKET, settings.results_ttl_s), (subjects.SESSIONS_BUCKET, settings.session_ttl_s), (subjects.CONFIG_BUCKET, 0), (subjects.BREAKERS_BUCKET, 0)):
+    for bucket, ttl in ((subjects.RESULTS_BUCKET, settings.results_ttl_s), (subjects.SESSIONS_BUCKET, settings.session_ttl_s), (subjects.CONFIG_BUCKET, 0), (subjects.BREAKERS_BUCKET, 0), (subjects.DEAD_LETTERS_BUCKET, settings.dead_letter_ttl_s)):
         await ensure_bucket(js, bucket, ttl, replicas)
 
 

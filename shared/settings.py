@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     state_dir: Path = ROOT / ".baton"
     results_ttl_s: float = 24 * 3600
     session_ttl_s: float = 3600
+    dead_letter_ttl_s: float = 7 * 24 * 3600
+    # Chaos rehearsal only: "<service>:<text>" makes that service exit hard on a request
+    # whose question contains the text, to prove crashes end in a reply. Off when empty.
+    chaos_crash_on: str = ""
     ack_wait_s: float = 30.0  # a hop not acked in this time is redelivered
     max_deliver: int = 5
     pull_batch: int = 32

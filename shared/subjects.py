@@ -45,7 +45,8 @@ def chunk_address(reply_to: str) -> str:
 RESULTS_BUCKET = "baton_results"  # request id -> Reply
 SESSIONS_BUCKET = "baton_sessions"  # session id -> history
 BREAKERS_BUCKET = "baton_breakers"  # model -> circuit breaker state, shared by replicas
-CONFIG_BUCKET = "baton_config"  # "active" and "v.<digest>" -> config YAML
+CONFIG_BUCKET = "baton_config"
+DEAD_LETTERS_BUCKET = "baton_dead_letters"  # request id -> the hop that kept crashing, for inspection  # "active" and "v.<digest>" -> config YAML
 
 # Headers that travel with every message.
 H_REQUEST_ID = "Baton-Request-Id"
@@ -57,7 +58,7 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9_\-=]{1,128}$"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
 # The server tells us when a message ran out of deliveries.
-MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*"
 
 
 def durable(service: str) -> str:

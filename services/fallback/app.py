@@ -1,11 +1,16 @@
 """fallback: every failure comes here and leaves as a retry, a degraded answer or a clear error."""
 
 import logging
+from contextlib import suppress
 
+from nats.js.errors import NotFoundError
+
+from services.fallback import dead_letters
 from services.fallback.policy import decide, retry_slip
 from services.generator.local import LocalExtractive
 from services.guardrail.gates import output_gate
-from shared.mesh import Mesh
+from shared import subjects
+from shared.mesh import Mesh, decode_raw
 from shared.replies import ANSWER, CITATIONS, DEGRADED
 from shared.schema import Envelope, Error, ErrorCode, Event
 
@@ -46,6 +51,25 @@ def degrade(env: Envelope, config) -> None:
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[DEGRADED] = True
     env.error = None
+
+
+@mesh.broker.subscriber(subjects.MAX_DELIVERIES_ADVISORY, queue="fallback", decoder=decode_raw, no_reply=True)
+async def exhausted(body: bytes) -> None:
+    """A hop ran out of deliveries: keep it as a dead letter and end the request with an error."""
+    consumer, seq, deliveries = dead_letters.read_advisory(body)
+    js = mesh.broker.config.connection_state.stream
+    try:
+        message = await js.get_msg(subjects.STREAM, seq)
+    except NotFoundError:
+        return  # another fallback replica handled it already
+    headers = dict(message.headers or {})
+    letter = dead_letters.describe(consumer, seq, deliveries, message.data or b"", headers)
+    log.error("request %s: %s ran out of deliveries (%d); dead-lettered", letter.request_id, consumer, deliveries)
+    bucket = await mesh.broker.key_value(subjects.DEAD_LETTERS_BUCKET, declare=False)
+    await bucket.put(letter.request_id, dead_letters.record(letter, message.data or b"", headers))
+    await mesh.reply_error(letter.request_id, letter.reply_to, letter.error())
+    with suppress(NotFoundError):
+        await js.delete_msg(subjects.STREAM, seq)
 
 
 if __name__ == "__main__":

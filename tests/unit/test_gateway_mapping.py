@@ -312,17 +312,49 @@ def deltas(events):
     return [e["choices"][0]["delta"].get("content") for e in events if e.get("choices") and e["choices"][0]["delta"].get("content")]
 
 
-async def test_stream_sends_role_then_deltas_then_finish():
-    events = await sse_events(["Use mineral ", "oil [1]."], include_usage=True)  # plus the reply below
-    assert False, events  # replaced below
-
-
-async def test_stream_sequence_with_usage():
-    events = await sse_events(["Use mineral oil ", "[1]."], include_usage=True) if False else await sse_events(["Use mineral oil ", "[1]."] + [reply()], include_usage=True)
+async def test_stream_sends_role_then_deltas_then_finish_then_usage():
+    events = await sse_events(["Use mineral oil ", "[1]."] + [reply()], include_usage=True)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert deltas(events) == ["Use mineral oil ", "[1]."]
     finish = events[-2]
     assert finish["choices"][0]["finish_reason"] == "stop" and finish["baton"]["request_id"] == "abc123"
     assert "answer" not in finish["baton"]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 17
+    assert all(e["usage"] is None for e in events[:-1])
     assert len({e["id"] for e in events}) == 1 and all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+async def test_stream_without_partial_text_sends_the_answer_as_one_delta():
+    events = await sse_events([reply()])
+    assert deltas(events) == ["Use mineral oil [1]."]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]
+
+
+async def test_stream_completes_a_prefix_and_flags_an_answer_the_gate_changed():
+    completed = await sse_events(["Use mineral "] + [reply()])
+    assert deltas(completed) == ["Use mineral ", "oil [1]."]
+    redacted = await sse_events(["Mail bob@example.com"] + [reply(answer="Mail [email].")])
+    assert deltas(redacted) == ["Mail bob@example.com"]
+    assert redacted[-1]["baton"]["answer"] == "Mail [email]."
+
+
+async def test_an_error_after_the_stream_started_is_an_error_event_before_done():
+    rejected = Reply(request_id="r1", ok=False, error=Error(code=ErrorCode.OUTPUT_REJECTED, message="guard.output refused: too long"))
+    events = await sse_events(["partial "] + [rejected])
+    assert deltas(events) == ["partial "]
+    assert events[-1] == {"error": {"message": "guard.output refused: too long", "type": "invalid_request_error", "param": None, "code": "content_filter", "baton_code": "output_rejected"}}
+    timed_out = await sse_events(["partial ", ReplyTimeout("r2", 5)])
+    assert timed_out[-1]["error"]["code"] == "timeout" and "r2" in timed_out[-1]["error"]["message"]
+
+
+async def test_a_stream_refused_at_once_raises_before_any_event():
+    from services.gateway.app import _stream
+
+    refused = FakeClient([Reply(request_id="r3", ok=False, error=Error(code=ErrorCode.INPUT_REJECTED, message="possible prompt injection"))])
+    with pytest.raises(errors.GatewayError) as caught:
+        await _stream(refused, parse(body(stream=True)), 5)
+    assert caught.value.status == 400 and caught.value.code == "content_filter"
+    assert refused.closed
+    unreachable = FakeClient([NotAccepted("NoRespondersError")])
+    with pytest.raises(NotAccepted):
+        await _stream(unreachable, parse(body(stream=True)), 5)

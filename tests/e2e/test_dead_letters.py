@@ -1,0 +1,53 @@
+"""A request that crashes its service on every delivery ends in a clear error, not silence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from baton.client import BatonClient
+from shared import subjects
+from shared.schema import ErrorCode
+from tests.conftest import mesh_settings, running_mesh
+
+pytestmark = pytest.mark.e2e
+POISON = "POISON-PILL"
+
+
+@pytest.fixture(scope="module")
+def mesh(nats_url, index_dir, tmp_path_factory):
+    settings = mesh_settings(tmp_path_factory.mktemp("dead"), index_dir, ack_wait_s=1.0, max_deliver=2)
+    env = {"BATON_CHAOS_CRASH_ON": f"generator:{POISON}"}
+    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+        yield running
+
+
+async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answered(mesh):
+    async with BatonClient(mesh.nats_url, timeout_s=30) as client:
+        request_id = await client.submit(f"How do I fix a puncture? {POISON}")
+        future = client._pending[request_id]
+        crashes = 0
+        for _ in range(300):  # bounded: 30 s; play supervisor and restart the crashed replica
+            if future.done():
+                break
+            for replica in [r for r in mesh.replicas if not r.alive]:
+                crashes += 1
+                mesh.replicas.remove(replica)
+                mesh.spawn(replica.service)
+            await asyncio.sleep(0.1)
+        reply = await asyncio.wait_for(future, 5)
+
+        assert crashes == 2  # max_deliver
+        assert not reply.ok and reply.error.code == ErrorCode.REDELIVERY_EXHAUSTED
+        assert reply.error.step == "generate" and "2 times" in reply.error.message
+        letter = json.loads((await (await client.js.key_value(subjects.DEAD_LETTERS_BUCKET)).get(request_id)).value)
+        assert letter["consumer"] == "generator" and letter["step"] == "generate"
+        assert POISON in letter["body"]
+        info = await client.js.consumer_info(subjects.STREAM, "generator")
+        assert info.num_pending == 0 and info.num_ack_pending == 0  # nothing left to redeliver
+
+        await asyncio.to_thread(mesh.wait_ready)
+        healthy = await client.ask("How do I fix a puncture?")
+        assert healthy.ok
