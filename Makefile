@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test up ingest clean
+.PHONY: install run test chaos up ingest clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ run: install  ## ingest the sample corpus, start the mesh, ask the sample questi
 
 test: install  ## the whole suite against real nats-server processes
 	$(PY) -m pytest -q
+
+chaos: install  ## the long chaos runs: 1,000 requests while replicas and NATS nodes die; prints the ledgers
+	BATON_CHAOS_REQUESTS=1000 BATON_CHAOS_SECONDS=60 $(PY) -m pytest -q -s -m chaos tests/chaos
 
 up: install
 	$(VENV)/bin/baton up

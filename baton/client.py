@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind
 from shared import attributes as A
 from shared import subjects, telemetry
 from shared.schema import Reply, Request
+from shared.settings import server_list
 
 
 class BatonError(Exception):
@@ -61,7 +62,7 @@ class BatonClient:
         self.nc: nats.NATS | None = None
 
     async def connect(self) -> BatonClient:
-        self.nc = await nats.connect(self.nats_url, inbox_prefix=self.inbox_prefix.encode(), **self._connect_options)
+        self.nc = await nats.connect(server_list(self.nats_url), inbox_prefix=self.inbox_prefix.encode(), **self._connect_options)
         self.js = self.nc.jetstream()
         self._sub = await self.nc.subscribe(f"{self.inbox_prefix}.reply.>", cb=self._on_reply)
         return self

@@ -23,7 +23,7 @@ from shared import subjects
 from shared.natsd import NatsServer, free_port
 from shared.live_config import publish_config
 from shared.provision import provision
-from shared.settings import ROOT, Settings
+from shared.settings import ROOT, Settings, server_list
 
 MESH_SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
 
@@ -128,7 +128,7 @@ class MeshProcesses:
 
     async def _provision(self) -> None:
         """Create what the mesh needs and make the config file the active version."""
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(server_list(self.nats_url))
         try:
             js = nc.jetstream()
             await provision(js, self.settings)
@@ -144,7 +144,7 @@ class MeshProcesses:
         wanted: dict[str, int] = {}
         for replica in self.replicas:
             wanted[replica.service] = wanted.get(replica.service, 0) + 1
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(server_list(self.nats_url))
         js = nc.jetstream()
         deadline = time.monotonic() + timeout_s
         try:

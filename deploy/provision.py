@@ -39,18 +39,24 @@ async def connect(settings: Settings, wait_s: float, refusals: list[str]) -> nat
     deadline = time.monotonic() + wait_s
 
     async def on_error(exc: Exception) -> None:
-        refusals.append(str(exc))  # a permissions violation: this user is not the admin
+        if "permissions violation" in str(exc).lower():
+            refusals.append(str(exc))  # this user is not the admin
 
     while True:
         try:
-            return await nats.connect(
-                settings.nats_url,
-                # The admin may only receive under its own inbox prefix (deploy/nats/auth.conf).
-                inbox_prefix=subjects.inbox_prefix(user).encode(),
-                allow_reconnect=False,
-                connect_timeout=3,
-                error_cb=on_error,
-                **nats_credentials(settings),
+            # nats-py retries an unreachable server forever on the first connect, even
+            # without reconnects: bound each attempt here instead.
+            return await asyncio.wait_for(
+                nats.connect(
+                    settings.nats_url,
+                    # The admin may only receive under its own inbox prefix (deploy/nats/auth.conf).
+                    inbox_prefix=subjects.inbox_prefix(user).encode(),
+                    allow_reconnect=False,
+                    connect_timeout=3,
+                    error_cb=on_error,
+                    **nats_credentials(settings),
+                ),
+                timeout=5,
             )
         except Exception as exc:  # noqa: BLE001 - any failure to connect is retried until the deadline
             if time.monotonic() > deadline:

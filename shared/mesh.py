@@ -36,7 +36,7 @@ from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
 from shared.sessions import SessionStore
-from shared.settings import Settings, nats_credentials, settings as load_settings
+from shared.settings import Settings, nats_credentials, server_list, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
 _REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
@@ -67,7 +67,7 @@ class Mesh:
         self.settings = config or load_settings()
         self.configs = ConfigStore(load_config(self.settings.config))
         self.broker = NatsBroker(
-            self.settings.nats_url,
+            server_list(self.settings.nats_url),
             inbox_prefix=f"_INBOX.{service}",  # a service's users may subscribe only under their own inbox
             ping_interval=5,  # notice a dead server in seconds, not minutes
             max_reconnect_attempts=-1,
@@ -89,7 +89,7 @@ class Mesh:
 
         if not self.settings.provision:
             return  # deployed with least privilege: an admin provisioned the stream
-        nc = await nats.connect(self.settings.nats_url, **nats_credentials(self.settings))
+        nc = await nats.connect(server_list(self.settings.nats_url), **nats_credentials(self.settings))
         try:
             await provision(nc.jetstream(), self.settings)
         finally:

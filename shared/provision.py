@@ -50,7 +50,8 @@ def consumer_config(service: str, settings: Settings) -> ConsumerConfig:
     )
 
 
-async def provision(js: JetStreamContext, settings: Settings, replicas: int = 1) -> None:
+async def provision(js: JetStreamContext, settings: Settings, replicas: int | None = None) -> None:
+    replicas = replicas or settings.stream_replicas
     config = stream_config(replicas)
     try:
         await js.add_stream(config)

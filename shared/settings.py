@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     # Each service connects as its own NATS user when these are set (deploy/nats holds the users).
     nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
     nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    stream_replicas: int = 1  # 3 on a 3-node cluster: the stream and buckets survive a node
     provision: bool = True  # create the stream, consumers and buckets at start (needs admin rights)
     config: Path = ROOT / "shared" / "default_config.yaml"
     index_dir: Path = ROOT / ".baton" / "index"
@@ -38,6 +39,11 @@ class Settings(BaseSettings):
 @lru_cache
 def settings() -> Settings:
     return Settings()
+
+
+def server_list(url: str) -> list[str]:
+    """NATS_URL may name every node of a cluster, separated by commas."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def nats_credentials(config: Settings) -> dict[str, str]:

@@ -249,10 +249,13 @@ def retrieval_gate(
         best = [repaired[index] for index in ranked[:TOP_PASSAGES]]
         overlap, _ = term_overlap(question, best)
         if overlap == 0.0 or overlap < min_overlap:
-            reason = (
-                f"off-topic: the top {len(best)} passage(s) share {overlap:.0%} of the question's terms, "
-                + ("none" if overlap == 0.0 else f"below the minimum {min_overlap:.0%}")
-            )
+            if overlap == 0.0:
+                reason = f"off-topic: the top {len(best)} passage(s) contain none of the question's content terms"
+            else:
+                reason = (
+                    f"off-topic: the top {len(best)} passage(s) contain {overlap:.0%} of the question's content "
+                    f"terms, below the minimum {min_overlap:.0%}"
+                )
             return GateResult("retrieval", "fail", top, reason, findings=sources)
     if neutralized:
         changed = sum(1 for original, fixed in zip(passages, repaired) if original is not fixed)

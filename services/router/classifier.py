@@ -15,6 +15,16 @@ Requests such as "summarize: <pasted text>" carry a payload whose words say
 nothing about the route (a pasted review is full of product words). The classifier
 therefore looks at the *instruction* part of the text: quoted passages and the long
 tail after an instruction's colon are replaced by a marker token (`focus_text`).
+
+Probabilities are made usable against `routing.min_confidence` in two ways: the
+softmax temperature is fitted by cross-validation over the examples at train time
+(raw probabilities from a dozen examples per route are far too flat), and there is
+no intercept, so the number of examples a route happens to have is not a prior and
+text unlike every example gets a flat, unconfident distribution.
+
+The optional embeddings backend (`backend="embeddings"`) is real code but untested
+here: it needs sentence-transformers, torch and a local model, none of which this
+repository installs. Without them it raises BackendUnavailable saying what to install.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ KEYWORD_WEIGHT = 0.5
 TFIDF_C = 20.0
 EMBEDDINGS_C = 10.0
 RANDOM_STATE = 0
+# How many examples a route has is an authoring accident, not a traffic prior: with no
+# intercept, text sharing nothing with any example gets a flat (unconfident) distribution.
+FIT_INTERCEPT = False
 PAYLOAD_MARKER = "xxpayload"
 
 
@@ -79,7 +92,7 @@ def focus_text(text: str) -> str:
     head, brk, tail = _split_instruction(text)
     if tail and _is_payload(head, brk, tail):
         return f"{head.strip()} {PAYLOAD_MARKER}"
-    return text
+    return " ".join(text.split())
 
 
 def _quoted_marker(match: re.Match[str]) -> str:
@@ -133,7 +146,7 @@ class _TfidfFeatures:
     def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
         focused = [focus_text(t) for t in texts]
         blocks = [self._words.fit_transform(focused), self._chars.fit_transform(focused)]
-        offset = 0
+        self._parts, offset = [], 0
         for vectorizer, block in zip((self._words, self._chars), blocks):
             self._parts.append((vectorizer.build_analyzer(), vectorizer.vocabulary_, vectorizer.idf_, offset))
             offset += block.shape[1]
@@ -327,7 +340,7 @@ def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]]
 def _fit_linear(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression; one weight row per route, so prediction is one softmax."""
     # newton-cg converges in a handful of steps here, ten times faster than lbfgs.
-    model = LogisticRegression(C=c, solver="newton-cg", max_iter=1000, random_state=RANDOM_STATE)
+    model = LogisticRegression(C=c, solver="newton-cg", max_iter=1000, random_state=RANDOM_STATE, fit_intercept=FIT_INTERCEPT)
     model.fit(matrix, targets, sample_weight=weights)
     coef, intercept = np.asarray(model.coef_), np.asarray(model.intercept_)
     if n_routes == 2 and coef.shape[0] == 1:
@@ -338,7 +351,9 @@ def _fit_linear(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float,
 
 
 CALIBRATION_FOLDS = 5
-_TEMPERATURES = np.exp(np.linspace(np.log(0.1), np.log(3.0), 61))
+# Below this many examples in some route, held-out logits are noise: keep the raw probabilities.
+CALIBRATION_MIN_EXAMPLES = 5
+_TEMPERATURES = np.exp(np.linspace(np.log(0.2), np.log(2.0), 41))
 
 
 def _fit_temperature(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> float:
@@ -352,10 +367,10 @@ def _fit_temperature(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: f
     """
     real = np.flatnonzero(weights >= 1.0)
     hints = np.flatnonzero(weights < 1.0)
-    smallest = np.bincount(targets[real], minlength=n_routes).min()
-    folds = min(CALIBRATION_FOLDS, int(smallest))
-    if folds < 2:
-        return 1.0  # too few examples to hold any out: keep the raw probabilities
+    smallest = int(np.bincount(targets[real], minlength=n_routes).min())
+    if smallest < CALIBRATION_MIN_EXAMPLES:
+        return 1.0
+    folds = min(CALIBRATION_FOLDS, smallest)
     logits, truth = [], []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=RANDOM_STATE)
     for train_at, test_at in splitter.split(real, targets[real]):
@@ -393,7 +408,7 @@ class Complexity:
 # Each feature adds points; the score is their sum, capped at 1. Points are chosen so
 # that any two strong signals (e.g. a comparison plus a second question) cross 0.6.
 _MULTI_PART = [
-    (re.compile(r"\band then\b|\bthen\b", re.I), "then"),
+    (re.compile(r"\bthen\b", re.I), "then"),
     (re.compile(r"\balso\b|\bas well as\b|\bplus\b", re.I), "also"),
     (re.compile(r"\bfirst\b.*\b(second|then|next|after that)\b", re.I | re.S), "first ... second"),
     (re.compile(r"(^|\s)(\d[.)]|[-*\u2022])\s+\S", re.M), "numbered list"),

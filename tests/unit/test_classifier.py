@@ -9,6 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -143,6 +144,16 @@ def test_keywords_are_hints_that_join_the_training_set():
     assert with_hint[0][0] == "help"
 
 
+def test_the_fast_single_text_path_matches_scikit_learn(classifier):
+    # predict() bypasses TfidfVectorizer.transform for speed; the numbers must be identical.
+    features = classifier._features
+    for text in ["Can you condense these notes? Ride at 8, cafe at 10, home by noon, lights on.", "hi!!", "qqqq"]:
+        columns, values = features.vectorize(text)
+        dense = np.zeros(features.transform([text]).shape[1])
+        dense[columns] = values
+        assert np.allclose(dense, features.transform([text]).toarray()[0])
+
+
 def test_training_and_prediction_are_fast(config):
     start = time.perf_counter()
     model = RouteClassifier.from_config(config)
@@ -167,7 +178,7 @@ def test_the_embeddings_backend_says_what_to_install_when_it_cannot_run():
 @pytest.mark.parametrize(
     ("text", "focus"),
     [
-        ("Summarize this review: 'Great bike, light and fast, but the saddle is hard and the brakes squeal in the rain.'", "Summarize this review xxpayload"),
+        ("Summarize this review: 'Great bike, light and fast, but the saddle is hard and the brakes squeal in the rain.'", "Summarize this review: xxpayload"),
         ("Make this friendlier: Bikes not collected within 30 days will be charged a storage fee of five pounds a day.", "Make this friendlier xxpayload"),
         ("Can you condense these club notes? Ride at 8. Cafe at 10. Home by noon. Bring lights and a spare tube.", "Can you condense these club notes xxpayload"),
         ("Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?", "Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?"),
@@ -205,11 +216,11 @@ def test_complexity_grows_with_the_demands_of_the_request():
         "How do I fit a mudguard?",
         "Should I fit mudguards or a saddle bag for commuting?",
         "Compare full mudguards and clip-on ones for a commuter in a wet climate, then recommend one.",
-        "Compare full mudguards and clip-on ones for a heavy commuter in a wet climate: weigh up fit, spray protection, rattles and cost, explain the trade-offs, and then plan the install step by step.",
+        "Compare full mudguards and clip-on ones for a heavy commuter in a wet climate: weigh up fit, spray protection, rattles and cost, explain the trade-offs, and then plan the install step by step. Also, what tools will I need?",
     ]
     scores = [complexity(p).score for p in ladder]
-    assert scores == sorted(scores) and len(set(scores)) == len(scores), scores
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores == sorted(scores), scores
+    assert max(scores[:3]) < 0.35 < 0.6 < scores[3] < scores[4] <= 1.0, scores
 
 
 # ---------------------------------------------------------------------------
