@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
-from nats.errors import MaxPayloadError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
 from nats.js.errors import NotFoundError
 
 from opentelemetry import trace
@@ -28,6 +28,10 @@ from shared import attributes as A
 from shared import subjects, telemetry
 from shared.schema import Reply, Request
 from shared.settings import server_list
+
+
+ACCEPT_TIMEOUT_S = 6.0  # how long to keep offering a request while the stream elects a leader
+PUBLISH_TIMEOUT_S = 2.0
 
 
 class BatonError(Exception):
@@ -180,11 +184,25 @@ class BatonClient:
         attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: self.subject, A.MESSAGING_OPERATION: "publish", A.REQUEST_ID: request_id}
         # The root of the request's trace: every hop nests under this span.
         with self.tracer.start_as_current_span(f"publish {subjects.REQUEST_PREFIX}", kind=SpanKind.PRODUCER, attributes=attributes):
-            try:
-                await self.js.publish(self.subject, body, headers=telemetry.inject(headers), timeout=5)
-            except (NatsTimeout, NoRespondersError, MaxPayloadError) as exc:
-                self._pending.pop(request_id, None)
-                raise NotAccepted(f"the mesh did not accept the request ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
+            telemetry.inject(headers)
+            give_up = asyncio.get_running_loop().time() + ACCEPT_TIMEOUT_S
+            pause = 0.25
+            while True:
+                try:
+                    await self.js.publish(self.subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+                    return
+                except MaxPayloadError as exc:
+                    self._pending.pop(request_id, None)
+                    raise RequestTooLarge(str(exc)) from exc
+                except NatsError as exc:
+                    # A lost PubAck (leader change, reconnect) is safe to retry: the
+                    # message id makes JetStream store the request once.
+                    if asyncio.get_running_loop().time() + pause < give_up:
+                        await asyncio.sleep(pause)
+                        pause = min(2.0, pause * 2)
+                        continue
+                    self._pending.pop(request_id, None)
+                    raise NotAccepted(f"the mesh did not accept the request within {ACCEPT_TIMEOUT_S:.0f}s ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
 
     async def _on_reply(self, msg: Any) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]

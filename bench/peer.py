@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class LiteLLMProxy:
     port: int
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
+    master_key: str = field(default_factory=lambda: f"sk-bench-{uuid.uuid4().hex}")
 
     def start(self, timeout_s: float = 120.0) -> LiteLLMProxy:
         binary, _ = ensure_litellm()
@@ -103,6 +105,8 @@ class LiteLLMProxy:
             "litellm_settings:\n"
             "  telemetry: false\n"
             "  drop_params: true\n"
+            "general_settings:\n"
+            f"  master_key: {self.master_key}\n"  # it refuses to start without one; no database: checked in memory
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VIRTUAL_ENV", "PYTHONPATH"))}
         env.update(
@@ -170,13 +174,13 @@ class LiteLLMProxy:
 class ChatLoad:
     """An httpx client POSTing the same chat-completions body to an OpenAI-compatible URL."""
 
-    def __init__(self, url: str, body: bytes):
+    def __init__(self, url: str, body: bytes, api_key: str = "sk-bench-not-a-real-key"):
         self.url = url
         self.body = body
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(30.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
-            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
         )
 
     async def __aenter__(self) -> ChatLoad:

@@ -56,7 +56,12 @@ async def provision(js: JetStreamContext, settings: Settings, replicas: int | No
     try:
         await js.add_stream(config)
     except BadRequestError:
-        await js.update_stream(config)
+        # It exists: a service starting up must not rescale what an operator provisioned,
+        # so only the subjects (the contract) are brought up to date.
+        existing = (await js.stream_info(subjects.STREAM)).config
+        if sorted(existing.subjects or []) != sorted(config.subjects):
+            existing.subjects = config.subjects
+            await js.update_stream(existing)
     for service in subjects.SERVICES:
         await ensure_consumer(js, service, settings)
     for bucket, ttl in ((subjects.RESULTS_BUCKET, settings.results_ttl_s), (subjects.SESSIONS_BUCKET, settings.session_ttl_s), (subjects.CONFIG_BUCKET, 0), (subjects.BREAKERS_BUCKET, 0), (subjects.DEAD_LETTERS_BUCKET, settings.dead_letter_ttl_s)):

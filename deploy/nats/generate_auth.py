@@ -44,11 +44,16 @@ HELM_SECRET = "baton-nats-users"  # the Kubernetes Secret holding every password
 
 # The example clients. A real deployment adds one line per client here.
 CLIENTS = ("client-acme", "client-globex")
+# The HTTP gateway (services/gateway) is a Baton client too: client id "gateway"
+# (BATON_GATEWAY_CLIENT_ID), and it follows the live config like the services.
+GATEWAY = "gateway"
 
 STREAM = subjects.STREAM
 RESULTS = subjects.RESULTS_BUCKET
 SESSIONS = subjects.SESSIONS_BUCKET
 CONFIG = subjects.CONFIG_BUCKET
+BREAKERS = subjects.BREAKERS_BUCKET
+DEAD_LETTERS = subjects.DEAD_LETTERS_BUCKET
 
 # Where a hop may go next: every service a slip step can name, plus the fallback.
 STEP_TARGETS = tuple(sorted({*STEP_SERVICES.values(), "fallback"}))
@@ -119,7 +124,24 @@ ANY_CLIENT_CHUNK = "_INBOX.*.chunk.*"
 # history; its early error replies do not record a turn.
 SESSION_WRITERS = frozenset(subjects.SERVICES) - {"router"}
 # Only the generator streams partial text (services/generator/app.py chunk_sender).
-CHUNK_SENDERS = frozenset({"generator"})
+CHUNK_SENDERS = frozenset({"generator"})  # noqa: documented; extra_for grants it
+
+
+def extra_for(name: str) -> tuple[list[str], list[str]]:
+    """What one service needs beyond every service's share: (publish, subscribe)."""
+    if name == "generator":
+        # Circuit breakers shared by the replicas: watch all keys, compare-and-set writes.
+        return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS), ANY_CLIENT_CHUNK], []
+    if name == "fallback":
+        # The max-deliveries advisory (a queue group of the fallback replicas): fetch the
+        # exhausted hop by sequence, keep it as a dead letter, delete it from the stream.
+        return [
+            f"$JS.API.STREAM.MSG.GET.{STREAM}",
+            f"$JS.API.STREAM.MSG.DELETE.{STREAM}",
+            f"$JS.API.STREAM.INFO.{kv_stream(DEAD_LETTERS)}",
+            *kv_write(DEAD_LETTERS),
+        ], [subjects.MAX_DELIVERIES_ADVISORY]
+    return [], []
 
 
 @dataclass(frozen=True)
@@ -165,13 +187,13 @@ def service(name: str) -> User:
         *kv_read(CONFIG),
         *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
-        *((ANY_CLIENT_CHUNK,) if name in CHUNK_SENDERS else ()),
     ]
+    extra_publish, extra_subscribe = extra_for(name)
     return User(
         name=name,
         role="service",
-        publish=tuple(publish),
-        subscribe=(own_inbox(name),),
+        publish=tuple(dict.fromkeys([*publish, *extra_publish])),
+        subscribe=(own_inbox(name), *extra_subscribe),
         why=f"pulls from {STREAM}/{durable}, forwards hops, stores and sends Replies, follows the live config",
     )
 
@@ -186,7 +208,20 @@ def client(name: str) -> User:
     )
 
 
-USERS: dict[str, User] = {u.name: u for u in (admin(), *(service(s) for s in subjects.SERVICES), *(client(c) for c in CLIENTS))}
+def gateway() -> User:
+    base = client(GATEWAY)
+    return User(
+        name=GATEWAY,
+        role="client",
+        publish=(*base.publish, *kv_read(CONFIG), *kv_watch(CONFIG)),
+        subscribe=base.subscribe,
+        why="the HTTP gateway: a client that also follows the live config for its model list",
+    )
+
+
+USERS: dict[str, User] = {
+    u.name: u for u in (admin(), *(service(s) for s in subjects.SERVICES), gateway(), *(client(c) for c in CLIENTS))
+}
 
 # Development passwords: compose and the tests use these; production sets the same
 # variables from a secret store (deploy/k8s: the baton-nats-users Secret).

@@ -48,7 +48,8 @@ _PASSAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
     ("text addressed to an AI reader", re.compile(
         r"(?<![a-z])if you are (?:an? )?(?:ai|llm|language model|large language model|assistant|ai assistant|"
         r"chatbot|bot|gpt)\b")),
-    ("role-labelled line", re.compile(r"(?m)^[ \t>*#-]*(?:system|assistant|developer)\s*:|^\s*\[(?:system|assistant)\]")),
+    ("role-labelled line",
+     re.compile(r"(?m)^[ \t>*#-]*(?:system|assistant|developer)\s*:|^\s*\[(?:system|assistant)\]")),
     ("instruction about what to tell the user", re.compile(
         r"(?:^|[.:;!?]\s+|\band\s+|\bthen\s+)(?:always\s+|now\s+)?(?:tell|inform|remind|convince) (?:the |all |every )?"
         r"(?:users?|readers?|askers?) (?:that|to)\b")),

