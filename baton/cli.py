@@ -315,6 +315,29 @@ async def _keys(kv) -> list[str]:
         return []
 
 
+eval_app = typer.Typer(help="Offline evaluations on labeled JSONL files.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("routing")
+def eval_routing(
+    path: Path = typer.Argument(ROOT / "tests" / "data" / "routing_eval.jsonl", help="JSONL: {prompt, route, metadata?} per line"),
+    config: Optional[Path] = typer.Option(None, help="config file (default: BATON_CONFIG)"),
+) -> None:
+    """Route every labeled prompt with the real router; print accuracy and a confusion table."""
+    from services.router.evaluate import LabeledDataError, evaluate, load_labeled, render as render_eval
+    from services.router.routing import Router
+    from shared.schema import Request
+
+    try:
+        items = load_labeled(path)
+        router = Router(load_config(config or _settings().config))
+    except (LabeledDataError, ConfigError, OSError) as exc:
+        _fail(str(exc), 2)
+    report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
+    console.print(render_eval(report))
+
+
 config_app = typer.Typer(help="Live configuration: validate, apply, show.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

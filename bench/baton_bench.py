@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class BatonLoad:
         self.url = url
         self.client = BatonClient(url, timeout_s=30)
         self.bad: list[str] = []
+        self.replies: list[tuple[Any, float]] | None = None  # (Reply, seconds) while recording
 
     async def __aenter__(self) -> BatonLoad:
         await self.client.connect()
@@ -145,7 +147,10 @@ class BatonLoad:
         await self.client.close()
 
     async def call(self, index: int) -> bool:
+        started = time.perf_counter()
         reply = await self.client.ask(QUESTIONS[index % len(QUESTIONS)], route=ROUTE, timeout_s=30)
+        if self.replies is not None:
+            self.replies.append((reply, time.perf_counter() - started))
         ok = reply.ok and reply.models == ["stub"] and not reply.degraded and not reply.fallbacks
         if not ok and len(self.bad) < 5:
             self.bad.append(reply.model_dump_json(include={"error", "models", "fallbacks", "degraded"}))

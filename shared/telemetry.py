@@ -96,7 +96,7 @@ def record_events(span: Span, events: list[Event]) -> None:
     for event in events:
         data = event.data
         if event.kind == "route":
-            span.set_attributes({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"]})
+            span.set_attributes({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
         elif event.kind == "retrieval":
             span.set_attributes({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
         elif event.kind == "gate":

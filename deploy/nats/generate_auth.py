@@ -10,15 +10,20 @@ against it, subject by subject (tests/integration/test_nats_auth.py).
 Least privilege, per role (every subject below was needed by a real run of the code;
 see deploy/README.md for how each was found):
 
-- admin: the whole JetStream API ($JS.API.>) and replies under its own inbox prefix.
-  Only the provisioning job uses it; services never hold it.
+- admin: the whole JetStream API ($JS.API.>), writing the live config bucket, and
+  replies under its own inbox prefix. Only the provisioning job and operators use it.
 - a service: its own durable pull consumer (INFO, MSG.NEXT, ACKs), publishing the next
   hop to any step subject (the slip decides which), the results bucket (read + create),
-  replies to any client's reply inbox, and its own inbox prefix `_INBOX.<service>`.
+  the sessions bucket (read; write for services that can end a request), the live
+  config bucket (read + watch), replies to any client's reply inbox, and its own inbox
+  prefix `_INBOX.<service>`. The generator also shares circuit breakers (KV) and sends
+  streamed chunks; the fallback also handles the max-deliveries advisory (reads and
+  deletes the exhausted hop, writes the dead-letter bucket).
   No service may publish a request (that would be impersonating a client), and no
   service may create, change or delete streams, consumers or buckets.
 - a client: publish its own request subject, receive under `_INBOX.<client>`, read the
   results bucket. Nothing else: no other client's inbox, no step subject, no KV write.
+  The HTTP gateway is such a client (id "gateway") that also follows the live config.
 """
 
 from __future__ import annotations
@@ -123,14 +128,13 @@ ANY_CLIENT_CHUNK = "_INBOX.*.chunk.*"
 # of a slip or end a request (Mesh.finish appends the turn). The router only reads the
 # history; its early error replies do not record a turn.
 SESSION_WRITERS = frozenset(subjects.SERVICES) - {"router"}
-# Only the generator streams partial text (services/generator/app.py chunk_sender).
-CHUNK_SENDERS = frozenset({"generator"})  # noqa: documented; extra_for grants it
 
 
 def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
     if name == "generator":
         # Circuit breakers shared by the replicas: watch all keys, compare-and-set writes.
+        # Only the generator streams partial text (chunk_sender) to a client's inbox.
         return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS), ANY_CLIENT_CHUNK], []
     if name == "fallback":
         # The max-deliveries advisory (a queue group of the fallback replicas): fetch the

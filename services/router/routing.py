@@ -1,8 +1,15 @@
 """Choosing a route and writing its slip. Plain Python: no NATS here.
 
-Order of precedence: an explicit route hint, then metadata rules, then keyword and
-pattern rules (the route with most hits wins, ties go to the earlier route), then
-the configured default route.
+Order of precedence, first match wins:
+1. an explicit route hint (an unknown one is an error);
+2. metadata rules (risk level, tenant tier: the Stripe pattern);
+3. pattern rules, which are written for their route;
+4. the classifier trained from the routes' example utterances, when confident enough;
+   with the classifier off, keyword rules take its place;
+5. the configured default route.
+Then a complex request on a route that names `escalate_to` moves to that route (the
+frontier tier with more context). The decision, its reason and confidence travel
+with the request.
 """
 
 from __future__ import annotations
@@ -11,11 +18,9 @@ import re
 import time
 from dataclasses import dataclass
 
+from services.router.classifier import RouteClassifier, complexity
 from shared.config import MeshConfig, RouteSpec
 from shared.schema import Envelope, Event, Request
-
-
-PATTERN_WEIGHT = 2
 
 
 class UnknownRoute(LookupError):
@@ -27,6 +32,7 @@ class RouteDecision:
     route: str
     reason: str
     confidence: float
+    complexity: float = 0.0
 
 
 class Router:
@@ -40,8 +46,14 @@ class Router:
             name: [re.compile(pattern, re.IGNORECASE) for pattern in spec.match.patterns]
             for name, spec in config.routes.items()
         }
+        has_examples = any(spec.examples for spec in config.routes.values())
+        self.classifier = RouteClassifier.from_config(config) if config.routing.classifier != "off" and has_examples else None
 
     def decide(self, request: Request) -> RouteDecision:
+        decision = self._choose(request)
+        return self._escalate(request, decision)
+
+    def _choose(self, request: Request) -> RouteDecision:
         if request.route is not None:
             if request.route not in self.config.routes:
                 raise UnknownRoute(f"unknown route {request.route!r}; configured routes: {', '.join(sorted(self.config.routes))}")
@@ -51,18 +63,43 @@ class Router:
             if rule and all(request.metadata.get(key) == value for key, value in rule.items()):
                 shown = ", ".join(f"{key}={value}" for key, value in rule.items())
                 return RouteDecision(name, f"metadata {shown}", 1.0)
-        best, points, matched = None, 0, []
-        for name in self.config.routes:
-            words = [r.pattern for r in self._keyword_res[name] if r.search(request.text)]
-            patterns = [r.pattern for r in self._pattern_res[name] if r.search(request.text)]
-            # A pattern is written for its route; a keyword may be shared: patterns weigh more.
-            score = len(words) + PATTERN_WEIGHT * len(patterns)
-            if score > points:
-                best, points, matched = name, score, patterns + words
-        if best is not None:
-            shown = ", ".join(_readable(p) for p in matched[:3])
-            return RouteDecision(best, f"matched {shown}", min(1.0, 0.5 + 0.25 * points))
-        return RouteDecision(self.config.default_route, "no rule matched: default route", 0.3)
+        text = request.text
+        by_pattern = self._best_rule(self._pattern_res, text)
+        if by_pattern is not None:
+            name, matched = by_pattern
+            return RouteDecision(name, f"pattern {_readable(matched[0])}", 1.0)
+        if self.classifier is not None:
+            route, probability = self.classifier.best(text)
+            if probability >= self.config.routing.min_confidence:
+                return RouteDecision(route, f"classifier {probability:.2f}", round(probability, 4))
+            fallback_reason = f"classifier unsure ({route} {probability:.2f} < {self.config.routing.min_confidence})"
+        else:
+            by_keyword = self._best_rule(self._keyword_res, text)
+            if by_keyword is not None:
+                name, matched = by_keyword
+                return RouteDecision(name, "keywords " + ", ".join(_readable(p) for p in matched[:3]), min(1.0, 0.5 + 0.25 * len(matched)))
+            fallback_reason = "no rule matched"
+        return RouteDecision(self.config.default_route, f"{fallback_reason}: default route", 0.3)
+
+    def _escalate(self, request: Request, decision: RouteDecision) -> RouteDecision:
+        if decision.reason == "route hint":
+            return decision
+        score = complexity(request.text)
+        target = self.config.routes[decision.route].escalate_to
+        if target and score.score >= self.config.routing.complexity_threshold:
+            why = ", ".join(score.reasons[:3])
+            return RouteDecision(target, f"{decision.reason}; escalated from {decision.route}: complexity {score.score:.2f} ({why})", decision.confidence, score.score)
+        return RouteDecision(decision.route, decision.reason, decision.confidence, score.score)
+
+    @staticmethod
+    def _best_rule(rules: dict[str, list[re.Pattern]], text: str) -> tuple[str, list[str]] | None:
+        """The route with most matching rules; ties go to the route listed first."""
+        best = None
+        for name, compiled in rules.items():
+            matched = [r.pattern for r in compiled if r.search(text)]
+            if matched and (best is None or len(matched) > len(best[1])):
+                best = (name, matched)
+        return best
 
     def envelope(self, request_id: str, request: Request, decision: RouteDecision, reply_to: str | None, now: float | None = None) -> Envelope:
         """The envelope that starts the request's journey, with its slip and deadline."""
@@ -88,7 +125,8 @@ class Router:
 
 
 def _route_event(decision: RouteDecision) -> Event:
-    return Event(kind="route", step="route", data={"route": decision.route, "reason": decision.reason, "confidence": decision.confidence})
+    data = {"route": decision.route, "reason": decision.reason, "confidence": decision.confidence, "complexity": decision.complexity}
+    return Event(kind="route", step="route", data=data)
 
 
 def _readable(pattern: str) -> str:

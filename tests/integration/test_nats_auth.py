@@ -557,11 +557,17 @@ async def test_the_five_services_run_with_least_privilege_users(provisioned, ind
 
         user = USERS[ACME]
         async with BatonClient(provisioned.url, client_id=ACME, user=ACME, password=auth.DEV_PASSWORDS[user.password_var], timeout_s=20) as client:
-            reply = await client.ask("How often should I replace my chain?")
+            reply = await client.ask("How often should I replace my chain?", session_id="least-privilege")
             assert reply.ok, reply.error
             assert reply.answer
             stored = await client.result(reply.request_id)
             assert stored is not None and stored.request_id == reply.request_id
+            follow_up = await client.ask("And the cassette?", session_id="least-privilege")  # session read + write
+            assert follow_up.ok, follow_up.error
+            items = [item async for item in client.stream("How do I fix a puncture?")]  # chunks to the inbox
+            assert items and items[-1].ok
+            refused = await asyncio.wait_for(await client.send_raw(b"not json"), 20)  # the router's error reply
+            assert refused.error is not None
 
         lines = violations_in_log(provisioned.log)
         assert not lines, "permissions violations while the mesh ran:\n" + "\n".join(lines)

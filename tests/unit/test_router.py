@@ -53,3 +53,38 @@ def test_the_envelope_carries_the_slip_deadline_and_decision(router):
     assert env.events[0].kind == "route" and env.events[0].data["route"] == decision.route
     env.slip[0].params["x"] = 1  # the slip is a copy: one request cannot change the route
     assert "x" not in router.config.routes[decision.route].steps[0].params
+
+
+def test_metadata_rules_win_over_the_classifier(router):
+    decision = router.decide(Request(prompt="hi there!", metadata={"risk": "high"}))
+    assert decision.route == "high_risk" and decision.reason.startswith("metadata")
+
+
+def test_the_classifier_routes_unseen_phrasing_with_a_confidence(router):
+    decision = router.decide(Request(prompt="do you have any cargo e-bikes in stock and what do they cost?"))
+    assert decision.route == "shopping"
+    assert decision.reason.startswith("classifier") and decision.confidence >= router.config.routing.min_confidence
+
+
+def test_low_confidence_falls_back_to_the_default_route(router):
+    decision = router.decide(Request(prompt="zxq vlorp"))
+    assert decision.route == router.config.default_route
+    assert "default route" in decision.reason and decision.confidence < router.config.routing.min_confidence
+
+
+def test_a_complex_request_escalates_to_the_frontier_route(router):
+    prompt = ("My chain keeps dropping and the gears skip under load; first explain the likely causes, "
+              "then compare replacing the chain versus the whole drivetrain, and recommend a plan with costs.")
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route == "complex" and decision.complexity >= router.config.routing.complexity_threshold
+    simple = router.decide(Request(prompt="How do I oil my chain?"))
+    assert simple.route == "factual" and simple.complexity < router.config.routing.complexity_threshold
+
+
+def test_eval_routing_accuracy_on_the_labeled_set_stays_high(router):
+    from services.router.evaluate import evaluate, load_labeled
+    from shared.settings import ROOT
+
+    items = load_labeled(ROOT / "tests" / "data" / "routing_eval.jsonl")
+    report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
+    assert len(items) >= 60 and report.accuracy >= 0.9
