@@ -1,6 +1,7 @@
 """guardrail: the quality gates between steps (input, retrieval, output)."""
 
 from services.guardrail.gates import input_gate, output_gate, retrieval_gate
+from services.guardrail.pii import redact
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
@@ -22,7 +23,7 @@ async def guard(env: Envelope, record: StepRecord) -> None:
     if name == "guard.input":
         result = input_gate(env.context.question, spec, threshold=float(params.get("threshold", 0.5)))
         if result.verdict == "fixed":
-            env.context.question = result.text  # no model downstream sees the redacted values
+            scrub_request(env, result.text, spec)
     elif name == "guard.retrieval":
         result = retrieval_gate(env.context.question, env.context.passages, min_score=float(params.get("min_score", 0.0)), min_passages=int(params.get("min_passages", 1)))
     else:
@@ -34,6 +35,16 @@ async def guard(env: Envelope, record: StepRecord) -> None:
         raise StepFailed(FAILURE_CODES[name], f"{name} refused: {result.reason}", details=[{"gate": name, "score": result.score}])
 
 
+def scrub_request(env: Envelope, question: str, spec) -> None:
+    """No model downstream sees the redacted values, and no hop carries them on."""
+    env.context.question = question
+    kinds = list(spec.redact) + ["secret"]
+    env.context.history = [turn.model_copy(update={"content": redact(turn.content, kinds)[0]}) for turn in env.context.history]
+    request = env.request
+    if request.prompt is not None:
+        request.prompt = question
+    if request.messages:
+        request.messages = [m.model_copy(update={"content": redact(m.content, kinds)[0]}) for m in request.messages]
 
 
 if __name__ == "__main__":

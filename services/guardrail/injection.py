@@ -12,7 +12,14 @@ occurs in a squashed copy of the text, which keeps ordinary text well under a mi
 
 Phrases require the object of the attack ("previous instructions", "system prompt",
 "your rules"), not just the verb, so cycling questions such as "how do I ignore the
-noise from my derailleur?" or "forget the previous bike" score zero.
+noise from my derailleur?" or "forget the previous bike" score zero. Verbs match in
+their base, -s and -ing forms ("Evil Bot ignores all previous instructions") but not in
+the past tense, which tells a story ("I ignored the previous instructions in the
+manual"). The override phrases also exist in German, Spanish, French, Italian,
+Portuguese and Dutch.
+
+An optional layer (c), a small TF-IDF classifier, lives in injection_model.py and is
+added by the input gate when GuardSpec.injection_model is on.
 """
 
 from __future__ import annotations
@@ -134,6 +141,9 @@ def _phrase(*parts: str) -> re.Pattern[str]:
     return re.compile(r"(?<![a-z])" + "".join(parts) + r"(?![a-z])")
 
 
+_DOUBLE_BEFORE_ING = frozenset({"forget", "set", "put", "skip", "drop", "stop", "get", "let", "admit", "submit"})
+
+
 def _present_forms(word: str) -> list[str]:
     """A verb (or phrasal verb) in the forms an instruction uses: base, -s and -ing.
 
@@ -151,8 +161,8 @@ def _present_forms(word: str) -> list[str]:
         third = head + "s"
     if head.endswith("e") and not head.endswith("ee"):
         ing = head[:-1] + "ing"
-    elif len(head) <= 4 and head[-1] not in vowels + "wxy" and head[-2] in vowels and head[-3:-2] not in vowels:
-        ing = head + head[-1] + "ing"  # set -> setting, skip -> skipping
+    elif head in _DOUBLE_BEFORE_ING:
+        ing = head + head[-1] + "ing"  # set -> setting, forget -> forgetting
     else:
         ing = head + "ing"
     return [head + tail, third + tail, ing + tail]
