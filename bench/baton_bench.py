@@ -28,6 +28,7 @@ from bench.load import CpuMeter, LoadResult, rss_mb
 BENCH_DIR = Path(__file__).resolve().parent
 CONFIG = BENCH_DIR / "config.yaml"
 ROUTE = "bench"
+ROUTE_STEPS = ("guard.input", "retrieve", "generate", "guard.output")
 STUB_KEY = "sk-bench-not-a-real-key"
 SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
 
@@ -151,9 +152,10 @@ class BatonLoad:
         reply = await self.client.ask(QUESTIONS[index % len(QUESTIONS)], route=ROUTE, timeout_s=30)
         if self.replies is not None:
             self.replies.append((reply, time.perf_counter() - started))
-        ok = reply.ok and reply.models == ["stub"] and not reply.degraded and not reply.fallbacks
+        # The whole route ran: not a cache hit, the stub generated, no fallback, no degrade.
+        ok = reply.ok and not getattr(reply, "cached", False) and reply.models == ["stub"] and not reply.degraded and not reply.fallbacks and len(reply.steps) == len(ROUTE_STEPS)
         if not ok and len(self.bad) < 5:
-            self.bad.append(reply.model_dump_json(include={"error", "models", "fallbacks", "degraded"}))
+            self.bad.append(reply.model_dump_json(include={"error", "models", "fallbacks", "degraded", "cached"}))
         return ok
 
 

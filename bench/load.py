@@ -63,6 +63,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     first_error: str | None = None
     cpu: dict[str, Any] = field(default_factory=dict)
+    rounds_rps: list[float] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -78,8 +79,43 @@ class LoadResult:
             "throughput_rps": round(self.throughput, 1),
             "latency": summarize(self.latencies_s),
             "first_error": self.first_error,
+            "rounds_rps": self.rounds_rps,
             "cpu": self.cpu,
         }
+
+
+def merge(results: list[LoadResult]) -> LoadResult:
+    """Several rounds of the same phase as one: pooled latencies, summed counts, time and CPU."""
+    out = LoadResult(results[0].mode, results[0].concurrency)
+    cpu_s: dict[str, float] = {}
+    wall = busy = 0.0
+    for result in results:
+        out.completed += result.completed
+        out.errors += result.errors
+        out.elapsed_s += result.elapsed_s
+        out.latencies_s += result.latencies_s
+        out.first_error = out.first_error or result.first_error
+        out.rounds_rps.append(round(result.throughput, 1))
+        wall += result.cpu.get("wall_s", 0.0)
+        busy += result.cpu.get("machine_busy_s", 0.0)
+        for name, value in result.cpu.get("cpu_s", {}).items():
+            cpu_s[name] = round(cpu_s.get(name, 0.0) + value, 3)
+    out.cpu = _cpu_summary(cpu_s, wall, busy, out.completed)
+    return out
+
+
+def _cpu_summary(cpu_s: dict[str, float], wall: float, busy: float, requests: int) -> dict[str, Any]:
+    ours = sum(cpu_s.values())
+    out: dict[str, Any] = {
+        "wall_s": round(wall, 3),
+        "cpu_s": cpu_s,
+        "machine_busy_s": round(busy, 3),
+        # CPU used by processes this run did not start (other engineers' tests, ...).
+        "foreign_cpu_share": round(max(0.0, busy - ours) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None,
+    }
+    if requests:
+        out["cpu_ms_per_request"] = {name: round(value * 1000 / requests, 3) for name, value in cpu_s.items()}
+    return out
 
 
 async def _one(call: Call, index: int, result: LoadResult) -> None:
@@ -194,7 +230,7 @@ class CpuMeter:
 
     def __init__(self, groups: dict[str, Iterable[int]]):
         self.groups = {name: list(pids) for name, pids in groups.items()}
-        self.groups["bench client"] = [os.getpid()]
+        self.groups.setdefault("bench client", [os.getpid()])
         self._start: dict[int, float] = {}
         self._sys_start = (0.0, 0.0)
         self._wall = 0.0
@@ -213,15 +249,4 @@ class CpuMeter:
         busy_end, _ = system_busy_seconds()
         wall = time.perf_counter() - self._wall
         per_group = {name: round(sum(end.get(pid, 0.0) - self._start.get(pid, 0.0) for pid in pids), 3) for name, pids in self.groups.items()}
-        ours = sum(per_group.values())
-        busy = busy_end - self._sys_start[0]
-        out: dict[str, Any] = {
-            "wall_s": round(wall, 3),
-            "cpu_s": per_group,
-            "machine_busy_s": round(busy, 3),
-            # CPU used by processes this run did not start (other engineers' tests, ...).
-            "foreign_cpu_share": round(max(0.0, busy - ours) / (wall * os.cpu_count()), 3) if wall > 0 else None,
-        }
-        if requests:
-            out["cpu_ms_per_request"] = {name: round(value * 1000 / requests, 3) for name, value in per_group.items()}
-        return out
+        return _cpu_summary(per_group, wall, busy_end - self._sys_start[0], requests)

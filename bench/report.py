@@ -130,7 +130,12 @@ def _load_row(name: str, phases: dict[str, Any] | None, concurrencies: list[int]
     cells = [name, fmt(get(phases, "sequential", "latency", "p50_ms"), " ms"), fmt(get(phases, "sequential", "latency", "p99_ms"), " ms")]
     for c in concurrencies:
         phase = get(phases, f"c{c}")
-        cells.append(fmt(get(phase, "throughput_rps"), "", 0) + (f" ({fmt(get(phase, 'latency', 'p50_ms'), '', 1)} / {fmt(get(phase, 'latency', 'p99_ms'), '', 1)} ms)" if phase else ""))
+        spread = get(phase, "rounds_rps") or []
+        cells.append(
+            fmt(get(phase, "throughput_rps"), "", 0)
+            + (f" ({fmt(get(phase, 'latency', 'p50_ms'), '', 1)} / {fmt(get(phase, 'latency', 'p99_ms'), '', 1)} ms)" if phase else "")
+            + (f" [{min(spread):.0f}–{max(spread):.0f}]" if len(spread) > 1 else "")
+        )
         if phase and get(phase, "errors"):
             cells[-1] += f" ⚠ {phase['errors']} errors"
     if extra:
@@ -159,7 +164,10 @@ def render(results: dict[str, Any]) -> str:
     add(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM, Python {machine['python']}, "
         f"FastStream {machine['versions'].get('faststream')}, nats-py {machine['versions'].get('nats-py')}, nats-server {machine['versions'].get('nats-server')}.")
     add("")
-    add("Everything below ran in ONE run on this machine: the load generator, NATS, every service, the stub model and the peer share its cores.")
+    add("Everything below ran in ONE run on this machine: the load generator, NATS, every service, the stub model and the peer share its cores. "
+        f"Baton (tracing on and off), the raw chains and LiteLLM were all started up front; each phase (sequential, then each concurrency) ran on every system in turn, "
+        f"in {prof['rounds']} round(s) with the order rotated, and the rounds are pooled: a burst of outside load falls on all systems alike. "
+        "Throughput cells show req/s (p50 / p99 latency under that load); `[a–b]` is the spread of req/s over the rounds.")
     quiet = meta.get("foreign_cpu_share_mean")
     if quiet is not None:
         add(f"**Machine quietness:** processes this run did not start used on average {quiet * 100:.0f}% of the machine's CPU during the measured phases "
@@ -197,8 +205,8 @@ def render(results: dict[str, Any]) -> str:
     add("")
     add("Route `bench` (bench/config.yaml): router → guard.input → retrieve (BM25, top 4 of the sample handbook) → generate (stub model over HTTP) → guard.output → reply; "
         "every hop a durable JetStream message (PubAck before ack), the Reply stored in KV and sent to the client's inbox. "
-        f"The stub answers instantly, so latency is what Baton adds. Client: `BatonClient.ask` in the harness process; {prof['sequential']} sequential requests, "
-        f"then closed-loop load for {prof['duration_s']} s at each concurrency. Every reply is checked (ok, model `stub`, no fallback).")
+        f"The stub answers instantly, so latency is what Baton adds. Client: `BatonClient.ask` in the harness process; {prof['sequential'] * prof['rounds']} sequential requests, "
+        f"then closed-loop load for {prof['rounds']} × {prof['duration_s']} s at each concurrency. Every reply is checked (ok, model `stub`, no fallback).")
     add("")
     lines += _load_header(conc, "CPU ms/request, services (at top concurrency)")
     for name, phases in (("Baton, tracing on (collector running)", on), ("Baton, tracing off", off)):
@@ -215,16 +223,21 @@ def render(results: dict[str, Any]) -> str:
         if rss:
             add(f"RSS after the load, {label} (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) + ".")
             add("")
-    steps = get(on, "steps") or get(off, "steps")
-    if steps:
-        add("Per step, medians over the sequential requests (tracing on), from the Reply's own step records: "
+    s_on, s_off = get(on, "steps"), get(off, "steps")
+    if s_on or s_off:
+        add("Per step, medians over the sequential requests, from the Replies' own step records: "
             "`queued` is from the previous hop's publish to this hop's start (transport + pull), `work` is the step itself.")
         add("")
-        add("| step | queued p50 | work p50 |")
-        add("|---|---|---|")
-        for step in steps["per_step"]:
-            add(f"| {step['step']} | {step['queued_p50_ms']:.2f} ms | {step['duration_p50_ms']:.2f} ms |")
-        add(f"| (client → reply, end to end) | | {steps['e2e_p50_ms']:.2f} ms |")
+        add("| step | queued p50, tracing on | work p50, tracing on | queued p50, tracing off | work p50, tracing off |")
+        add("|---|---|---|---|---|")
+        names = [step["step"] for step in (s_on or s_off)["per_step"]]
+        def cell(steps: Any, name: str, key: str) -> str:
+            found = next((x for x in (steps or {}).get("per_step", []) if x["step"] == name), None)
+            return f"{found[key]:.2f} ms" if found else "—"
+        for name in names:
+            add(f"| {name} | {cell(s_on, name, 'queued_p50_ms')} | {cell(s_on, name, 'duration_p50_ms')} | {cell(s_off, name, 'queued_p50_ms')} | {cell(s_off, name, 'duration_p50_ms')} |")
+        add(f"| router's envelope → last hop's reply (Reply.latency_ms) | | {fmt(get(s_on, 'mesh_p50_ms'), ' ms')} | | {fmt(get(s_off, 'mesh_p50_ms'), ' ms')} |")
+        add(f"| client publish → Reply decoded (end to end) | | {fmt(get(s_on, 'e2e_p50_ms'), ' ms')} | | {fmt(get(s_off, 'e2e_p50_ms'), ' ms')} |")
         add("")
     env = get(on, "envelope_bytes") or get(off, "envelope_bytes")
     if env:
@@ -249,6 +262,21 @@ def render(results: dict[str, Any]) -> str:
         per = get(on, top, "cpu", "cpu_ms_per_request") or {}
         add(_load_row("Baton (tracing on), for comparison", on, conc, f"{services_cpu_ms(get(on, top)) or 0:.2f} + {per.get('nats-server', 0):.2f}"))
     add("")
+
+    idle = results.get("idle")
+    if idle:
+        add("### Sparse traffic: one request after 1.1-2.9 s of silence")
+        add("")
+        add("Continuous load hides it: every durable hop is a pull consumer that fetches in batches with a 1 s timeout "
+            "(FastStream `PullSub(batch_size=32, timeout=1.0)` in Baton; the same nats-py `fetch` in the raw chain). "
+            "When a request arrives around a fetch's expiry, nats-py can fall back to a lingering pull and hold the "
+            "first message until that pull's deadline (up to ~1 s). Each probe below sends one request to every system at once after an idle gap.")
+        add("")
+        add("| system | requests | p50 | max | over 100 ms |")
+        add("|---|---|---|---|---|")
+        for data in idle.values():
+            add(f"| {data['label']} | {data['requests']} | {fmt(data['p50_ms'], ' ms')} | {fmt(data['max_ms'], ' ms')} | {data['over_100ms']} |")
+        add("")
 
     # ---- 3. peer
     add("## 3. Peer: LiteLLM proxy on the same stub")

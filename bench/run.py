@@ -4,16 +4,22 @@
     python -m bench.run --quick      # smoke check (< 3 min)
     python -m bench.run --profile    # also: py-spy on each service under load
 
-What it measures, in this order, and writes to bench/RESULTS.md and bench/results.json:
+What it measures, and writes to bench/RESULTS.md and bench/results.json:
 
 1. Baton, the `bench` route (router + guard.input, retrieve, generate, guard.output),
    instant stub model, durable hops: sequential latency, closed-loop throughput at fixed
-   concurrencies, CPU per request over every process, RSS per service; tracing on
-   (collector running), then off. Then generator scaling with a 200 ms stub.
+   concurrencies, CPU per request over every process, RSS per service; with tracing on
+   (collector running) and off (no collector).
 2. The transport floor: raw nats-py 5-hop chains (core request/reply and JetStream),
    one process per hop, Baton's envelope size.
-3. The peer: LiteLLM's proxy (one worker) on the same stub, same httpx load and body.
-4. BM25 search latency on a generated 100k-chunk corpus, and collector ingestion.
+3. The peer: LiteLLM's proxy (one worker) on the same stub, same httpx load and body
+   (and httpx straight to the stub: the client's own ceiling).
+4. Generator scaling (1, 2, 4 replicas) with a 200 ms stub.
+5. BM25 search latency on a generated 100k-chunk corpus, and collector ingestion.
+
+All systems of 1-3 are started up front and idle while another is measured; the
+phases (sequential, then each concurrency) alternate between them in rounds, so the
+noise of a shared machine falls on all of them alike. Rounds are pooled per phase.
 
 Every load loop is bounded by a count and a deadline; every process started is stopped.
 """
@@ -32,6 +38,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn
 
 from bench import collector_bench, profile, report, retrieval_bench
 from bench.baton_bench import SERVICES, BatonLoad, BatonMesh, capture_envelopes, env_without_otel
-from bench.load import CpuMeter, LoadResult, children_of, concurrent, percentile, rss_mb, sequential
+from bench.load import CpuMeter, LoadResult, children_of, concurrent, merge, percentile, rss_mb, sequential
 from bench.peer import ChatLoad, LiteLLMProxy, PeerUnavailable, ensure_litellm, litellm_version
 from bench.transport import HOPS, PULL_BATCH, Chain, CoreClient, JetStreamClient, provision_js
 from shared.natsd import NatsServer, free_port
@@ -53,10 +60,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "name": "full",
-        "sequential": 300,
+        "rounds": 3,  # every phase runs once per round, systems alternating: noise hits them alike
+        "sequential": 100,  # per round
         "sequential_max_s": 60,
         "concurrencies": [16, 64],
-        "duration_s": 10,
+        "duration_s": 6,  # per round and concurrency
         "max_count": 50_000,
         "warmup": 40,
         "warmup_s": 2,
@@ -70,26 +78,29 @@ PROFILES: dict[str, dict[str, Any]] = {
         "collector_concurrency": 4,
         "collector_max_s": 60,
         "profile_s": 8,
+        "idle_probes": 15,
     },
     "quick": {
         "name": "quick",
-        "sequential": 60,
+        "rounds": 1,
+        "sequential": 40,
         "sequential_max_s": 15,
         "concurrencies": [16, 64],
-        "duration_s": 2.5,
+        "duration_s": 2,
         "max_count": 10_000,
         "warmup": 15,
         "warmup_s": 1,
         "scaling_replicas": [1, 2, 4],
         "scaling_concurrency": 32,
         "scaling_latency_ms": 200,
-        "scaling_duration_s": 2.5,
+        "scaling_duration_s": 2,
         "bm25_chunks": 10_000,
         "bm25_queries": 100,
         "collector_traces": 1_000,
         "collector_concurrency": 4,
         "collector_max_s": 20,
         "profile_s": 3,
+        "idle_probes": 5,
     },
 }
 
@@ -155,7 +166,20 @@ class Stub:
             self.process = None
 
 
-# --------------------------------------------------------------------------- the harness
+# --------------------------------------------------------------------------- the systems under load
+
+
+@dataclass
+class System:
+    """One thing measured under the same client load: Baton, a raw chain, the peer, ..."""
+
+    key: str
+    label: str
+    call: Callable[[int], Awaitable[bool]]
+    groups: Callable[[], dict[str, list[int]]]  # the processes whose CPU is this system's
+    rounds: dict[str, list[LoadResult]] = field(default_factory=dict)
+    before_phase: Callable[[str], None] | None = None
+    after_phase: Callable[[str], None] | None = None
 
 
 class Harness:
@@ -177,8 +201,11 @@ class Harness:
         self.stub = Stub()
         self.results: dict[str, Any] = {"errors": {}, "caveats": []}
         self.foreign: list[float] = []
+        self.systems: list[System] = []
+        self.meshes: dict[str, BatonMesh] = {}
+        self.loads: dict[str, BatonLoad] = {}
         self.chat_body: bytes | None = None
-        self.envelope_size: int | None = None
+        self.envelope: dict[str, int] = {}
 
     # -- output ---------------------------------------------------------------------
 
@@ -188,22 +215,53 @@ class Harness:
     def say(self, text: str) -> None:
         self.console.print(text)
 
-    def show(self, label: str, result: LoadResult | dict[str, Any]) -> None:
-        data = result.to_dict() if isinstance(result, LoadResult) else result
+    def show(self, label: str, result: LoadResult) -> None:
+        data = result.to_dict()
         lat = data.get("latency", {})
         errors = f" [red]{data['errors']} errors: {data.get('first_error')}[/red]" if data.get("errors") else ""
         per = data.get("cpu", {}).get("cpu_ms_per_request", {})
         own = sum(v for k, v in per.items() if k in SERVICES) or per.get("hops") or per.get("litellm")
-        cpu = f"  cpu {own:.2f} ms/req" if own else ""
+        cpu = f"  cpu {own:5.2f} ms/req" if own else ""
+        foreign = data.get("cpu", {}).get("foreign_cpu_share")
+        noise = f"  [dim]others {foreign * 100:3.0f}%[/dim]" if foreign is not None else ""
         self.say(
-            f"  [green]{label:<28}[/green] p50 [bold]{lat.get('p50_ms', float('nan')):8.2f}[/bold] ms  p99 {lat.get('p99_ms', float('nan')):8.2f} ms  "
-            f"[bold yellow]{data['throughput_rps']:8.1f}[/bold yellow] req/s  n={data['completed']}{cpu}{errors}"
+            f"  [green]{label:<34}[/green] p50 [bold]{lat.get('p50_ms', float('nan')):8.2f}[/bold] ms  p99 {lat.get('p99_ms', float('nan')):8.2f} ms  "
+            f"[bold yellow]{data['throughput_rps']:7.1f}[/bold yellow] req/s  n={data['completed']:<5}{cpu}{noise}{errors}"
         )
+
+    @contextlib.contextmanager
+    def progress_task(self, label: str):
+        task = self.progress.add_task(label, total=None, info="")
+        try:
+            yield task
+        finally:
+            self.progress.remove_task(task)
+
+    async def guarded(self, name: str, coro: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one part; a failure is recorded in the results and the run goes on."""
+        try:
+            return await coro()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported in RESULTS.md
+            self.results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            self.say(f"[bold red]{name} failed:[/bold red] {type(exc).__name__}: {exc}")
+            (self.workdir / f"error-{name.replace(' ', '_')}.txt").write_text(traceback.format_exc())
+            return None
 
     # -- load -------------------------------------------------------------------------
 
-    async def measure(self, label: str, call: Callable[[int], Awaitable[bool]], groups: dict[str, list[int]], *, concurrency: int = 0, count: int = 0, duration_s: float = 0.0) -> dict[str, Any]:
-        meter = CpuMeter(groups).start()
+    def all_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for system in self.systems:
+            for group in system.groups().values():
+                pids.update(group)
+        return pids
+
+    async def measure(self, label: str, call: Callable[[int], Awaitable[bool]], groups: dict[str, list[int]], *, concurrency: int = 0, count: int = 0, duration_s: float = 0.0) -> LoadResult:
+        # What the other (idle) systems burn meanwhile is ours, not the machine's noise.
+        idle = sorted(self.all_pids() - {pid for group in groups.values() for pid in group})
+        meter = CpuMeter({**groups, "idle bench processes": idle}).start()
         if concurrency == 0:
             task = self.progress.add_task(label, total=count, info="")
             result = await sequential(call, count, self.P["sequential_max_s"], tick=lambda: self.progress.advance(task))
@@ -227,17 +285,11 @@ class Harness:
         if result.cpu.get("foreign_cpu_share") is not None:
             self.foreign.append(result.cpu["foreign_cpu_share"])
         self.show(label, result)
-        return result.to_dict()
-
-    async def standard(self, name: str, call: Callable[[int], Awaitable[bool]], groups: dict[str, list[int]]) -> dict[str, Any]:
-        out = {"sequential": await self.measure(f"{name} sequential", call, groups, count=self.P["sequential"])}
-        for c in self.P["concurrencies"]:
-            out[f"c{c}"] = await self.measure(f"{name} {c} in flight", call, groups, concurrency=c, duration_s=self.P["duration_s"])
-        return out
+        return result
 
     async def warm(self, name: str, call: Callable[[int], Awaitable[bool]], bad: Callable[[], list[str]] | None = None) -> None:
         """Warm up, and refuse to measure something that answers wrongly."""
-        with self.progress_task(f"{name} warm-up"):
+        with self.progress_task(f"{name}: warm-up"):
             first = await sequential(call, self.P["warmup"], 60)
             burst = await concurrent(call, 16, self.P["warmup_s"], 5000)
         errors = first.errors + burst.errors
@@ -245,67 +297,197 @@ class Harness:
             detail = (bad() if bad else []) or [first.first_error or burst.first_error]
             raise BenchError(f"{name}: {errors} of {first.completed + burst.completed + errors} warm-up requests failed: {detail[:2]}")
 
-    @contextlib.contextmanager
-    def progress_task(self, label: str):
-        task = self.progress.add_task(label, total=None, info="")
-        try:
-            yield task
-        finally:
-            self.progress.remove_task(task)
+    # -- starting everything --------------------------------------------------------------
 
-    async def guarded(self, name: str, coro: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one section; a failure is recorded and the run goes on with the next."""
-        try:
-            return await coro()
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported in RESULTS.md
-            self.results["errors"][name] = f"{type(exc).__name__}: {exc}"
-            self.say(f"[bold red]{name} failed:[/bold red] {type(exc).__name__}: {exc}")
-            (self.workdir / f"error-{name.replace(' ', '_')}.txt").write_text(traceback.format_exc())
-            return None
+    async def start_all(self, stack: contextlib.AsyncExitStack) -> None:
+        """Every system up at once (idle ones cost next to nothing), so phases can alternate."""
+        self.section("Starting: stub model, Baton ×2 (tracing on / off), raw chains, LiteLLM")
+        with self.progress_task("stub model; sample corpus index"):
+            await asyncio.to_thread(self.stub.start)
+            stack.callback(self.stub.stop)
+            from services.retriever.index import ingest
 
-    # -- sections ---------------------------------------------------------------------
+            await asyncio.to_thread(ingest, ROOT / "corpus", self.workdir / "index")
+        self.say(f"  stub model at {self.stub.base_url}")
+        baton: dict[str, Any] = self.results.setdefault("baton", {})
+        for key, tracing in (("tracing_on", True), ("tracing_off", False)):
+            await self.guarded(f"baton {key.replace('_', ' ')}", lambda key=key, tracing=tracing: self.start_baton(stack, key, tracing, baton))
+        if self.chat_body is None:
+            self.results["errors"].setdefault("peer", "no chat body was captured from Baton's generator, so the peer has no payload")
+        self.results["transport"] = {}
+        await self.guarded("transport", lambda: self.start_transport(stack))
+        self.results["peer"] = {}
+        await self.guarded("peer", lambda: self.start_peer(stack))
 
-    async def baton(self, tracing: bool) -> dict[str, Any]:
-        label = "Baton (tracing on)" if tracing else "Baton (tracing off)"
-        self.section(f"1. {label}: 5 durable hops, instant stub model")
-        index_dir = self.workdir / "index"
-        mesh = BatonMesh(self.workdir, index_dir, self.stub.base_url, tracing)
-        with self.progress_task("starting nats-server" + (", collector" if tracing else "") + " and 5 services"):
+    async def start_baton(self, stack: contextlib.AsyncExitStack, key: str, tracing: bool, out: dict[str, Any]) -> None:
+        label = "Baton, tracing on" if tracing else "Baton, tracing off"
+        mesh = BatonMesh(self.workdir, self.workdir / "index", self.stub.base_url, tracing)
+        with self.progress_task(f"{label}: nats-server{', collector' if tracing else ''}, 5 services"):
             started = time.perf_counter()
             await asyncio.to_thread(mesh.start)
-        out: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 2)}
+        stack.push_async_callback(asyncio.to_thread, mesh.stop)
+        self.meshes[key] = mesh
+        load = await stack.enter_async_context(BatonLoad(mesh.url))
+        self.loads[key] = load
+        sizes = await capture_envelopes(mesh.url, lambda: self.warm(label, load.call, lambda: load.bad))
+        envelope = {subject.replace(load.client.client_id, "<client>"): round(statistics.fmean(v)) for subject, v in sorted(sizes.items()) if ".step." in subject or ".request." in subject}
+        self.envelope = self.envelope or envelope
+        if self.chat_body is None:
+            self.chat_body = await self.stub.last_body()
+        out[key] = {"startup_s": round(time.perf_counter() - started, 2), "envelope_bytes": envelope}
+
+        self.systems.append(System(key, label, load.call, lambda: mesh.cpu_groups(self.stub.pid)))
+
+    async def start_transport(self, stack: contextlib.AsyncExitStack) -> None:
+        steps = [size for subject, size in self.envelope.items() if ".step." in subject]
+        size = max(steps) if steps else 4096
+        payload = (b'{"bench":"' + b"x" * size)[: size - 2] + b'"}'
+        self.results["transport"].update({"payload_bytes": len(payload), "pull_batch": PULL_BATCH, "hops": HOPS})
+        server = NatsServer()
+        with self.progress_task("transport floor: nats-server, 5 core + 5 JetStream hop processes"):
+            await asyncio.to_thread(server.start)
+            stack.push_async_callback(asyncio.to_thread, server.stop)
+            await provision_js(server.url)
+            for kind, client_type in (("core", CoreClient), ("jetstream", JetStreamClient)):
+                chain = Chain("core" if kind == "core" else "js", server.url)
+                stack.push_async_callback(asyncio.to_thread, chain.stop)
+                await asyncio.to_thread(chain.start)
+                client = await stack.enter_async_context(client_type(server.url, payload))
+                await self.warm(f"raw {kind} chain", client.call)
+                server_pid = server.process.pid if server.process else 0
+                self.systems.append(System(kind, f"raw {kind} chain", client.call, lambda chain=chain, pid=server_pid: {"hops": chain.pids, "nats-server": [pid]}))
+
+    async def start_peer(self, stack: contextlib.AsyncExitStack) -> None:
+        body = self.chat_body
+        if not body:
+            raise BenchError("no chat-completions body was captured from Baton's generator")
+        peer = self.results["peer"]
+        peer["body_bytes"] = len(body)
+        direct = await stack.enter_async_context(ChatLoad(f"{self.stub.base_url}/chat/completions", body))
+        await self.warm("httpx → stub", direct.call)
+        self.systems.append(System("direct", "httpx → stub directly", direct.call, lambda: {"stub model": [self.stub.pid]}))
         try:
-            async with BatonLoad(mesh.url) as load:
-                sizes = await capture_envelopes(mesh.url, lambda: self.warm(label, load.call, lambda: load.bad))
-                envelope = {subject: round(statistics.fmean(v)) for subject, v in sorted(sizes.items()) if ".step." in subject or ".request." in subject}
-                out["envelope_bytes"] = envelope
-                steps = [size for subject, size in envelope.items() if ".step." in subject]
-                if steps and self.envelope_size is None:
-                    self.envelope_size = round(statistics.fmean(steps))
-                if self.chat_body is None:
-                    self.chat_body = await self.stub.last_body()
-                groups = mesh.cpu_groups(self.stub.pid)
-                load.replies = []
-                out["sequential"] = await self.measure(f"{label} sequential", load.call, groups, count=self.P["sequential"])
-                out["steps"] = step_breakdown(load.replies)
-                load.replies = None
-                for c in self.P["concurrencies"]:
-                    out[f"c{c}"] = await self.measure(f"{label} {c} in flight", load.call, groups, concurrency=c, duration_s=self.P["duration_s"])
-                out["rss_mb"] = mesh.rss()
-                if tracing and self.args.profile:
-                    self.results["profiles"] = await self.profile_services(mesh, load)
-                if not tracing:
-                    self.results["scaling"] = await self.guarded("scaling", lambda: self.scaling(mesh, load))
+            with self.progress_task("LiteLLM: its venv (bench/.venv-litellm; a first run installs it)"):
+                _, install_s = await asyncio.to_thread(ensure_litellm, 900.0, self.workdir / "litellm-install.log")
+            proxy = LiteLLMProxy(self.workdir, self.stub.base_url, free_port())
+            with self.progress_task("starting the LiteLLM proxy"):
+                started = time.perf_counter()
+                stack.push_async_callback(asyncio.to_thread, proxy.stop)
+                await asyncio.to_thread(proxy.start)
+        except PeerUnavailable as exc:
+            peer["litellm"] = {"unavailable": str(exc)}
+            self.say(f"[bold red]LiteLLM unavailable:[/bold red] {exc}")
+            return
+        assert proxy.process is not None
+        pids = [proxy.process.pid, *children_of(proxy.process.pid)]
+        peer["litellm"] = {"version": litellm_version(), "install_s": round(install_s, 1), "startup_s": round(time.perf_counter() - started, 1), "processes": len(pids)}
+        load = await stack.enter_async_context(ChatLoad(f"{proxy.base_url}/v1/chat/completions", body, proxy.master_key))
+        await self.warm("LiteLLM", load.call)
+        self.systems.append(System("litellm", "LiteLLM proxy", load.call, lambda: {"litellm": pids, "stub model": [self.stub.pid]}))
+        self._litellm_pids = pids
+
+    # -- the interleaved rounds -------------------------------------------------------------
+
+    async def rounds(self) -> None:
+        P = self.P
+        phases = [("sequential", 0)] + [(f"c{c}", c) for c in P["concurrencies"]]
+        for number in range(P["rounds"]):
+            self.section(f"Round {number + 1} of {P['rounds']}: every system, phase by phase, alternating")
+            order = self.systems[number % len(self.systems) :] + self.systems[: number % len(self.systems)]
+            for phase, concurrency in phases:
+                for system in order:
+                    load = self.loads.get(system.key)
+                    if phase == "sequential" and load is not None:
+                        load.replies = []
+                    result = await self.measure(
+                        f"{system.label} · {'sequential' if not concurrency else f'{concurrency} in flight'}",
+                        system.call,
+                        system.groups(),
+                        concurrency=concurrency,
+                        count=P["sequential"],
+                        duration_s=P["duration_s"],
+                    )
+                    if phase == "sequential" and load is not None:
+                        self._replies.setdefault(system.key, []).extend(load.replies or [])
+                        load.replies = None
+                    system.rounds.setdefault(phase, []).append(result)
+
+    def collect(self) -> None:
+        """Pool the rounds of every phase into the results."""
+        places = {
+            "tracing_on": self.results.setdefault("baton", {}),
+            "tracing_off": self.results.setdefault("baton", {}),
+            "core": self.results["transport"],
+            "jetstream": self.results["transport"],
+            "direct": self.results["peer"],
+            "litellm": self.results["peer"],
+        }
+        for system in self.systems:
+            target = places[system.key].setdefault(system.key, {})
+            for phase, results in system.rounds.items():
+                target[phase] = merge(results).to_dict()
+            if system.key in self.meshes:
+                target["rss_mb"] = self.meshes[system.key].rss()
+                target["steps"] = step_breakdown(self._replies.get(system.key, []))
+            if system.key == "litellm":
+                target["rss_mb"] = round(sum(rss_mb(p) or 0 for p in self._litellm_pids), 1)
+
+    # -- after the rounds -----------------------------------------------------------------
+
+    async def after_idle(self) -> dict[str, Any]:
+        """Sparse traffic: one request to each durable system after 1.1-2.9 s of silence.
+
+        The pull consumers fetch with a 1 s timeout; a request that lands just as a fetch
+        expires can wait for the next one. Continuous load never shows it; sparse traffic does.
+        """
+        targets = [system for system in self.systems if system.key in ("tracing_on", "tracing_off", "jetstream", "core")]
+        if not targets:
+            raise BenchError("no system to probe")
+        count = self.P["idle_probes"]
+        self.section(f"Sparse traffic: {count} requests, each after 1.1-2.9 s of idle, to {', '.join(s.label for s in targets)}")
+        latencies: dict[str, list[float]] = {system.key: [] for system in targets}
+        errors = dict.fromkeys(latencies, 0)
+        task = self.progress.add_task("idle, then one request each", total=count, info="")
+        try:
+            for index in range(count):
+                await asyncio.sleep(1.1 + (index * 0.37) % 1.8)
+
+                async def one(system: System) -> None:
+                    started = time.perf_counter()
+                    try:
+                        ok = await asyncio.wait_for(system.call(index), 30)
+                    except Exception:  # noqa: BLE001 - counted
+                        ok = False
+                    if ok:
+                        latencies[system.key].append(time.perf_counter() - started)
+                    else:
+                        errors[system.key] += 1
+
+                await asyncio.gather(*(one(system) for system in targets))
+                self.progress.advance(task)
         finally:
-            with self.progress_task("stopping the mesh"):
-                await asyncio.to_thread(mesh.stop)
+            self.progress.remove_task(task)
+        out = {}
+        for system in targets:
+            ms = [value * 1000 for value in latencies[system.key]]
+            out[system.key] = {
+                "label": system.label,
+                "requests": len(ms),
+                "errors": errors[system.key],
+                "p50_ms": round(percentile(ms, 50), 2) if ms else None,
+                "max_ms": round(max(ms), 2) if ms else None,
+                "over_100ms": sum(1 for value in ms if value > 100),
+            }
+            self.say(f"  [green]{system.label:<34}[/green] p50 [bold]{out[system.key]['p50_ms']:8.2f}[/bold] ms  max {out[system.key]['max_ms']:8.2f} ms  "
+                     f"[bold]{out[system.key]['over_100ms']}[/bold] of {len(ms)} over 100 ms")
         return out
 
-    async def scaling(self, mesh: BatonMesh, load: BatonLoad) -> dict[str, Any]:
+    async def scaling(self) -> dict[str, Any]:
         P = self.P
-        self.section(f"4. Scaling: generator replicas {P['scaling_replicas']}, {P['scaling_latency_ms']} ms stub, {P['scaling_concurrency']} in flight")
+        mesh, load = self.meshes.get("tracing_off"), self.loads.get("tracing_off")
+        if mesh is None or load is None:
+            raise BenchError("the tracing-off mesh did not start")
+        self.section(f"Scaling: generator replicas {P['scaling_replicas']}, {P['scaling_latency_ms']} ms stub, {P['scaling_concurrency']} in flight, tracing off")
         await self.stub.set_latency(P["scaling_latency_ms"])
         runs = []
         try:
@@ -313,8 +495,8 @@ class Harness:
                 with self.progress_task(f"generator replicas → {replicas}"):
                     await mesh.spawn_generators(replicas)
                     await concurrent(load.call, P["scaling_concurrency"], 1.5, 5000)  # let the new replica settle
-                groups = mesh.cpu_groups(self.stub.pid)
-                run = await self.measure(f"{replicas} generator(s)", load.call, groups, concurrency=P["scaling_concurrency"], duration_s=P["scaling_duration_s"])
+                result = await self.measure(f"{replicas} generator replica(s)", load.call, mesh.cpu_groups(self.stub.pid), concurrency=P["scaling_concurrency"], duration_s=P["scaling_duration_s"])
+                run = result.to_dict()
                 run["generators"] = replicas
                 runs.append(run)
         finally:
@@ -327,105 +509,43 @@ class Harness:
             "runs": runs,
         }
 
-    async def profile_services(self, mesh: BatonMesh, load: BatonLoad) -> dict[str, Any]:
-        self.section("Profile: py-spy on each service under load (tracing on)")
+    async def profile_services(self) -> dict[str, Any]:
+        mesh, load = self.meshes.get("tracing_on"), self.loads.get("tracing_on")
+        if mesh is None or load is None:
+            raise BenchError("the tracing-on mesh did not start")
+        self.section("Profile: py-spy on each service in turn, tracing on, under load")
         if profile.available() is None:
-            self.say("[yellow]py-spy is not installed: pip install -r bench/requirements.txt[/yellow]")
-            return {}
+            raise BenchError("py-spy is not installed: pip install -r bench/requirements.txt")
         out_dir = BENCH_DIR / "profiles"
         out_dir.mkdir(exist_ok=True)
         seconds = self.P["profile_s"]
-        c = max(self.P["concurrencies"])
+        concurrency = max(self.P["concurrencies"])
         results = {}
         for service, pids in mesh.pids_by_service().items():
             if service == "fallback":
                 continue  # idle on the happy path
             raw = out_dir / f"{service}.raw.txt"
+            raw.unlink(missing_ok=True)
             spy = profile.record(pids[0], seconds, raw)
             await asyncio.sleep(0.3)
-            await self.measure(f"load while sampling {service}", load.call, mesh.cpu_groups(self.stub.pid), concurrency=c, duration_s=seconds + 0.5)
+            await self.measure(f"load while sampling {service}", load.call, mesh.cpu_groups(self.stub.pid), concurrency=concurrency, duration_s=seconds + 0.5)
             try:
-                _, err = await asyncio.to_thread(spy.communicate, timeout=seconds + 30)
+                _, err = await asyncio.to_thread(spy.communicate, None, seconds + 30)
             except subprocess.TimeoutExpired:
                 spy.kill()
-                spy.communicate()
-                err = b"py-spy did not finish"
+                _, err = spy.communicate()
             if raw.exists():
                 results[service] = profile.analyse(raw, seconds)
                 (out_dir / f"{service}.summary.json").write_text(json.dumps(results[service], indent=2))
-                shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in list(results[service].get("self_share", {}).items())[:6])
+                shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in list(results[service].get("self_share", {}).items())[:7])
                 self.say(f"  [magenta]{service:<10}[/magenta] {shares}")
             else:
                 results[service] = {"samples": 0, "error": (err or b"").decode(errors="replace")[-300:]}
         return results
 
-    async def transport(self) -> dict[str, Any]:
-        size = self.envelope_size or 4096
-        self.section(f"2. Transport floor: raw nats-py, {HOPS} hops in {HOPS} processes, {size}-byte payload")
-        payload = (b'{"bench":"' + b"x" * size)[: size - 2] + b'"}'
-        out: dict[str, Any] = {"payload_bytes": len(payload), "pull_batch": PULL_BATCH, "hops": HOPS}
-        server = NatsServer()
-        await asyncio.to_thread(server.start)
-        try:
-            assert server.process is not None
-            for kind, client_type in (("core", CoreClient), ("jetstream", JetStreamClient)):
-                if kind == "jetstream":
-                    await provision_js(server.url)
-                chain = Chain("core" if kind == "core" else "js", server.url)
-                with self.progress_task(f"starting {HOPS} {kind} hop processes"):
-                    await asyncio.to_thread(chain.start)
-                try:
-                    groups = {"hops": chain.pids, "nats-server": [server.process.pid]}
-                    async with client_type(server.url, payload) as client:
-                        await self.warm(f"raw {kind}", client.call)
-                        out[kind] = await self.standard(f"raw {kind}", client.call, groups)
-                finally:
-                    await asyncio.to_thread(chain.stop)
-        finally:
-            await asyncio.to_thread(server.stop)
-        return out
-
-    async def peer(self) -> dict[str, Any]:
-        self.section("3. Peer: LiteLLM proxy (1 worker) on the same stub model")
-        body = self.chat_body
-        if not body:
-            raise BenchError("no chat-completions body was captured from Baton's generator (did section 1 run?)")
-        out: dict[str, Any] = {"body_bytes": len(body)}
-        async with ChatLoad(f"{self.stub.base_url}/chat/completions", body) as direct:
-            await self.warm("httpx → stub", direct.call)
-            out["direct"] = await self.standard("httpx → stub", direct.call, {"stub model": [self.stub.pid]})
-        try:
-            with self.progress_task("LiteLLM: ensuring its venv (bench/.venv-litellm; first run installs it)"):
-                _, install_s = await asyncio.to_thread(ensure_litellm, 900.0, self.workdir / "litellm-install.log")
-        except PeerUnavailable as exc:
-            out["litellm"] = {"unavailable": str(exc)}
-            self.say(f"[bold red]LiteLLM unavailable:[/bold red] {exc}")
-            return out
-        proxy = LiteLLMProxy(self.workdir, self.stub.base_url, free_port())
-        try:
-            with self.progress_task("starting the LiteLLM proxy"):
-                started = time.perf_counter()
-                try:
-                    await asyncio.to_thread(proxy.start)
-                except PeerUnavailable as exc:
-                    out["litellm"] = {"unavailable": str(exc), "install_s": round(install_s, 1)}
-                    self.say(f"[bold red]LiteLLM did not start:[/bold red] {exc}")
-                    return out
-            startup_s = time.perf_counter() - started
-            assert proxy.process is not None
-            pids = [proxy.process.pid, *children_of(proxy.process.pid)]
-            async with ChatLoad(f"{proxy.base_url}/v1/chat/completions", body, proxy.master_key) as load:
-                await self.warm("LiteLLM", load.call)
-                lite = await self.standard("LiteLLM", load.call, {"litellm": pids, "stub model": [self.stub.pid]})
-            lite.update({"version": litellm_version(), "install_s": round(install_s, 1), "startup_s": round(startup_s, 1), "rss_mb": round(sum(rss_mb(p) or 0 for p in pids), 1), "processes": len(pids)})
-            out["litellm"] = lite
-        finally:
-            await asyncio.to_thread(proxy.stop)
-        return out
-
     async def bm25(self) -> dict[str, Any]:
         chunks = self.P["bm25_chunks"]
-        self.section(f"5a. BM25: {chunks:,}-chunk generated corpus")
+        self.section(f"BM25: {chunks:,}-chunk generated corpus")
         with self.progress_task("BM25") as task:
             result = await asyncio.to_thread(retrieval_bench.run, self.workdir, chunks, self.P["bm25_queries"], lambda text: self.progress.update(task, description=f"BM25: {text}"))
         self.say(f"  [green]ingest[/green] {result['chunks_indexed']:,} chunks in [bold]{result['ingest_s']:.1f} s[/bold]   "
@@ -434,7 +554,7 @@ class Harness:
 
     async def collector(self) -> dict[str, Any]:
         traces = self.P["collector_traces"]
-        self.section(f"5b. Collector ingestion: {traces * len(collector_bench.HOPS):,} spans, OTLP protobuf")
+        self.section(f"Collector ingestion: {traces * len(collector_bench.HOPS):,} spans, OTLP protobuf")
         task = self.progress.add_task("collector: building batches, then POSTing", total=traces * len(collector_bench.HOPS), info="spans")
         try:
             result = await collector_bench.run(self.workdir, free_port(), traces, self.P["collector_concurrency"], self.P["collector_max_s"], tick=lambda n: self.progress.advance(task, n))
@@ -448,6 +568,7 @@ class Harness:
     async def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         machine = report.machine_info()
+        self._replies: dict[str, list] = {}
         self.results.update(
             {
                 "meta": {
@@ -465,21 +586,15 @@ class Harness:
                  f"load average {os.getloadavg()[0]:.2f}; workdir {self.workdir}[/dim]")
         env_without_otel()
         with self.progress:
-            try:
-                with self.progress_task("starting the stub model; ingesting the sample corpus"):
-                    await asyncio.to_thread(self.stub.start)
-                    from services.retriever.index import ingest
-
-                    await asyncio.to_thread(ingest, ROOT / "corpus", self.workdir / "index")
-                self.say(f"  stub model at {self.stub.base_url}")
-                baton = self.results.setdefault("baton", {})
-                baton["tracing_on"] = await self.guarded("baton tracing on", lambda: self.baton(True))
-                baton["tracing_off"] = await self.guarded("baton tracing off", lambda: self.baton(False))
-                self.results["transport"] = await self.guarded("transport", self.transport)
-                self.results["peer"] = await self.guarded("peer", self.peer)
-            finally:
-                with self.progress_task("stopping the stub model"):
-                    await asyncio.to_thread(self.stub.stop)
+            async with contextlib.AsyncExitStack() as stack:
+                await self.start_all(stack)
+                await self.rounds()
+                self.collect()
+                self.results["idle"] = await self.guarded("sparse traffic", self.after_idle)
+                if self.args.profile:
+                    self.results["profiles"] = await self.guarded("profile", self.profile_services)
+                self.results["scaling"] = await self.guarded("scaling", self.scaling)
+                self.say("[dim]stopping every process started[/dim]")
             self.results["bm25"] = await self.guarded("bm25", self.bm25)
             self.results["collector"] = await self.guarded("collector", self.collector)
         meta = self.results["meta"]
@@ -514,6 +629,8 @@ def step_breakdown(replies: list[Any]) -> dict[str, Any] | None:
     return {
         "per_step": [{"step": name, "queued_p50_ms": round(percentile(queued[name], 50), 3), "duration_p50_ms": round(percentile(work[name], 50), 3)} for name in names],
         "e2e_p50_ms": round(percentile([e2e * 1000 for _, e2e in replies], 50), 3),
+        # Reply.latency_ms: from the router's envelope creation to the last hop's reply.
+        "mesh_p50_ms": round(percentile([reply.latency_ms or 0.0 for reply, _ in replies], 50), 3),
     }
 
 
@@ -531,6 +648,8 @@ def caveats(results: dict[str, Any]) -> list[str]:
         "Tracing on means the services export spans (BatchSpanProcessor, 200 ms schedule) to Baton's collector, which stores them in SQLite on this machine: its CPU is reported separately, not in the services' figure.",
         "Services log at their default level (INFO): the router writes one log line per request to its log file, as `baton up` does.",
         "Closed-loop load (each of N workers sends its next request when the previous one answers): p99 under load includes queueing in the mesh; it is not an open-loop arrival rate.",
+        "Sequential p99 of the JetStream systems (Baton and the raw chain) includes the after-idle stall shown under 'Sparse traffic': each sequential phase starts after the system sat idle while the others were measured.",
+        "The HTTP load client is httpx sharded over 16 AsyncClients: one AsyncClient with 64 connections degraded to 50-200 req/s at 2-8 ms of client CPU per request here (httpcore's pool), which would have measured httpx instead of the peer. The `httpx → stub directly` row is the client's own ceiling.",
         "CPU per request = utime+stime deltas from /proc/<pid>/stat over the phase, divided by requests completed in it; RSS = VmRSS after the load.",
     ]
     lite = results.get("peer", {}) or {}

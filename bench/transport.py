@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 
 HOPS = 5
 STREAM = "FLOOR"
-PULL_BATCH = 32  # Baton's Settings.pull_batch
+PULL_BATCH = int(os.environ.get("BENCH_PULL_BATCH", "32"))  # Baton's Settings.pull_batch
+PULL_TIMEOUT_S = float(os.environ.get("BENCH_PULL_TIMEOUT_S", "1.0"))  # FastStream PullSub timeout, as Baton sets it
 H_REPLY = "Floor-Reply-To"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +59,7 @@ async def core_hop(index: int, url: str, stop: asyncio.Event) -> None:
             await nc.publish(core_subject(index + 1), msg.data, reply=msg.reply)
 
     await nc.subscribe(core_subject(index), queue=f"hop{index}", cb=on_message, pending_msgs_limit=65536)
+    await nc.flush()  # the server knows the subscription before we say ready: core NATS drops what no one hears
     print("ready", flush=True)
     await stop.wait()
     await nc.drain()
@@ -67,6 +70,7 @@ async def js_hop(index: int, url: str, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     last = index == HOPS - 1
     sub = await js.pull_subscribe(js_subject(index), durable=f"hop{index}", stream=STREAM)
+    await nc.flush()
 
     async def handle(msg) -> None:
         headers = msg.headers or {}
@@ -80,7 +84,7 @@ async def js_hop(index: int, url: str, stop: asyncio.Event) -> None:
     print("ready", flush=True)
     while not stop.is_set():
         try:
-            messages = await sub.fetch(PULL_BATCH, timeout=1.0)
+            messages = await sub.fetch(PULL_BATCH, timeout=PULL_TIMEOUT_S)
         except (TimeoutError, nats.errors.TimeoutError):
             continue
         await asyncio.gather(*(handle(msg) for msg in messages), return_exceptions=True)

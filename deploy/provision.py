@@ -33,6 +33,11 @@ from shared.provision import provision  # noqa: E402
 from shared.settings import Settings, nats_credentials  # noqa: E402
 
 
+def servers(url: str) -> list[str]:
+    """NATS_URL may name every node of a cluster, separated by commas."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(settings: Settings, wait_s: float, refusals: list[str]) -> nats.NATS:
     """Connect as the configured user, retrying while the server is still starting."""
     user = settings.nats_user or "admin"
@@ -48,7 +53,7 @@ async def connect(settings: Settings, wait_s: float, refusals: list[str]) -> nat
             # without reconnects: bound each attempt here instead.
             return await asyncio.wait_for(
                 nats.connect(
-                    settings.nats_url,
+                    servers(settings.nats_url),
                     # The admin may only receive under its own inbox prefix (deploy/nats/auth.conf).
                     inbox_prefix=subjects.inbox_prefix(user).encode(),
                     allow_reconnect=False,
@@ -85,8 +90,8 @@ async def apply_config(js, path: Path) -> str | None:
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Provision Baton's stream, consumers and buckets.")
-    parser.add_argument("--replicas", type=int, default=int(os.environ.get("BATON_STREAM_REPLICAS", "1")),
-                        help="stream and bucket replicas (3 on a 3-node cluster); env BATON_STREAM_REPLICAS")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="stream and bucket replicas (3 on a 3-node cluster); default BATON_STREAM_REPLICAS or 1")
     parser.add_argument("--wait", type=float, default=float(os.environ.get("BATON_PROVISION_WAIT_S", "120")),
                         help="seconds to wait for the server to come up")
     parser.add_argument("--apply-config", action=argparse.BooleanOptionalAction, default=True,
@@ -104,8 +109,9 @@ async def main(argv: list[str] | None = None) -> int:
             why = refusals[0] if refusals else f"{type(exc).__name__}: {exc}"
             print(f"provision: refused ({why}); NATS_USER must be the admin user of deploy/nats/auth.conf", file=sys.stderr)
             return 1
+        replicas = args.replicas or getattr(settings, "stream_replicas", 1)
         print(f"provision: stream {subjects.STREAM}, consumers {', '.join(subjects.SERVICES)}, "
-              f"replicas {args.replicas}: ready", flush=True)
+              f"replicas {replicas}: ready", flush=True)
         if args.apply_config:
             digest = await apply_config(js, settings.config)
             if digest:

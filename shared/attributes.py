@@ -40,6 +40,8 @@ GATE_REASON = "baton.gate.reason"
 FALLBACK_REASON = "baton.fallback.reason"  # the error code that sent the request to fallback
 FALLBACK_ACTION = "baton.fallback.action"  # "retry_model" | "degrade" | "refuse"
 COST_USD = "baton.cost_usd"  # cost of this step
+SHADOW = "baton.shadow"  # a shadow model's call: recorded, never returned
+VARIANT = "baton.variant"  # the A/B arm that served the request
 USAGE_ESTIMATED = "baton.usage.estimated"
 
 # Baton: the end of a request (set on the span of the hop that replied).

@@ -80,6 +80,34 @@ class FallbackPolicy(_Strict):
     models: list[str] = Field(default_factory=list)  # tried in order when generation fails
     degrade: bool = True  # answer extractively from retrieved passages when models fail
     max_depth: int = Field(default=2, ge=0, le=5)
+    # When the retrieval gate finds nothing good enough: say so, or answer without the
+    # knowledge base behind a disclaimer.
+    no_context: Literal["say_so", "answer_without"] = "say_so"
+
+
+class CacheSpec(_Strict):
+    enabled: bool = True
+    ttl_s: float = Field(default=3600.0, gt=0)
+
+
+class Variant(_Strict):
+    """One arm of an A/B experiment: the models the route's generate steps use."""
+
+    name: str
+    weight: float = Field(gt=0)
+    models: list[str]
+
+
+class ShadowSpec(_Strict):
+    """A candidate model that answers a share of requests on the side, never to the client."""
+
+    model: str
+    share: float = Field(default=1.0, gt=0, le=1)
+
+
+class TenantSpec(_Strict):
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    models: list[str] = Field(default_factory=list)  # the tenant's allow-list; empty means the route's
 
 
 class RouteSpec(_Strict):
@@ -95,6 +123,10 @@ class RouteSpec(_Strict):
     latency_budget_ms: int = Field(default=20_000, gt=0)
     models: list[str] = Field(default_factory=list)  # allow-list; empty means any
     fallback: FallbackPolicy = Field(default_factory=FallbackPolicy)
+    cost_budget_usd: float | None = Field(default=None, ge=0)  # most one request may cost
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    variants: list[Variant] = Field(default_factory=list)
+    shadow: ShadowSpec | None = None
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -171,6 +203,7 @@ class MeshConfig(_Strict):
     breakers: BreakerSpec = Field(default_factory=BreakerSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict)
     digest: str = ""  # content hash, set on load; recorded on every Reply
 
     @model_validator(mode="after")
@@ -181,7 +214,8 @@ class MeshConfig(_Strict):
         for name, route in self.routes.items():
             if route.escalate_to is not None and route.escalate_to not in self.routes:
                 problems.append(f"routes.{name}.escalate_to: {route.escalate_to!r} is not one of the routes")
-            for model in route.models + route.fallback.models:
+            candidates = [m for v in route.variants for m in v.models] + ([route.shadow.model] if route.shadow else [])
+            for model in route.models + route.fallback.models + candidates:
                 if model not in self.models:
                     problems.append(f"routes.{name}: model {model!r} is not in the models catalog")
             for index, step in enumerate(route.steps):
@@ -190,6 +224,10 @@ class MeshConfig(_Strict):
                     problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the models catalog")
                 elif model is not None and route.models and model not in route.models:
                     problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the route's allow-list")
+        for name, tenant in self.tenants.items():
+            for model in tenant.models:
+                if model not in self.models:
+                    problems.append(f"tenants.{name}.models: {model!r} is not in the models catalog")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -31,6 +31,8 @@ from opentelemetry.trace import Span
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
+from shared.budgets import TenantLedger
+from shared.cache import CACHE_KEY, store as cache_store
 from shared.live_config import ConfigStore
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
@@ -154,8 +156,24 @@ class Mesh:
         metrics.observe_reply(reply)
         if reply.ok and env.request.session_id:
             await self.remember_turn(env, reply)
+        await self.account(env, reply)
         await self.deliver(reply, env.reply_to)
         return reply
+
+    async def account(self, env: Envelope, reply: Reply) -> None:
+        """After an answer: fill the cache, add the cost to the tenant's day."""
+        try:
+            config = await self.config_for(env)
+            key = env.context.outputs.get(CACHE_KEY)
+            if key and reply.ok and not reply.degraded:
+                bucket = await self.broker.key_value(subjects.CACHE_BUCKET, declare=False)
+                await cache_store(bucket, key, reply, config.routes[env.route].cache.ttl_s)
+            tenant = env.request.metadata.get("tenant")
+            if tenant in config.tenants and reply.cost_usd > 0:
+                ledger = TenantLedger(await self.broker.key_value(subjects.BUDGETS_BUCKET, declare=False))
+                await ledger.add(tenant, reply.cost_usd)
+        except Exception:  # bookkeeping must not cost the user the answer
+            log.exception("request %s: cache or budget bookkeeping failed", env.request_id)
 
     async def sessions(self) -> SessionStore:
         if self._sessions is None:

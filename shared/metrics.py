@@ -25,6 +25,8 @@ REPLIES = Counter("baton_replies_total", "Requests finished", ["route", "outcome
 REQUEST_SECONDS = Histogram("baton_request_latency_seconds", "End-to-end latency of finished requests", ["route", "outcome"], buckets=LATENCY_BUCKETS)
 REQUEST_COST = Histogram("baton_request_cost_usd", "Cost of each completed request", ["route"], buckets=COST_BUCKETS)
 MODEL_RETRIES = Counter("baton_model_retries_total", "Retried model calls", ["model"])
+SHADOW_CALLS = Counter("baton_shadow_calls_total", "Shadow model calls", ["model", "outcome"])
+CACHE_HITS = Counter("baton_cache_total", "Reply cache lookups", ["route", "outcome"])
 MODEL_TOKENS = Counter("baton_model_tokens_total", "Tokens per model", ["model", "direction"])
 
 

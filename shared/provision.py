@@ -64,8 +64,22 @@ async def provision(js: JetStreamContext, settings: Settings, replicas: int | No
             await js.update_stream(existing)
     for service in subjects.SERVICES:
         await ensure_consumer(js, service, settings)
-    for bucket, ttl in ((subjects.RESULTS_BUCKET, settings.results_ttl_s), (subjects.SESSIONS_BUCKET, settings.session_ttl_s), (subjects.CONFIG_BUCKET, 0), (subjects.BREAKERS_BUCKET, 0), (subjects.DEAD_LETTERS_BUCKET, settings.dead_letter_ttl_s)):
+    for bucket, ttl in buckets(settings):
         await ensure_bucket(js, bucket, ttl, replicas)
+
+
+def buckets(settings: Settings) -> list[tuple[str, float]]:
+    """Every KV bucket and its TTL in seconds (0: keep until overwritten)."""
+    return [
+        (subjects.RESULTS_BUCKET, settings.results_ttl_s),
+        (subjects.SESSIONS_BUCKET, settings.session_ttl_s),
+        (subjects.CONFIG_BUCKET, 0),
+        (subjects.BREAKERS_BUCKET, 0),
+        (subjects.DEAD_LETTERS_BUCKET, settings.dead_letter_ttl_s),
+        (subjects.CACHE_BUCKET, settings.cache_ttl_s),
+        (subjects.BUDGETS_BUCKET, 3 * 24 * 3600),
+        (subjects.SHADOW_BUCKET, settings.results_ttl_s),
+    ]
 
 
 async def ensure_consumer(js: JetStreamContext, service: str, settings: Settings) -> None:

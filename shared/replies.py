@@ -10,14 +10,18 @@ from shared.schema import Citation, Envelope, Error, Reply, Usage
 ANSWER = "answer"  # the text the client will receive (guards may rewrite it)
 CITATIONS = "citations"  # 1-based indexes into context.passages
 DEGRADED = "degraded"
+DISCLAIMER = "disclaimer"  # a note the client must see before the answer
 
 
 def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
     outputs = env.context.outputs
+    answer = outputs.get(ANSWER, "")
+    if outputs.get(DISCLAIMER):
+        answer = f"{outputs[DISCLAIMER]}\n\n{answer}"
     return Reply(
         request_id=env.request_id,
         ok=True,
-        answer=outputs.get(ANSWER, ""),
+        answer=answer,
         citations=_citations(env),
         degraded=bool(outputs.get(DEGRADED, False)),
         **_accounting(env, trace_id),
@@ -59,4 +63,5 @@ def _accounting(env: Envelope, trace_id: str | None) -> dict:
         "config_version": env.config_version,
         "trace_id": trace_id,
         "session_id": env.request.session_id,
+        "variant": env.context.outputs.get("variant"),
     }

@@ -64,6 +64,7 @@ class Request(_Wire):
     max_cost_usd: float | None = Field(default=None, ge=0)
     response_schema: dict[str, Any] | None = None
     stream: bool = False
+    cache: bool = True  # False: never answer this request from the reply cache
 
     @model_validator(mode="after")
     def _has_text(self) -> Request:
@@ -199,6 +200,8 @@ class Reply(_Wire):
     steps: list[StepRecord] = Field(default_factory=list)
     latency_ms: float | None = None
     degraded: bool = False
+    cached: bool = False  # answered from the reply cache: no model ran, no cost
+    variant: str | None = None  # the A/B arm this request was served by
     fallbacks: list[str] = Field(default_factory=list)
     events: list[Event] = Field(default_factory=list)
     config_version: str | None = None

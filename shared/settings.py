@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     results_ttl_s: float = 24 * 3600
     session_ttl_s: float = 3600
     dead_letter_ttl_s: float = 7 * 24 * 3600
+    cache_ttl_s: float = 24 * 3600  # the bucket's upper bound; each route sets its own TTL
     # Chaos rehearsal only: "<service>:<text>" makes that service exit hard on a request
     # whose question contains the text, to prove crashes end in a reply. Off when empty.
     chaos_crash_on: str = ""

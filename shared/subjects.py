@@ -46,6 +46,9 @@ RESULTS_BUCKET = "baton_results"  # request id -> Reply
 SESSIONS_BUCKET = "baton_sessions"  # session id -> history
 BREAKERS_BUCKET = "baton_breakers"  # model -> circuit breaker state, shared by replicas
 CONFIG_BUCKET = "baton_config"
+CACHE_BUCKET = "baton_cache"  # request fingerprint -> Reply (exact-match cache)
+BUDGETS_BUCKET = "baton_budgets"  # tenant.day -> USD spent
+SHADOW_BUCKET = "baton_shadow"  # request id -> the shadow model's answer, never returned
 DEAD_LETTERS_BUCKET = "baton_dead_letters"  # request id -> the hop that kept crashing, for inspection  # "active" and "v.<digest>" -> config YAML
 
 # Headers that travel with every message.

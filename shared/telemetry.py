@@ -97,6 +97,8 @@ def record_events(span: Span, events: list[Event]) -> None:
         data = event.data
         if event.kind == "route":
             span.set_attributes({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
+            if data.get("variant"):
+                span.set_attribute(A.VARIANT, data["variant"])
         elif event.kind == "retrieval":
             span.set_attributes({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
         elif event.kind == "gate":

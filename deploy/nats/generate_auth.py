@@ -14,11 +14,12 @@ see deploy/README.md for how each was found):
   replies under its own inbox prefix. Only the provisioning job and operators use it.
 - a service: its own durable pull consumer (INFO, MSG.NEXT, ACKs), publishing the next
   hop to any step subject (the slip decides which), the results bucket (read + create),
-  the sessions bucket (read; write for services that can end a request), the live
-  config bucket (read + watch), replies to any client's reply inbox, and its own inbox
-  prefix `_INBOX.<service>`. The generator also shares circuit breakers (KV) and sends
-  streamed chunks; the fallback also handles the max-deliveries advisory (reads and
-  deletes the exhausted hop, writes the dead-letter bucket).
+  the live config bucket (read + watch), replies to any client's reply inbox, and its
+  own inbox prefix `_INBOX.<service>`. Services that can end a request also read and
+  write the sessions, cache and budgets buckets; the router only reads sessions and
+  cache. The generator also shares circuit breakers (KV), stores shadow answers and
+  sends streamed chunks; the fallback also handles the max-deliveries advisory (reads
+  and deletes the exhausted hop, writes the dead-letter bucket).
   No service may publish a request (that would be impersonating a client), and no
   service may create, change or delete streams, consumers or buckets.
 - a client: publish its own request subject, receive under `_INBOX.<client>`, read the
@@ -45,6 +46,7 @@ ACCOUNT = "BATON"  # one account for the mesh; KEDA's `account` is this name
 AUTH_CONF = HERE / "auth.conf"
 DEV_ENV = HERE / "dev.env"
 HELM_VALUES = ROOT / "deploy" / "helm" / "nats-values.yaml"
+K8S_DEV_ENV = ROOT / "deploy" / "k8s" / "overlays" / "dev" / "nats-users.env"  # the dev Secret's source
 HELM_SECRET = "baton-nats-users"  # the Kubernetes Secret holding every password (deploy/k8s)
 
 # The example clients. A real deployment adds one line per client here.
@@ -59,6 +61,9 @@ SESSIONS = subjects.SESSIONS_BUCKET
 CONFIG = subjects.CONFIG_BUCKET
 BREAKERS = subjects.BREAKERS_BUCKET
 DEAD_LETTERS = subjects.DEAD_LETTERS_BUCKET
+CACHE = subjects.CACHE_BUCKET
+BUDGETS = subjects.BUDGETS_BUCKET
+SHADOW = subjects.SHADOW_BUCKET
 
 # Where a hop may go next: every service a slip step can name, plus the fallback.
 STEP_TARGETS = tuple(sorted({*STEP_SERVICES.values(), "fallback"}))
@@ -124,18 +129,32 @@ def own_inbox(name: str) -> str:
 ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 ANY_CLIENT_CHUNK = "_INBOX.*.chunk.*"
 
-# Which services may write the sessions bucket: every service that can run the last step
-# of a slip or end a request (Mesh.finish appends the turn). The router only reads the
-# history; its early error replies do not record a turn.
-SESSION_WRITERS = frozenset(subjects.SERVICES) - {"router"}
+# Services that can end a request (Mesh.finish: the last step of a slip, or the
+# fallback) record the session turn, fill the answer cache and add the cost to the
+# tenant's daily budget. The router never finishes: it only reads the session history
+# and the cache (a hit is answered at once), and stores error Replies.
+FINISHERS = frozenset(subjects.SERVICES) - {"router"}
+FINISHER_BUCKETS = (SESSIONS, CACHE, BUDGETS)
+ROUTER_READS = (SESSIONS, CACHE)
 
 
 def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
+    if name == "router":
+        return [p for bucket in ROUTER_READS for p in kv_read(bucket)], []
     if name == "generator":
-        # Circuit breakers shared by the replicas: watch all keys, compare-and-set writes.
-        # Only the generator streams partial text (chunk_sender) to a client's inbox.
-        return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS), ANY_CLIENT_CHUNK], []
+        # Circuit breakers shared by the replicas: watch all keys, compare-and-set writes;
+        # shadow answers stored for comparison (write only); the tenant's budget is read
+        # before a call (the finisher share below). Only the generator streams partial
+        # text (chunk_sender) to a client's inbox.
+        return [
+            *kv_read(BREAKERS),
+            *kv_watch(BREAKERS),
+            *kv_write(BREAKERS),
+            f"$JS.API.STREAM.INFO.{kv_stream(SHADOW)}",
+            *kv_write(SHADOW),
+            ANY_CLIENT_CHUNK,
+        ], []
     if name == "fallback":
         # The max-deliveries advisory (a queue group of the fallback replicas): fetch the
         # exhausted hop by sequence, keep it as a dead letter, delete it from the stream.
@@ -186,8 +205,7 @@ def service(name: str) -> User:
         *(subjects.step(target) for target in STEP_TARGETS),
         *kv_read(RESULTS),
         *kv_write(RESULTS),
-        *kv_read(SESSIONS),
-        *(kv_write(SESSIONS) if name in SESSION_WRITERS else ()),
+        *(p for bucket in FINISHER_BUCKETS for p in (*kv_read(bucket), *kv_write(bucket)) if name in FINISHERS),
         *kv_read(CONFIG),
         *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
@@ -340,7 +358,7 @@ def render_helm_values() -> str:
             # /jsz on 8222 is what KEDA's nats-jetstream scaler reads (deploy/k8s/keda).
             "monitor": {"enabled": True, "port": 8222},
             "merge": {
-                "max_payload": "1MB",
+                "max_payload": "<< 1MB >>",
                 "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
             },
         },
@@ -358,16 +376,18 @@ def render_helm_values() -> str:
     head = (
         HEADER
         + "#\n"
-        + "# Values for the official NATS Helm chart (nats/nats 1.x):\n"
-        + "#   helm repo add nats <the chart repository from the NATS docs>\n"
-        + "#   kubectl -n baton apply -f deploy/k8s/base/secret.yaml   # or your own Secret\n"
+        + "# Values for the official NATS Helm chart (nats/nats, 1.x): a 3-node JetStream cluster\n"
+        + "# with file storage and the users of deploy/nats/auth.conf.\n"
+        + "#   helm repo add nats <the chart repository named in the NATS docs>\n"
         + "#   helm install nats nats/nats -n baton -f deploy/helm/nats-values.yaml\n"
-        + f"# Passwords come from the Secret `{HELM_SECRET}` (one key per variable).\n"
+        + f"# The passwords come from the Secret `{HELM_SECRET}` (one key per variable; the dev\n"
+        + "# overlay of deploy/k8s generates it, in prod create it yourself); the pods wait for it.\n"
+        + "# Untested here: no Kubernetes on the machine this was written on.\n"
     )
     return head + yaml.safe_dump(values, sort_keys=False, width=120)
 
 
-OUTPUTS = {AUTH_CONF: render_auth_conf, DEV_ENV: render_dev_env, HELM_VALUES: render_helm_values}
+OUTPUTS = {AUTH_CONF: render_auth_conf, DEV_ENV: render_dev_env, K8S_DEV_ENV: render_dev_env, HELM_VALUES: render_helm_values}
 
 
 def stale() -> list[Path]:

@@ -6,7 +6,7 @@ from contextlib import suppress
 from nats.js.errors import NotFoundError
 
 from services.fallback import dead_letters
-from services.fallback.policy import decide, retry_slip
+from services.fallback.policy import NO_CONTEXT_ANSWER, decide, retry_slip, skip_retrieval_slip
 from services.generator.local import LocalExtractive
 from services.guardrail.gates import output_gate
 from shared import subjects
@@ -38,6 +38,10 @@ async def recover(body: bytes) -> None:
             retry_slip(env, decision.model)
             await mesh.forward(env)
             return
+        if decision.action == "answer_without_context":
+            skip_retrieval_slip(env)
+            await mesh.forward(env)
+            return
         if decision.action == "degrade":
             degrade(env, config)
         await mesh.finish(env)
@@ -45,6 +49,10 @@ async def recover(body: bytes) -> None:
 
 def degrade(env: Envelope, config) -> None:
     """Answer from the passages already retrieved, with the same output redaction."""
+    if env.error.code == ErrorCode.NO_CONTEXT:
+        env.context.outputs.update({ANSWER: NO_CONTEXT_ANSWER, CITATIONS: [], DEGRADED: True})
+        env.error = None
+        return
     generation = local.generate(env.context.question, env.context.passages)
     checked = output_gate(generation.text, config.guard)
     env.context.outputs[ANSWER] = checked.text if checked.text is not None else generation.text

@@ -1,8 +1,12 @@
 """What to do with a failed request. Plain Python: no NATS here.
 
-Every failure ends in exactly one of three actions, chosen from the route's policy:
-- retry_model: run the generate step again on the next model of the fallback chain;
-- degrade: answer extractively from the passages already retrieved, marked degraded;
+Every failure ends in exactly one of these actions, chosen from the route's policy:
+- retry_model: run the generate step again on the next model of the fallback chain
+  (also when the output gate refused an answer: regenerate once, elsewhere);
+- answer_without_context: retrieval found nothing good enough, and the route prefers
+  an answer with a disclaimer to none: the slip continues without passages;
+- degrade: answer extractively from the passages already retrieved, marked degraded
+  (or, when retrieval found nothing, say plainly that the corpus has no answer);
 - refuse: a clear error the client can act on.
 A bound on fallback depth keeps a request from looping.
 """
@@ -25,7 +29,7 @@ MIN_RETRY_S = 1.0  # below this much time left, a retry would only blow the dead
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["retry_model", "degrade", "refuse"]
+    action: Literal["retry_model", "answer_without_context", "degrade", "refuse"]
     reason: str
     model: str | None = None
 
@@ -37,11 +41,16 @@ def decide(env: Envelope, config: MeshConfig, now: float | None = None) -> Decis
     if error.code in REFUSE_ALWAYS or policy is None:
         return Decision("refuse", f"{error.code.value} cannot be recovered")
     failed_step = error.step or ""
-    if failed_step.startswith("generate") and error.code in MODEL_FAILURES:
+    can_retry = env.remaining_s(now) > MIN_RETRY_S and env.attempt < policy.max_depth
+    regenerate = failed_step == "guard.output" and error.code == ErrorCode.OUTPUT_REJECTED and env.attempt == 0
+    if (failed_step.startswith("generate") and error.code in MODEL_FAILURES) or regenerate:
         model = _next_model(env, policy.models)
-        enough_time = env.remaining_s(now) > MIN_RETRY_S
-        if model and enough_time and env.attempt < policy.max_depth:
+        if model and can_retry:
             return Decision("retry_model", f"{failed_step} failed ({error.code.value}); trying {model}", model)
+    if error.code == ErrorCode.NO_CONTEXT:
+        if policy.no_context == "answer_without" and can_retry:
+            return Decision("answer_without_context", "retrieval found nothing relevant; answering without the knowledge base, with a disclaimer")
+        return Decision("degrade", "retrieval found nothing relevant; saying so")
     if policy.degrade and env.context.passages:
         return Decision("degrade", f"{failed_step or 'a step'} failed ({error.code.value}); answering from retrieved passages")
     return Decision("refuse", f"{failed_step or 'a step'} failed ({error.code.value}) and the route has no fallback left")
@@ -54,10 +63,26 @@ def _next_model(env: Envelope, chain: list[str]) -> str | None:
 
 
 def retry_slip(env: Envelope, model: str) -> None:
-    """Point the cursor back at the failed generate step, pinned to `model`."""
-    index = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
+    """Point the cursor back at the generate step that failed (or wrote the refused answer), pinned to `model`."""
+    failed = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
+    index = max(i for i, step in enumerate(env.slip[: failed + 1]) if step.service == "generator")
     env.slip[index].params = {**env.slip[index].params, "models": [model]}
     env.cursor = index
+    env.attempt += 1
+    env.error = None
+    env.sent_at = time.time()
+
+
+NO_CONTEXT_ANSWER = "The Spoke & Chain knowledge base has nothing relevant to this question, so I cannot answer it from there."
+NO_CONTEXT_DISCLAIMER = "Note: the knowledge base has nothing on this; the answer below is not from it."
+
+
+def skip_retrieval_slip(env: Envelope) -> None:
+    """Go on after the failed retrieval gate with no passages, and mark the answer."""
+    failed = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
+    env.context.passages = []
+    env.context.outputs["disclaimer"] = NO_CONTEXT_DISCLAIMER
+    env.cursor = failed + 1
     env.attempt += 1
     env.error = None
     env.sent_at = time.time()

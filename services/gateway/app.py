@@ -26,6 +26,7 @@ Environment (read by main() only; create_app takes explicit arguments):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -44,7 +45,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from baton.client import BatonClient
+from baton.client import BatonClient, NotAccepted
 from services.gateway import errors, mapping
 from services.gateway.auth import KEYS_ENV, Authenticator, parse_keys
 from shared import subjects
@@ -79,24 +80,50 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        options = {"max_reconnect_attempts": -1, "name": f"baton-gateway-{client_id}", **connect_options}
+        # The HTTP side starts at once; NATS connects in the background (and nats-py
+        # reconnects forever), so a gateway started before NATS, or cut off from it,
+        # answers 503 and /healthz says why, instead of hanging or exiting.
+        events = _ConnectionLog(client_id)
+        options = {
+            "max_reconnect_attempts": -1,
+            "name": f"baton-gateway-{client_id}",
+            "error_cb": events.error,
+            "disconnected_cb": events.disconnected,
+            "reconnected_cb": events.reconnected,
+            **connect_options,
+        }
         client = BatonClient(nats_url, client_id=client_id, timeout_s=timeout_s, tracer=tracer, **options)
-        await client.connect()
-        state["client"] = client
-        await holder.follow(client)
-        log.info("gateway connected to NATS as client %s; routes: %s", client_id, ", ".join(holder.routes))
+
+        async def connect() -> None:
+            await client.connect()
+            await holder.follow(client)
+            state["client"] = client
+            log.info("gateway connected to NATS as client %s; models: %s", client_id, ", ".join(mapping.model_ids(holder.routes)))
+
+        connecting = asyncio.create_task(connect())
         try:
             yield
         finally:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
             await holder.stop()
-            await client.close()
+            if client.nc is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    def connected_client() -> BatonClient:
+        client = state.get("client")
+        if client is None:
+            raise NotAccepted("the gateway has not connected to NATS yet")
+        return client
 
     @_openai_errors
     async def chat_completions(request: HttpRequest) -> Response:
         tenant = auth.tenant(request.headers.get("authorization"))
         body = await _read_body(request, max_body_bytes)
         call = mapping.parse_chat_request(body, routes=holder.routes, tenant=tenant)
-        client = state["client"]
+        client = connected_client()
         if call.stream:
             return await _stream(client, call, timeout_s)
         reply = await client.ask(call.request, timeout_s=timeout_s)
@@ -120,13 +147,18 @@ def create_app(
         client = state.get("client")
         nc = client.nc if client else None
         connected = bool(nc and nc.is_connected)
-        status = "connected" if connected else "reconnecting" if nc and nc.is_reconnecting else "disconnected"
+        if connected:
+            status = "connected"
+        elif client is None:
+            status = "connecting"
+        else:
+            status = "reconnecting" if nc and nc.is_reconnecting else "disconnected"
         body = {"status": "ok" if connected else "unavailable", "nats": status, "config_version": holder.config.digest, "auth": auth.enabled}
         return JSONResponse(body, status_code=200 if connected else 503)
 
     async def http_exception(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error_response(errors.http_error(exc.status_code, exc.detail))
+        return _error_response(errors.http_error(exc.status_code, exc.detail, dict(exc.headers or {})))
 
     return Starlette(
         routes=[
@@ -138,6 +170,29 @@ def create_app(
         exception_handlers={HTTPException: http_exception},
         lifespan=lifespan,
     )
+
+
+class _ConnectionLog:
+    """nats-py's callbacks as short log lines: no traceback every reconnect attempt."""
+
+    QUIET_S = 30.0
+
+    def __init__(self, client_id: str):
+        self.client_id = client_id
+        self._last_error: tuple[str, float] | None = None
+
+    async def error(self, exc: Exception) -> None:
+        text, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        if self._last_error is None or self._last_error[0] != text or now - self._last_error[1] > self.QUIET_S:
+            log.warning("NATS connection (client %s): %s; retrying", self.client_id, text)
+            self._last_error = (text, now)
+
+    async def disconnected(self) -> None:
+        log.warning("NATS connection (client %s) lost; reconnecting", self.client_id)
+
+    async def reconnected(self) -> None:
+        self._last_error = None
+        log.info("NATS connection (client %s) restored", self.client_id)
 
 
 class _ConfigHolder:

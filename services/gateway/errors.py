@@ -57,6 +57,7 @@ class GatewayError(Exception):
         baton_code: str | None = None,
         retry: bool = False,
         request_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -67,6 +68,7 @@ class GatewayError(Exception):
         self.baton_code = baton_code
         self.retry = retry
         self.request_id = request_id
+        self.extra_headers = dict(headers or {})
 
     def error(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
@@ -78,7 +80,7 @@ class GatewayError(Exception):
         return {"error": self.error()}
 
     def headers(self) -> dict[str, str]:
-        headers = {"x-should-retry": "true" if self.retry else "false"}
+        headers = {**self.extra_headers, "x-should-retry": "true" if self.retry else "false"}
         if self.request_id:
             headers["x-baton-request-id"] = self.request_id
         return headers
@@ -152,11 +154,11 @@ def unauthorized(missing: bool) -> GatewayError:
         message = "You didn't provide an API key. Send it in the Authorization header as 'Bearer <key>'."
     else:
         message = "Incorrect API key provided."
-    return GatewayError(401, message, code="invalid_api_key")
+    return GatewayError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
 
 
-def http_error(status: int, detail: str | None = None) -> GatewayError:
-    """Starlette's own 404/405/... with an OpenAI-style body."""
+def http_error(status: int, detail: str | None = None, headers: dict[str, str] | None = None) -> GatewayError:
+    """Starlette's own 404/405/... with an OpenAI-style body (and its headers, e.g. Allow)."""
     type_ = SERVER if status >= 500 else INVALID
     code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-    return GatewayError(status, detail or "error", type=type_, code=code)
+    return GatewayError(status, detail or "error", type=type_, code=code, headers=headers)

@@ -123,8 +123,10 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
     if tenant is not None:
         metadata["tenant"] = tenant  # the key's tenant; a body cannot claim another
     response_schema = _response_schema(data.get("response_format"))
-    max_latency_ms = _optional(data, "max_latency_ms", int)  # Baton extensions (extra_body)
+    # Baton extensions (the SDK's extra_body): budgets, and `cache: false` to skip the reply cache.
+    max_latency_ms = _optional(data, "max_latency_ms", int)
     max_cost_usd = _number_in(data, "max_cost_usd", 0, math.inf)
+    extensions = {} if (cache := _optional(data, "cache", bool)) is None else {"cache": cache}
 
     try:
         request = Request(
@@ -136,6 +138,7 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
             max_latency_ms=max_latency_ms,
             max_cost_usd=max_cost_usd,
             stream=stream,
+            **extensions,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -247,6 +250,8 @@ def baton_extra(reply: Reply) -> dict[str, Any]:
         "cost_usd": reply.cost_usd,
         "trace_id": reply.trace_id,
         "degraded": reply.degraded,
+        "cached": getattr(reply, "cached", False),
+        "variant": getattr(reply, "variant", None),
         "fallbacks": reply.fallbacks,
         "citations": [citation.model_dump() for citation in reply.citations],
         "latency_ms": reply.latency_ms,

@@ -7,7 +7,11 @@ from opentelemetry.trace import SpanKind
 from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
 from shared import attributes as A
 from shared import metrics, subjects
+from services.generator.providers import estimate_tokens
+from services.generator.shadow import ShadowRunner
 from shared.breakers import Breakers
+from shared.budgets import TenantLedger, request_budget_left
+from shared.experiments import stable_fraction
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER, CITATIONS
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
@@ -16,6 +20,7 @@ mesh = Mesh("generator")
 app = mesh.app
 pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)
+shadows = ShadowRunner(mesh)
 
 
 @app.after_startup
@@ -41,12 +46,22 @@ async def close_pools() -> None:
 async def generate(env: Envelope, record: StepRecord) -> None:
     params = env.current.params
     pool = await pool_for(env)
-    preferred = params.get("models") or pool.config.routes[env.route].models or ["local-extractive"]
+    config = pool.config
+    preferred = params.get("models") or config.routes[env.route].models or ["local-extractive"]
+    tenant = config.tenants.get(env.request.metadata.get("tenant", ""))
     try:
-        choice = await pool.choose(env.route, preferred)
+        choice = await pool.choose(
+            env.route,
+            preferred,
+            budget_usd=await budget_left(env, config),
+            input_tokens=prompt_tokens(env),
+            tenant_models=tenant.models if tenant else None,
+        )
     except NoModelAvailable as exc:
-        code = ErrorCode.MODEL_NOT_ALLOWED if exc.not_allowed else ErrorCode.MODEL_ERROR
+        code = {"not_allowed": ErrorCode.MODEL_NOT_ALLOWED, "budget": ErrorCode.BUDGET_EXCEEDED}.get(exc.reason, ErrorCode.MODEL_ERROR)
         raise StepFailed(code, str(exc)) from exc
+    if choice.skipped:
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "skipped": choice.skipped}))
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
     call = model_call(env.context.question, env.context.passages, env.context.history, params)
     model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
@@ -74,7 +89,28 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     env.context.outputs[ANSWER] = generation.text
     env.context.outputs[CITATIONS] = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
-    env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "skipped": choice.skipped}))
+    env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "cost_usd": record.cost_usd}))
+    shadow = config.routes[env.route].shadow
+    if shadow is not None and shadow.model != choice.name and stable_fraction(f"shadow:{env.request_id}") < shadow.share:
+        env.events.append(Event(kind="model", step=env.current.name, data={"shadow": shadow.model}))
+        shadows.start(env, shadow.model, call, pool, primary=choice.name)
+
+
+async def budget_left(env: Envelope, config) -> float | None:
+    """The tighter of what the request and its tenant's day may still spend."""
+    left = request_budget_left(env, config)
+    tenant_name = env.request.metadata.get("tenant", "")
+    tenant = config.tenants.get(tenant_name)
+    if tenant is not None and tenant.daily_budget_usd is not None:
+        ledger = TenantLedger(await mesh.broker.key_value(subjects.BUDGETS_BUCKET, declare=False))
+        tenant_left = max(0.0, tenant.daily_budget_usd - await ledger.spent_today(tenant_name))
+        left = tenant_left if left is None else min(left, tenant_left)
+    return left
+
+
+def prompt_tokens(env: Envelope) -> int:
+    text = env.context.question + "".join(p.text for p in env.context.passages) + "".join(t.content for t in env.context.history)
+    return estimate_tokens(text)
 
 
 def step_time_left(env: Envelope, record: StepRecord) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 from services.generator.local import LocalExtractive, split_sentences
 from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages
 from shared.breakers import Breakers
+from shared.budgets import estimate_cost
 from shared.config import MeshConfig, ModelSpec
 from shared.retry import retrying
 from shared.schema import ChatMessage, Passage
@@ -29,9 +30,15 @@ TASK_PROMPTS = {
 
 
 class NoModelAvailable(Exception):
-    def __init__(self, message: str, not_allowed: bool = False):
+    def __init__(self, message: str, reason: str = "unavailable"):
         super().__init__(message)
-        self.not_allowed = not_allowed
+        self.reason = reason  # "not_allowed" | "budget" | "unavailable"
+
+
+def _dominant_reason(skipped: list[dict[str, str]]) -> str:
+    """Why nothing could run, when every skip had the same kind of reason."""
+    kinds = {"budget" if "budget" in s["why"] else "not_allowed" if "not allowed" in s["why"] else "unavailable" for s in skipped}
+    return kinds.pop() if len(kinds) == 1 else "unavailable"
 
 
 @dataclass
@@ -67,24 +74,28 @@ class ModelPool:
             return f"{spec.api_key_env} is not set"
         return None
 
-    async def choose(self, route: str, preferred: list[str]) -> Choice:
-        """The first model of `preferred` that is allowed, configured and not cut off by its breaker."""
+    async def choose(self, route: str, preferred: list[str], *, budget_usd: float | None = None, input_tokens: int = 0, tenant_models: list[str] | None = None) -> Choice:
+        """The first model of `preferred` that is allowed, configured, affordable and not cut off by its breaker."""
         allowed = self.config.routes[route].models
         skipped = []
         for name in preferred:
-            if name not in self.config.models:
+            spec = self.config.models.get(name)
+            if spec is None:
                 skipped.append({"model": name, "why": "not in the models catalog"})
             elif allowed and name not in allowed:
                 skipped.append({"model": name, "why": f"not allowed on route {route}"})
+            elif tenant_models and name not in tenant_models:
+                skipped.append({"model": name, "why": "not allowed for the tenant"})
+            elif budget_usd is not None and (estimate := estimate_cost(spec, input_tokens)) > budget_usd:
+                skipped.append({"model": name, "why": f"over budget (up to ${estimate:.6f}, ${budget_usd:.6f} left)"})
             elif reason := self.unavailable_reason(name):
                 skipped.append({"model": name, "why": reason})
-            elif self.config.models[name].provider != "local" and not await self.breakers.acquire(name):
+            elif spec.provider != "local" and not await self.breakers.acquire(name):
                 skipped.append({"model": name, "why": "circuit breaker open"})
             else:
-                return Choice(name, self.config.models[name], skipped)
-        only_policy = skipped and all("not allowed" in s["why"] for s in skipped)
+                return Choice(name, spec, skipped)
         shown = "; ".join(f"{s['model']}: {s['why']}" for s in skipped) or "the step names no models"
-        raise NoModelAvailable(f"no model available for route {route} ({shown})", not_allowed=bool(only_policy))
+        raise NoModelAvailable(f"no model available for route {route} ({shown})", reason=_dominant_reason(skipped))
 
     async def generate(self, choice: Choice, call: ModelCall, timeout_s: float, on_retry: Callable[[int, Exception, float], None] | None = None) -> Generation:
         """One answer from `choice`, retried on errors that can succeed, within `timeout_s`."""

@@ -21,18 +21,37 @@ async def guard(env: Envelope, record: StepRecord) -> None:
     name, params = env.current.name, env.current.params
     spec = (await mesh.config_for(env)).guard
     if name == "guard.input":
-        result = input_gate(env.context.question, spec, threshold=float(params.get("threshold", 0.5)))
+        result = input_gate(env.context.question, spec, threshold=optional_float(params, "threshold"))
         if result.verdict == "fixed":
             scrub_request(env, result.text, spec)
     elif name == "guard.retrieval":
-        result = retrieval_gate(env.context.question, env.context.passages, min_score=float(params.get("min_score", 0.0)), min_passages=int(params.get("min_passages", 1)))
+        result = retrieval_gate(
+            env.context.question,
+            env.context.passages,
+            min_score=float(params.get("min_score", 0.0)),
+            min_passages=int(params.get("min_passages", 1)),
+            min_overlap=float(params.get("min_overlap", 0.0)),
+            neutralize=bool(params.get("neutralize", True)),
+        )
+        if result.verdict == "fixed" and result.passages is not None:
+            env.context.passages = result.passages  # instructions hidden in documents never reach a model
     else:
-        result = output_gate(env.context.outputs.get(ANSWER, ""), spec)
+        result = output_gate(
+            env.context.outputs.get(ANSWER, ""),
+            spec,
+            passages=env.context.passages,
+            min_grounded=optional_float(params, "min_grounded"),
+            response_schema=env.request.response_schema,
+        )
         if result.verdict == "fixed":
             env.context.outputs[ANSWER] = result.text
     env.events.append(Event(kind="gate", step=name, data=result.to_event_data()))
     if result.verdict == "fail":
         raise StepFailed(FAILURE_CODES[name], f"{name} refused: {result.reason}", details=[{"gate": name, "score": result.score}])
+
+
+def optional_float(params: dict, key: str) -> float | None:
+    return None if params.get(key) is None else float(params[key])
 
 
 def scrub_request(env: Envelope, question: str, spec) -> None:

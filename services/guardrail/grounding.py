@@ -91,9 +91,15 @@ def _raw_terms(text: str) -> list[str]:
     return words
 
 
+_PLACEHOLDER = re.compile(r"\[REDACTED_[A-Z_]+\]")
+
+
 def content_terms(text: str) -> list[str]:
-    """Stemmed content words and numbers of `text`, in order, with repeats."""
-    words = _raw_terms(text)
+    """Stemmed content words and numbers of `text`, in order, with repeats.
+
+    Redaction placeholders are not words of the question: they never count.
+    """
+    words = _raw_terms(_PLACEHOLDER.sub(" ", text))
     numbers = {index for index, word in enumerate(words) if word[0].isdigit()}
     stems = _stem_all([word for index, word in enumerate(words) if index not in numbers])
     out, stem_iter = [], iter(stems)

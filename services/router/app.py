@@ -8,9 +8,11 @@ from pydantic import ValidationError
 
 from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
-from shared import subjects, telemetry
+from shared import metrics, subjects, telemetry
 from shared.mesh import Mesh, validation_details
-from shared.schema import Error, ErrorCode, Request
+from shared import cache
+from shared.cache import cache_key
+from shared.schema import Error, ErrorCode, Event, Request
 
 mesh = Mesh("router")
 app = mesh.app
@@ -53,6 +55,18 @@ async def route(body: bytes) -> None:
         span.set_attributes(telemetry.envelope_attributes(env))
         if telemetry.content_tracing():
             span.set_attribute(A.CONTENT_PROMPT, request.text)
+        key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
+        if key is not None:
+            cached = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)
+            metrics.CACHE_HITS.labels(env.route, "hit" if cached else "miss").inc()
+            if cached is not None:
+                env.events.append(Event(kind="cache", step="route", data={"hit": True}))
+                mesh.observe(span, env, env.events)
+                reply = cache.served_from_cache(cached, env, telemetry.trace_id_of(span))
+                telemetry.record_reply(span, reply)
+                await mesh.deliver(reply, reply_to)
+                return
+            env.context.outputs[cache.CACHE_KEY] = key
         mesh.observe(span, env, env.events)
         await mesh.forward(env)
 

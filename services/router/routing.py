@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from services.router.classifier import RouteClassifier, complexity
 from shared.config import MeshConfig, RouteSpec
+from shared.experiments import stable_fraction
 from shared.schema import Envelope, Event, Request
 
 
@@ -120,8 +121,35 @@ class Router:
         )
         env.context.question = request.text
         env.context.history = [m for m in (request.messages or [])[:-1]]
-        env.events.append(_route_event(decision))
+        event = _route_event(decision)
+        variant = self.pick_variant(decision.route, experiment_unit(request, request_id))
+        if variant is not None:
+            for step in env.slip:
+                if step.service == "generator":
+                    step.params["models"] = list(variant.models)
+            env.context.outputs[VARIANT] = variant.name
+            event.data["variant"] = variant.name
+        env.events.append(event)
         return env
+
+    def pick_variant(self, route: str, unit: str):
+        """A/B arm by a stable hash: one session or user always lands in the same arm."""
+        variants = self.config.routes[route].variants
+        if not variants:
+            return None
+        point = stable_fraction(f"{route}:{unit}") * sum(v.weight for v in variants)
+        for variant in variants:
+            point -= variant.weight
+            if point < 0:
+                return variant
+        return variants[-1]
+
+
+VARIANT = "variant"  # where the chosen A/B arm is kept on the envelope's outputs
+
+
+def experiment_unit(request: Request, request_id: str) -> str:
+    return request.session_id or request.metadata.get("user") or request_id
 
 
 def _route_event(decision: RouteDecision) -> Event:

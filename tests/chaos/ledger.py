@@ -68,7 +68,7 @@ async def run_load(url: str, requests: int, concurrency: int, duration_s: float 
                 ledger.sent += 1
                 started = time.monotonic()
                 try:
-                    reply = await client.ask(QUESTIONS[i % len(QUESTIONS)])
+                    reply = await client.ask(QUESTIONS[i % len(QUESTIONS)], cache=False)  # every request walks the mesh
                 except NotAccepted:
                     ledger.refused += 1
                     continue

@@ -19,7 +19,7 @@ POISON = "POISON-PILL"
 @pytest.fixture(scope="module")
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings = mesh_settings(tmp_path_factory.mktemp("dead"), index_dir, ack_wait_s=1.0, max_deliver=2)
-    env = {"BATON_CHAOS_CRASH_ON": f"generator:{POISON}"}
+    env = {"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"}
     with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
         yield running
 
@@ -41,11 +41,11 @@ async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answ
 
         assert crashes == 2  # max_deliver
         assert not reply.ok and reply.error.code == ErrorCode.REDELIVERY_EXHAUSTED
-        assert reply.error.step == "generate" and "2 times" in reply.error.message
+        assert reply.error.step == "retrieve" and "2 times" in reply.error.message
         letter = json.loads((await (await client.js.key_value(subjects.DEAD_LETTERS_BUCKET)).get(request_id)).value)
-        assert letter["consumer"] == "generator" and letter["step"] == "generate"
+        assert letter["consumer"] == "retriever" and letter["step"] == "retrieve"
         assert POISON in letter["body"]
-        info = await client.js.consumer_info(subjects.STREAM, "generator")
+        info = await client.js.consumer_info(subjects.STREAM, "retriever")
         assert info.num_pending == 0 and info.num_ack_pending == 0  # nothing left to redeliver
 
         await asyncio.to_thread(mesh.wait_ready)

@@ -40,6 +40,7 @@ def flaky_config(path) -> None:
         "latency_budget_ms": 20000,
         "models": ["fake-gpt", "local-extractive"],
         "fallback": {"models": ["local-extractive"], "degrade": True},
+        "cache": {"enabled": False},  # every ask must reach the provider
     }
     config["breakers"] = {"threshold": 1000, "cooldown_s": 60}  # breakers have their own test
     path.write_text(yaml.safe_dump(config))

@@ -10,6 +10,8 @@ import asyncio
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -19,7 +21,9 @@ from openai import OpenAI
 
 from baton.client import BatonClient
 from services.gateway.app import create_app
-from shared.natsd import free_port
+from shared.natsd import NatsServer, free_port
+from shared.schema import Request
+from shared.settings import Settings
 from tests.conftest import mesh_settings, running_mesh
 
 pytestmark = pytest.mark.e2e
@@ -38,23 +42,32 @@ def mesh(nats_url, index_dir, tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def gateway(mesh):
-    """The gateway's base URL; uvicorn runs it on its own event loop in a thread."""
-    app = create_app(mesh.nats_url, config_path=mesh.settings.config, api_keys={KEY: TENANT}, timeout_s=30)
+@contextmanager
+def serve(app, *, healthy: bool = True) -> Iterator[str]:
+    """Serve `app` with uvicorn on its own event loop in a thread; yields the base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", lifespan="on", log_level="warning"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
-    while not server.started:
+    # NATS connects in the background: wait for /healthz when the test needs the mesh.
+    while not (server.started and (not healthy or httpx.get(f"{url}/healthz").status_code == 200)):
         assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start (see the log above)"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(15)
+        assert not thread.is_alive(), "the gateway did not shut down"
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh):
+    """The gateway's base URL, in front of the module's mesh, with one API key."""
+    with serve(create_app(mesh.nats_url, config_path=mesh.settings.config, api_keys={KEY: TENANT}, timeout_s=30)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -201,44 +214,89 @@ def test_an_unknown_path_is_an_openai_style_404(gateway):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
+def wait_for_health(url: str, status: int, nats: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = httpx.get(f"{url}/healthz")
+        if response.status_code == status and response.json()["nats"] == nats:
+            return
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.1)
+
+
+def test_without_nats_or_the_mesh_requests_are_503_and_the_gateway_reconnects():
+    """A gateway started before NATS answers 503 at once, connects when NATS comes up,
+    says the mesh is not reachable while no service has provisioned the stream, and
+    reconnects after NATS restarts."""
+    port = free_port()
+    app = create_app(f"nats://127.0.0.1:{port}", config_path=Settings().config, api_keys=None, timeout_s=10, reconnect_time_wait=0.2)
+    request = {"model": "baton/auto", "messages": [{"role": "user", "content": QUESTION}]}
+    with serve(app, healthy=False) as url:
+        wait_for_health(url, 503, "connecting")
+        early = httpx.post(f"{url}/v1/chat/completions", json=request)
+        assert early.status_code == 503 and "not reachable" in early.json()["error"]["message"]
+        assert early.headers["x-should-retry"] == "true"
+
+        nats = NatsServer(port=port).start()
+        try:
+            wait_for_health(url, 200, "connected")
+            with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=15) as sdk:
+                with pytest.raises(openai.InternalServerError) as caught:  # no stream: nothing accepts the request
+                    ask(sdk, QUESTION)
+            assert caught.value.status_code == 503 and caught.value.code == "mesh_unavailable"
+            assert "not reachable" in caught.value.message
+            nats.kill()
+            wait_for_health(url, 503, "reconnecting")
+        finally:
+            nats.stop()
+        with NatsServer(port=port):
+            wait_for_health(url, 200, "connected")
+
+
 # -- overhead ---------------------------------------------------------------------
 
 
 async def test_the_gateway_adds_little_latency_over_the_bus_client(sdk, gateway, mesh, capsys):
     """Sequential requests for the same question, interleaved so drift hits every path
     alike: the bus client, raw HTTP (keep-alive httpx) through the gateway, and the
-    official SDK through the gateway. The medians are printed, for quoting."""
+    official SDK through the gateway; once answered by the whole pipeline (cache off),
+    once by the router's reply cache. The medians are printed, for quoting."""
     runs = 30
-    body = {"model": "baton/auto", "messages": [{"role": "user", "content": QUESTION}]}
-    timings: dict[str, list[float]] = {"bus": [], "http": [], "sdk": []}
-
+    messages = [{"role": "user", "content": QUESTION}]
+    lines = []
     async with BatonClient(mesh.nats_url, timeout_s=30) as bus:
         with httpx.Client(base_url=gateway, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as http:
+            for cache in (False, True):
+                request = Request(messages=messages, cache=cache)
+                body = {"model": "baton/auto", "messages": messages, "cache": cache}
 
-            def over_http() -> tuple[float, float]:  # timed inside the worker thread
-                started = time.perf_counter()
-                response = http.post("/v1/chat/completions", json=body)
-                middle = time.perf_counter()
-                completion = ask(sdk, QUESTION)
-                ended = time.perf_counter()
-                assert response.status_code == 200 and "mineral oil" in completion.choices[0].message.content.lower()
-                return middle - started, ended - middle
+                def over_http() -> tuple[float, float]:  # timed inside the worker thread
+                    started = time.perf_counter()
+                    response = http.post("/v1/chat/completions", json=body)
+                    middle = time.perf_counter()
+                    completion = ask(sdk, QUESTION, extra_body={"cache": cache})
+                    ended = time.perf_counter()
+                    assert response.status_code == 200 and "mineral oil" in completion.choices[0].message.content.lower()
+                    return middle - started, ended - middle
 
-            for run in range(runs + 3):  # the first three warm every path up
-                started = time.perf_counter()
-                reply = await bus.ask(QUESTION)
-                bus_s = time.perf_counter() - started
-                http_s, sdk_s = await asyncio.to_thread(over_http)
-                assert reply.ok
-                if run >= 3:
-                    for name, seconds in (("bus", bus_s), ("http", http_s), ("sdk", sdk_s)):
-                        timings[name].append(seconds * 1000)
-
-    bus_ms, http_ms, sdk_ms = (statistics.median(timings[name]) for name in ("bus", "http", "sdk"))
+                timings: dict[str, list[float]] = {"bus": [], "http": [], "sdk": []}
+                hits = 0
+                for run in range(runs + 3):  # the first three warm every path up
+                    started = time.perf_counter()
+                    reply = await bus.ask(request)
+                    bus_s = time.perf_counter() - started
+                    http_s, sdk_s = await asyncio.to_thread(over_http)
+                    assert reply.ok
+                    if run >= 3:
+                        hits += reply.cached
+                        for name, seconds in (("bus", bus_s), ("http", http_s), ("sdk", sdk_s)):
+                            timings[name].append(seconds * 1000)
+                bus_ms, http_ms, sdk_ms = (statistics.median(timings[name]) for name in ("bus", "http", "sdk"))
+                lines.append(
+                    f"{'cache on' if cache else 'cache off'} ({hits}/{runs} bus replies from the cache): bus client {bus_ms:.2f} ms; "
+                    f"gateway via httpx {http_ms:.2f} ms (+{http_ms - bus_ms:.2f} ms, x{http_ms / bus_ms:.2f}); "
+                    f"gateway via openai SDK {sdk_ms:.2f} ms (+{sdk_ms - bus_ms:.2f} ms, x{sdk_ms / bus_ms:.2f})"
+                )
+                assert http_ms < bus_ms * 3 + 100  # a sanity bound, not a benchmark
     with capsys.disabled():
-        print(
-            f"\n[gateway latency, medians of {runs} interleaved sequential requests] bus client {bus_ms:.2f} ms; "
-            f"gateway via httpx {http_ms:.2f} ms (+{http_ms - bus_ms:.2f} ms, x{http_ms / bus_ms:.2f}); "
-            f"gateway via openai SDK {sdk_ms:.2f} ms (+{sdk_ms - bus_ms:.2f} ms, x{sdk_ms / bus_ms:.2f})"
-        )
-    assert http_ms < bus_ms * 3 + 100  # a sanity bound, not a benchmark
+        print(f"\n[gateway latency, medians of {runs} interleaved sequential requests]\n  " + "\n  ".join(lines))

@@ -64,10 +64,13 @@ async def test_reply_is_stored_and_fetchable_by_request_id(client):
 
 
 async def test_an_unrelated_question_says_the_knowledge_base_has_no_answer(client):
-    reply = await client.ask("What is the boiling point of liquid nitrogen on Neptune?", route="factual")
-    assert reply.ok
-    assert "could not find" in reply.answer.lower()
+    reply = await client.ask("Who won the 1998 football world cup?", route="factual")
+    assert reply.ok and reply.degraded
+    assert "nothing relevant" in reply.answer.lower()
     assert reply.citations == []
+    gate = next(e.data for e in reply.events if e.kind == "gate" and e.step == "guard.retrieval")
+    assert gate["verdict"] == "fail"
+    assert reply.fallbacks == ["degrade"]
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,12 @@ def secured_server(log_dir: Path) -> Iterator[NatsServer]:
         server.stop()
 
 
-def violations_in_log(log: Path) -> list[str]:
-    return [line.strip() for line in log.read_text(errors="replace").splitlines() if "Violation" in line and "[ERR]" in line]
+def violations_in_log(log: Path, since: int = 0) -> list[str]:
+    """The server's permissions-violation lines, from byte offset `since` on."""
+    with open(log, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    return [line.strip() for line in text.splitlines() if "Violation" in line and "[ERR]" in line]
 
 
 # -- connections -----------------------------------------------------------------------------
@@ -148,6 +152,7 @@ KV_S = f"KV_{S.SESSIONS_BUCKET}"
 PUB_PROBES = [
     S.request(ACME),
     S.request(GLOBEX),
+    S.request(auth.GATEWAY),
     S.step("guardrail"),
     S.step("generator"),
     S.FALLBACK,
@@ -165,6 +170,8 @@ PUB_PROBES = [
     f"$JS.API.CONSUMER.DELETE.{S.STREAM}.generator",
     f"$JS.API.STREAM.CREATE.PROBE",
     f"$JS.API.STREAM.DELETE.{S.STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{S.STREAM}",
+    f"$JS.API.STREAM.MSG.DELETE.{S.STREAM}",
     f"$JS.API.STREAM.PURGE.{KV_R}",
     f"$JS.API.STREAM.MSG.DELETE.{KV_R}",
     f"$JS.API.STREAM.INFO.{KV_R}",
@@ -176,6 +183,11 @@ PUB_PROBES = [
     f"$JS.API.STREAM.MSG.GET.{KV_C}",
     f"$KV.{S.CONFIG_BUCKET}.active",
     f"$JS.API.CONSUMER.CREATE.{KV_C}",
+    f"$KV.{S.BREAKERS_BUCKET}.gpt-small",
+    f"$KV.{S.DEAD_LETTERS_BUCKET}.r1",
+    f"$KV.{S.CACHE_BUCKET}.k1",
+    f"$KV.{S.BUDGETS_BUCKET}.t1",
+    f"$KV.{S.SHADOW_BUCKET}.r1",
     f"$JS.API.CONSUMER.CREATE.{KV_R}",
     "$JS.API.INFO",
     "$JS.API.STREAM.LIST",
@@ -188,6 +200,7 @@ SUB_PROBES = [
     f"{S.inbox_prefix('router')}.>",
     f"{S.inbox_prefix('generator')}.>",
     f"{S.inbox_prefix('admin')}.>",
+    f"{S.inbox_prefix(auth.GATEWAY)}.>",
     "_INBOX.>",
     ">",
     S.ALL,
@@ -195,6 +208,7 @@ SUB_PROBES = [
     S.step("generator"),
     f"$KV.{S.RESULTS_BUCKET}.>",
     "$JS.API.>",
+    S.MAX_DELIVERIES_ADVISORY,
     "$JS.EVENT.ADVISORY.>",
     "$JS.ACK.>",
 ]
@@ -229,6 +243,18 @@ RULES: list[tuple[str, str, str, bool, str]] = [
     ("generator", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{S.STREAM}.router", False, "a service pulls only from its own consumer"),
     ("generator", "pub", f"$JS.ACK.{S.STREAM}.router.1.1.1.1.1.0", False, "a service acks only its own messages"),
     ("router", "sub", f"{S.inbox_prefix('generator')}.>", False, "a service reads only its own inbox"),
+    (auth.GATEWAY, "pub", S.request(auth.GATEWAY), True, "the gateway is a client under its own id"),
+    (auth.GATEWAY, "pub", S.request(ACME), False, "the gateway does not publish as another client"),
+    (auth.GATEWAY, "sub", f"{S.inbox_prefix(ACME)}.>", False, "the gateway reads only its own inbox"),
+    (ACME, "pub", f"$JS.API.STREAM.MSG.GET.{S.STREAM}", False, "no client reads hops in flight"),
+    *[(svc, "pub", f"$JS.API.STREAM.MSG.GET.{S.STREAM}", svc == "fallback", "only the fallback reads a hop by sequence (dead letters)") for svc in SERVICES],
+    *[(svc, "sub", S.MAX_DELIVERIES_ADVISORY, svc == "fallback", "only the fallback handles the max-deliveries advisory") for svc in SERVICES],
+    *[(svc, "pub", f"$KV.{S.BREAKERS_BUCKET}.gpt-small", svc == "generator", "only the generator moves circuit breakers") for svc in SERVICES],
+    *[(svc, "pub", f"{S.inbox_prefix(ACME)}.chunk.r1", svc == "generator", "only the generator streams chunks") for svc in SERVICES],
+    ("router", "pub", f"$KV.{S.SESSIONS_BUCKET}.s1", False, "the router only reads sessions"),
+    ("router", "pub", f"$KV.{S.CACHE_BUCKET}.k1", False, "the router only reads the cache"),
+    (ACME, "pub", f"$KV.{S.CACHE_BUCKET}.k1", False, "no client poisons the answer cache"),
+    (ACME, "pub", f"$KV.{S.BUDGETS_BUCKET}.t1", False, "no client resets a tenant's spend"),
     ("admin", "pub", f"$JS.API.STREAM.CREATE.PROBE", True, "the admin provisions"),
     ("admin", "pub", f"$KV.{S.CONFIG_BUCKET}.active", True, "the admin applies the live config"),
     ("admin", "sub", f"{S.inbox_prefix(ACME)}.>", False, "not even the admin reads a client's inbox"),
@@ -483,6 +509,44 @@ async def test_service_cannot_impersonate_a_client_nor_administer(provisioned):
         await router.nc.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: results are keyed by request id alone, and reading the bucket (MSG.GET by "
+    "sequence, or DIRECT.GET with a wildcard) returns any client's Reply. Closing it needs the "
+    "code to key Replies by client (<client>.<request id>), the bucket to allow direct gets, and "
+    "the table to grant each client only $JS.API.DIRECT.GET.KV_baton_results.$KV.baton_results.<client>.>",
+)
+async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
+    service = await connect(provisioned.url, "generator")
+    globex = await connect(provisioned.url, GLOBEX)
+    try:
+        results = await service.nc.jetstream().key_value(S.RESULTS_BUCKET)
+        seq = await results.put("acme-private", b'{"answer": "for acme"}')
+        msg = await globex.nc.jetstream(timeout=2).get_msg(f"KV_{S.RESULTS_BUCKET}", seq)  # by sequence: no id needed
+        assert msg.data != b'{"answer": "for acme"}'
+    finally:
+        await service.nc.close()
+        await globex.nc.close()
+
+
+def test_deploy_provision_script_provisions_as_admin_and_is_refused_to_a_service(tmp_path):
+    """deploy/provision.py, as compose and the Kubernetes Job run it."""
+    script = ROOT / "deploy" / "provision.py"
+    with secured_server(tmp_path) as server:
+        base = {**os.environ, "NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
+        admin = {**base, "NATS_USER": "admin", "NATS_PASSWORD": auth.DEV_PASSWORDS[USERS["admin"].password_var]}
+        done = subprocess.run([sys.executable, str(script), "--wait", "10"], env=admin, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ready" in done.stdout
+        again = subprocess.run([sys.executable, str(script), "--wait", "10"], env=admin, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr  # idempotent
+
+        router = {**base, "NATS_USER": "router", "NATS_PASSWORD": auth.DEV_PASSWORDS[USERS["router"].password_var]}
+        refused = subprocess.run([sys.executable, str(script), "--wait", "10"], env=router, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert "permissions violation" in refused.stderr
+
+
 # -- 3. the real services, least privilege, provisioning off ------------------------------------
 
 KNOWN_GAPS = {
@@ -507,9 +571,28 @@ def _pull_inbox_violation(lines: list[str]) -> bool:
     return any("Subscription Violation" in line and re.search(r'Subject "_INBOX\.[A-Za-z0-9]{20,}"', line) for line in lines)
 
 
-async def test_the_five_services_run_with_least_privilege_users(provisioned, index_dir, tmp_path):
+async def _ask_as_a_client(url: str) -> None:
     from baton.client import BatonClient
 
+    user = USERS[ACME]
+    async with BatonClient(url, client_id=ACME, user=ACME, password=auth.DEV_PASSWORDS[user.password_var], timeout_s=20) as client:
+        reply = await client.ask("How often should I replace my chain?", session_id="least-privilege")
+        assert reply.ok, reply.error
+        assert reply.answer
+        stored = await client.result(reply.request_id)
+        assert stored is not None and stored.request_id == reply.request_id
+        follow_up = await client.ask("And the cassette?", session_id="least-privilege")  # session read + write
+        assert follow_up.ok, follow_up.error
+        items = [item async for item in client.stream("How do I fix a puncture?")]  # chunks to the inbox
+        assert items and items[-1].ok
+        refused = await asyncio.wait_for(await client.send_raw(b"not json"), 20)  # the router's error reply
+        assert refused.error is not None
+        again = await client.ask("How often should I replace my chain?")  # a cache hit, answered by the router
+        assert again.ok, again.error
+
+
+async def test_the_five_services_run_with_least_privilege_users(provisioned, index_dir, tmp_path):
+    since = provisioned.log.stat().st_size  # earlier tests provoked violations on purpose
     admin = await connect(provisioned.url, "admin")
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
@@ -548,28 +631,20 @@ async def test_the_five_services_run_with_least_privilege_users(provisioned, ind
             for svc in list(waiting):
                 if ((await ajs.consumer_info(S.STREAM, S.durable(svc))).num_waiting or 0) >= 1:
                     waiting.discard(svc)
-            lines = violations_in_log(provisioned.log)
+            lines = violations_in_log(provisioned.log, since)
             if _pull_inbox_violation(lines):
                 pytest.xfail("the pull subscription's inbox is _INBOX.<nuid>: shared/mesh.py Mesh.subscriber must pass inbox_prefix=b'_INBOX.<service>.'")
             if lines or (waiting and time.monotonic() > deadline):
                 pytest.fail(f"not pulling: {sorted(waiting)}; server violations:\n" + "\n".join(lines))
             await asyncio.sleep(0.2)
 
-        user = USERS[ACME]
-        async with BatonClient(provisioned.url, client_id=ACME, user=ACME, password=auth.DEV_PASSWORDS[user.password_var], timeout_s=20) as client:
-            reply = await client.ask("How often should I replace my chain?", session_id="least-privilege")
-            assert reply.ok, reply.error
-            assert reply.answer
-            stored = await client.result(reply.request_id)
-            assert stored is not None and stored.request_id == reply.request_id
-            follow_up = await client.ask("And the cassette?", session_id="least-privilege")  # session read + write
-            assert follow_up.ok, follow_up.error
-            items = [item async for item in client.stream("How do I fix a puncture?")]  # chunks to the inbox
-            assert items and items[-1].ok
-            refused = await asyncio.wait_for(await client.send_raw(b"not json"), 20)  # the router's error reply
-            assert refused.error is not None
+        try:
+            await _ask_as_a_client(provisioned.url)
+        except Exception as exc:  # say which permission was missing, not just "timed out"
+            lines = violations_in_log(provisioned.log, since)
+            raise AssertionError(f"{type(exc).__name__}: {exc}\nserver violations:\n" + "\n".join(lines)) from exc
 
-        lines = violations_in_log(provisioned.log)
+        lines = violations_in_log(provisioned.log, since)
         assert not lines, "permissions violations while the mesh ran:\n" + "\n".join(lines)
     finally:
         for proc in procs.values():

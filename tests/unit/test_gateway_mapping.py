@@ -140,6 +140,7 @@ def test_tenant_user_metadata_stream_and_schema_are_carried():
         max_cost_usd=0.01,
         max_tokens=100,
         temperature=0.3,
+        cache=False,
     )
     call = parse(raw, tenant="acme")
     request = call.request
@@ -147,6 +148,7 @@ def test_tenant_user_metadata_stream_and_schema_are_carried():
     assert request.metadata == {"risk": "high", "tenant": "acme"}  # the key's tenant wins
     assert request.response_schema == schema
     assert request.max_latency_ms == 5000 and request.max_cost_usd == 0.01
+    assert request.cache is False and parse(body()).request.cache is True
     assert request.session_id.startswith("u-")
     assert request.session_id != parse(raw, tenant="other").request.session_id  # tenants never share a session
 
@@ -183,6 +185,7 @@ def test_session_ids_pass_through_without_a_tenant_when_valid():
         (body(response_format={"type": "xml"}), "response_format.type"),
         (body(stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
         (body(max_latency_ms=0), "max_latency_ms"),
+        (body(cache="no"), "cache"),
     ],
 )
 def test_malformed_bodies_are_400_naming_the_field(raw, param):
@@ -358,3 +361,46 @@ async def test_a_stream_refused_at_once_raises_before_any_event():
     unreachable = FakeClient([NotAccepted("NoRespondersError")])
     with pytest.raises(NotAccepted):
         await _stream(unreachable, parse(body(stream=True)), 5)
+
+
+# -- the HTTP app without a mesh (the lifespan, which connects to NATS, is not run) ----
+
+
+@pytest.fixture
+def http():
+    from starlette.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from shared.settings import Settings
+
+    return TestClient(create_app("nats://127.0.0.1:1", config_path=Settings().config, api_keys={"sk-1": "acme"}, max_body_bytes=1000))
+
+
+def test_the_app_answers_openai_style_before_any_mesh_call(http):
+    auth = {"authorization": "Bearer sk-1"}
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models").headers["www-authenticate"] == "Bearer"
+    assert http.get("/v1/models", headers={"authorization": "Bearer sk-2"}).json()["error"]["code"] == "invalid_api_key"
+    assert "baton/factual" in [m["id"] for m in http.get("/v1/models", headers=auth).json()["data"]]
+    assert http.get("/v1/models/baton/factual", headers=auth).json()["id"] == "baton/factual"
+    assert http.get("/v1/models/baton/nope", headers=auth).status_code == 404
+    wrong_method = http.get("/v1/chat/completions", headers=auth)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST" and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert http.post("/v1/chat/completions", headers=auth, content=b"x" * 1001).status_code == 413
+    assert http.post("/v1/chat/completions", headers=auth, content=b"{").json()["error"]["param"] is None
+    not_connected = http.post("/v1/chat/completions", headers=auth, json={"model": "baton/auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert not_connected.status_code == 503 and "not reachable" in not_connected.json()["error"]["message"]
+    assert http.get("/healthz").status_code == 503 and http.get("/healthz").json()["nats"] == "connecting"
+
+
+def test_main_refuses_a_bad_key_list_without_printing_it():
+    import os
+    import subprocess
+    import sys
+
+    from shared.settings import ROOT
+
+    env = {**os.environ, "BATON_GATEWAY_KEYS": "sk-very-secret", "NATS_URL": "nats://127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "BATON_GATEWAY_KEYS" in done.stderr and "sk-very-secret" not in done.stderr + done.stdout

@@ -1,0 +1,159 @@
+"""Models and cost end to end: the ledger, budgets, tenants, the reply cache, A/B and shadow.
+
+Two priced models on the fake OpenAI-compatible provider (loopback), the local
+generator for free, every service a separate process on a real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+
+from baton.client import BatonClient
+from shared import subjects
+from shared.budgets import day_key
+from shared.schema import ErrorCode
+from shared.settings import ROOT, Settings
+from tests.conftest import mesh_settings, running_mesh
+from tests.fakes.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"in": 1.0, "out": 4.0}  # USD per million tokens
+BIG = {"in": 10.0, "out": 40.0}
+QUESTION = "How do I true a wheel?"
+
+
+def write_config(path) -> None:
+    config = yaml.safe_load(Settings().config.read_text())
+    fake = {"provider": "openai", "base_url_env": "FAKE_OPENAI_URL", "api_key_env": "FAKE_OPENAI_KEY", "max_output_tokens": 200}
+    config["models"]["fake-small"] = {**fake, "model": "small-model", "tier": "small", "price_in_per_mtok": SMALL["in"], "price_out_per_mtok": SMALL["out"]}
+    config["models"]["fake-big"] = {**fake, "model": "big-model", "tier": "frontier", "price_in_per_mtok": BIG["in"], "price_out_per_mtok": BIG["out"]}
+    pipeline = ["guard.input", {"retrieve": {"top_k": 3, "corpora": ["handbook"]}}, {"generate": {"models": ["fake-big", "fake-small", "local-extractive"]}}, "guard.output"]
+    base = {"steps": pipeline, "models": ["fake-big", "fake-small", "local-extractive"], "latency_budget_ms": 20000}
+    config["routes"]["priced"] = {**base, "cache": {"enabled": True, "ttl_s": 1.5}}
+    config["routes"]["budgeted"] = {**base, "cost_budget_usd": 0.003, "cache": {"enabled": False}}
+    config["routes"]["paid_only"] = {**base, "steps": [*pipeline[:2], {"generate": {"models": ["fake-big"]}}, "guard.output"], "models": ["fake-big"], "cache": {"enabled": False}}
+    config["routes"]["ab"] = {
+        **base, "cache": {"enabled": False},
+        "variants": [{"name": "small", "weight": 70, "models": ["fake-small"]}, {"name": "local", "weight": 30, "models": ["local-extractive"]}],
+    }
+    config["routes"]["shadowed"] = {**base, "steps": [*pipeline[:2], {"generate": {"models": ["fake-small"]}}, "guard.output"], "cache": {"enabled": False}, "shadow": {"model": "fake-big", "share": 1.0}}
+    # acme's day affords one fake-small answer (estimated at up to ~$0.0012 each), not two.
+    config["tenants"] = {"acme": {"daily_budget_usd": 0.0015}, "globex": {"models": ["local-extractive"]}}
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mesh(nats_url, index_dir, tmp_path_factory, fake):
+    tmp = tmp_path_factory.mktemp("cost")
+    write_config(tmp / "config.yaml")
+    settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml")
+    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test"}
+    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(mesh, fake):
+    fake.reset()
+    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
+        yield c
+
+
+def price(usage, model) -> float:
+    rates = BIG if model == "fake-big" else SMALL if model == "fake-small" else {"in": 0, "out": 0}
+    return usage.input_tokens * rates["in"] / 1e6 + usage.output_tokens * rates["out"] / 1e6
+
+
+async def test_the_ledger_adds_up_exactly_across_hops(client):
+    reply = await client.ask(QUESTION, route="priced", cache=False)
+    assert reply.ok and reply.models == ["fake-big"]
+    paid = [s for s in reply.steps if s.model]
+    assert [s.step for s in paid] == ["generate"]
+    assert reply.cost_usd == pytest.approx(sum(s.cost_usd for s in reply.steps), abs=1e-12)
+    assert reply.cost_usd == pytest.approx(price(paid[0].usage, "fake-big"), abs=1e-12)
+    assert reply.usage.input_tokens == sum(s.usage.input_tokens for s in paid)
+    assert all(s.cost_usd == 0 for s in reply.steps if not s.model)
+
+
+async def test_an_expensive_model_over_the_route_budget_is_downgraded(client):
+    reply = await client.ask(QUESTION, route="budgeted")
+    assert reply.ok and reply.models == ["fake-small"]
+    skipped = next(e.data["skipped"] for e in reply.events if e.kind == "model" and "skipped" in e.data)
+    assert skipped[0]["model"] == "fake-big" and "over budget" in skipped[0]["why"]
+    assert reply.cost_usd <= 0.003
+
+
+async def test_a_request_that_cannot_be_afforded_is_refused_clearly(client, fake):
+    reply = await client.ask(QUESTION, route="paid_only", max_cost_usd=0.000001)
+    assert not reply.ok and reply.error.code == ErrorCode.BUDGET_EXCEEDED
+    assert "over budget" in reply.error.message
+    assert fake.calls == []  # nothing was spent finding out
+
+
+async def test_a_tenant_over_its_daily_budget_is_served_by_a_cheaper_model(client, mesh):
+    first = await client.ask(QUESTION, route="budgeted", metadata={"tenant": "acme"})
+    assert first.models == ["fake-small"]
+    spent = float((await (await client.js.key_value(subjects.BUDGETS_BUCKET)).get(day_key("acme"))).value)
+    assert spent == pytest.approx(first.cost_usd)
+    later = [await client.ask(QUESTION, route="budgeted", metadata={"tenant": "acme"}) for _ in range(2)]
+    assert all(r.ok and r.models == ["local-extractive"] and r.cost_usd == 0 for r in later)
+    total = float((await (await client.js.key_value(subjects.BUDGETS_BUCKET)).get(day_key("acme"))).value)
+    assert total == pytest.approx(first.cost_usd) and total <= 0.0015  # never silently overspent
+
+
+async def test_a_tenant_model_allow_list_is_enforced(client, fake):
+    reply = await client.ask(QUESTION, route="priced", metadata={"tenant": "globex"}, cache=False)
+    assert reply.ok and reply.models == ["local-extractive"] and fake.calls == []
+
+
+async def test_the_reply_cache_hits_misses_expires_and_can_be_skipped(client, fake):
+    question = "How do I adjust a rim brake?"
+    first = await client.ask(question, route="priced")
+    second = await client.ask("  how do I ADJUST a rim brake? ", route="priced")  # normalized
+    assert not first.cached and second.cached
+    assert second.answer == first.answer and second.cost_usd == 0 and second.steps == []
+    assert len(fake.calls) == 1
+    skipped = await client.ask(question, route="priced", cache=False)
+    assert not skipped.cached and len(fake.calls) == 2
+    await asyncio.sleep(1.6)  # the route's TTL
+    expired = await client.ask(question, route="priced")
+    assert not expired.cached and len(fake.calls) == 3
+
+
+async def test_the_ab_split_is_stable_per_session_and_within_tolerance(client):
+    sessions = [f"ab-{i}" for i in range(120)]
+    replies = await asyncio.gather(*(client.ask(QUESTION, route="ab", session_id=s) for s in sessions))
+    share = sum(r.variant == "small" for r in replies) / len(replies)
+    assert 0.58 <= share <= 0.82
+    assert all(r.models == (["fake-small"] if r.variant == "small" else ["local-extractive"]) for r in replies)
+    again = await client.ask("And how tight should the spokes be?", route="ab", session_id=sessions[0])
+    assert again.variant == replies[0].variant
+
+
+async def test_shadow_calls_are_made_recorded_and_never_returned(client, fake):
+    reply = await client.ask(QUESTION, route="shadowed")
+    assert reply.ok and reply.models == ["fake-small"]
+    bucket = await client.js.key_value(subjects.SHADOW_BUCKET)
+    for _ in range(50):  # bounded: the shadow call runs after the reply
+        try:
+            record = json.loads((await bucket.get(reply.request_id)).value)
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    assert record["shadow_model"] == "fake-big" and record["primary_model"] == "fake-small" and record["outcome"] == "ok"
+    assert record["cost_usd"] > 0
+    models_called = sorted(call["body"]["model"] for call in fake.calls if call["path"].endswith("/chat/completions"))
+    assert models_called == ["big-model", "small-model"]
+    assert reply.cost_usd == pytest.approx(price(next(s for s in reply.steps if s.model).usage, "fake-small"))
+    assert any(e.data.get("shadow") == "fake-big" for e in reply.events)
