@@ -145,6 +145,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="print the Reply as JSON"),
     timeout: float = typer.Option(30.0, help="seconds to wait for the reply"),
     show_trace: bool = typer.Option(False, "--trace", help="draw the request's waterfall after the answer"),
+    stream: bool = typer.Option(False, "--stream", help="print the answer as it is generated"),
 ) -> None:
     """Publish a question onto the bus and print the answer."""
     from shared.telemetry import shutdown_tracing
@@ -152,7 +153,10 @@ def ask(
     settings = _settings()
     meta = dict(item.split("=", 1) for item in metadata if "=" in item)
     fields = {"route": route, "session_id": session, "metadata": meta}
-    reply = _run(_ask(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
+    if stream:
+        reply = _run(_stream(_nats_url(settings), prompt, fields, timeout))
+    else:
+        reply = _run(_ask(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
     shutdown_tracing()  # flush the client's span before we read the trace back
     if as_json:
         print(reply.model_dump_json(indent=2))
@@ -166,6 +170,16 @@ def ask(
 async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
     async with BatonClient(url, timeout_s=timeout, tracer=tracer) as client:
         return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
+
+
+async def _stream(url: str, prompt: str, fields: dict, timeout: float):
+    async with BatonClient(url, timeout_s=timeout) as client:
+        async for item in client.stream(prompt, **{k: v for k, v in fields.items() if v}):
+            if isinstance(item, str):
+                console.print(item, end="", highlight=False)
+            else:
+                console.print()
+                return item
 
 
 @app.command("trace")
@@ -336,6 +350,44 @@ def eval_routing(
         _fail(str(exc), 2)
     report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
     console.print(render_eval(report))
+
+
+@eval_app.command("guard")
+def eval_guard(
+    path: Path = typer.Argument(ROOT / "tests" / "data" / "guard_eval.jsonl", help="JSONL: {text, labels: [injection, pii]} per line"),
+    config: Optional[Path] = typer.Option(None, help="config file whose guard section to use (default: BATON_CONFIG)"),
+) -> None:
+    """Precision, recall and false-positive rate of each gate on labeled examples."""
+    from services.guardrail.evaluate import LabeledDataError, evaluate_guard, load_labeled, render as render_eval
+
+    try:
+        items = load_labeled(path)
+        spec = load_config(config or _settings().config).guard
+    except (LabeledDataError, ConfigError, OSError) as exc:
+        _fail(str(exc), 2)
+    console.print(render_eval(evaluate_guard(items, spec)))
+
+
+@app.command()
+def status() -> None:
+    """Each service's consumer: replicas pulling, pending and in-flight messages, redeliveries."""
+    from rich.table import Table
+
+    from baton.processes import MESH_SERVICES
+    from shared import subjects
+
+    async def go():
+        async with BatonClient(_nats_url(_settings())) as client:
+            return [await client.js.consumer_info(subjects.STREAM, subjects.durable(s)) for s in MESH_SERVICES]
+
+    table = Table(title="mesh status (JetStream consumers)")
+    for column in ("service", "pulling", "pending", "in flight", "redelivered", "acked"):
+        table.add_column(column, justify="right" if column != "service" else "left")
+    for service, info in zip(MESH_SERVICES, _run(go())):
+        color = "yellow" if (info.num_pending or 0) > 100 else "white"
+        table.add_row(service, str(info.num_waiting or 0), f"[{color}]{info.num_pending or 0}[/]", str(info.num_ack_pending or 0), str(info.num_redelivered or 0), str(info.ack_floor.stream_seq if info.ack_floor else 0))
+    console.print(table)
+    console.print("[dim]pulling ≈ replicas waiting for work; pending = backlog (what KEDA scales on)[/]")
 
 
 config_app = typer.Typer(help="Live configuration: validate, apply, show.", no_args_is_help=True)

@@ -149,7 +149,7 @@ class BatonClient:
         """The stored Reply of a request, or None while it is not finished."""
         results = await self.js.key_value(subjects.RESULTS_BUCKET)
         try:
-            entry = await results.get(request_id)
+            entry = await results.get(subjects.result_key(self.client_id, request_id))
         except NotFoundError:
             return None
         return Reply.model_validate_json(entry.value) if entry.value else None

@@ -54,6 +54,7 @@ class BatonMesh:
     index_dir: Path
     stub_url: str
     tracing: bool
+    extra_env: dict[str, str] = field(default_factory=dict)
     mesh: MeshProcesses | None = None
     envelope_bytes: dict[str, list[int]] = field(default_factory=dict)
 
@@ -67,6 +68,7 @@ class BatonMesh:
             "BATON_CONFIG": str(CONFIG),
             "BENCH_STUB_URL": self.stub_url,
             "BENCH_STUB_KEY": STUB_KEY,
+            **self.extra_env,
         }
         self.mesh = MeshProcesses(settings, env=env)
         try:

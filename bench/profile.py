@@ -17,21 +17,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
+
 # Checked in order against each frame's file path; the first group that matches names the frame.
 GROUPS: list[tuple[str, re.Pattern[str]]] = [
-    ("pydantic", re.compile(r"/pydantic(_core|_settings)?/")),
-    ("FastStream", re.compile(r"/faststream/|/fast_depends/")),
-    ("anyio", re.compile(r"/anyio/")),
-    ("nats-py", re.compile(r"/nats/")),
-    ("OpenTelemetry (spans)", re.compile(r"/opentelemetry/")),
-    ("httpx/httpcore", re.compile(r"/(httpx|httpcore|h11|h2)/")),
-    ("prometheus metrics", re.compile(r"/prometheus_client/")),
+    ("pydantic", re.compile(r"/site-packages/pydantic(_core|_settings)?/")),
+    ("FastStream", re.compile(r"/site-packages/(faststream|fast_depends)/")),
+    ("anyio", re.compile(r"/site-packages/anyio/")),
+    ("nats-py", re.compile(r"/site-packages/nats/")),
+    ("OpenTelemetry (spans)", re.compile(r"/site-packages/opentelemetry/")),
+    ("httpx/httpcore", re.compile(r"/site-packages/(httpx|httpcore|h11|h2)/")),
+    ("prometheus metrics", re.compile(r"/site-packages/prometheus_client/")),
     ("logging", re.compile(r"/logging/")),
     ("json", re.compile(r"/json/")),
-    ("bm25s/numpy", re.compile(r"/(bm25s|numpy|scipy)/")),
-    ("Baton code", re.compile(r"/work/main/(services|shared|baton)/|^(services|shared|baton)/|\((services|shared|baton)/")),
-    ("event loop (asyncio/uvloop)", re.compile(r"/asyncio/|uvloop|/selectors\.py|/concurrent/")),
+    ("bm25s/numpy", re.compile(r"/site-packages/(bm25s|numpy|scipy)/")),
+    ("Baton code", re.compile(re.escape(str(ROOT)) + r"/(services|shared|baton)/")),
+    ("event loop (asyncio/uvloop)", re.compile(r"/asyncio/|uvloop|/selectors\.py")),
 ]
+# A thread parked in one of these is waiting, not working (py-spy cannot always tell).
+_WAITING = re.compile(r"^(Condition\.wait|Event\.wait|Queue\.get|_worker|select|poll|wait) \(.*/(threading|queue|selectors|concurrent/futures/thread)\.py")
 OTHER = "other (stdlib, ...)"
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -49,7 +53,7 @@ def record(pid: int, seconds: float, output: Path, rate: int = 200) -> subproces
     if binary is None:
         raise RuntimeError("py-spy is not installed (pip install -r bench/requirements.txt)")
     return subprocess.Popen(
-        [binary, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(output)],
+        [binary, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", str(rate), "--format", "raw", "--full-filenames", "--nonblocking", "--output", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -74,15 +78,16 @@ def analyse(raw_file: Path, seconds: float, rate: int = 200, top: int = 12) -> d
         if not stack or not count.isdigit():
             continue
         samples = int(count)
-        frames = [frame for frame in stack.split(";") if frame and not frame.startswith(("process ", "thread "))]
+        frames = [frame.strip() for frame in stack.split(";") if frame and not frame.startswith(("process ", "thread "))]
+        if not frames or _WAITING.match(frames[-1]):
+            continue
         total += samples
         groups = [_group_of(frame) for frame in frames]
         owner = next((group for group in reversed(groups) if group is not None), OTHER)
         self_counts[owner] += samples
         for group in set(g for g in groups if g is not None):
             inclusive[group] += samples
-        if frames:
-            leaf_functions[frames[-1].strip()] += samples
+        leaf_functions[re.sub(r" \(/.*/(site-packages|lib/python3\.\d+)/", " (", frames[-1])] += samples
     if not total:
         return {"samples": 0}
     return {

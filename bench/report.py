@@ -173,6 +173,9 @@ def render(results: dict[str, Any]) -> str:
         add(f"**Machine quietness:** processes this run did not start used on average {quiet * 100:.0f}% of the machine's CPU during the measured phases "
             f"(load average {meta['loadavg_before'][0]:.2f} before, {meta['loadavg_after'][0]:.2f} after)" + (
             " — other engineers were running tests: absolute figures are pessimistic and noisier than on a quiet machine; ratios measured back to back are more robust." if quiet > 0.1 else "."))
+    if meta.get("baton_env"):
+        add("")
+        add("**Baton ran with extra environment:** " + ", ".join(f"`{k}={v}`" for k, v in meta["baton_env"].items()) + ".")
     add("")
     add("## Headline")
     add("")

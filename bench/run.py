@@ -206,6 +206,7 @@ class Harness:
         self.loads: dict[str, BatonLoad] = {}
         self.chat_body: bytes | None = None
         self.envelope: dict[str, int] = {}
+        self.baton_env = dict(item.split("=", 1) for item in args.baton_env if "=" in item)
 
     # -- output ---------------------------------------------------------------------
 
@@ -321,7 +322,7 @@ class Harness:
 
     async def start_baton(self, stack: contextlib.AsyncExitStack, key: str, tracing: bool, out: dict[str, Any]) -> None:
         label = "Baton, tracing on" if tracing else "Baton, tracing off"
-        mesh = BatonMesh(self.workdir, self.workdir / "index", self.stub.base_url, tracing)
+        mesh = BatonMesh(self.workdir, self.workdir / "index", self.stub.base_url, tracing, extra_env=self.baton_env)
         with self.progress_task(f"{label}: nats-server{', collector' if tracing else ''}, 5 services"):
             started = time.perf_counter()
             await asyncio.to_thread(mesh.start)
@@ -575,6 +576,7 @@ class Harness:
                     "command": "python -m bench.run" + ("" if len(sys.argv) < 2 else " " + " ".join(sys.argv[1:])),
                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "loadavg_before": list(os.getloadavg()),
+                    "baton_env": self.baton_env,
                 },
                 "machine": machine,
                 "profile": self.P,
@@ -665,6 +667,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shrink every count and duration (< 3 minutes; a smoke check)")
     parser.add_argument("--profile", action="store_true", help="also sample each service with py-spy under load")
     parser.add_argument("--output", type=Path, default=BENCH_DIR, help="where RESULTS.md and results.json go (default: bench/)")
+    parser.add_argument("--baton-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for Baton's processes, e.g. BATON_PULL_BATCH=1 (repeatable; recorded in the results)")
     args = parser.parse_args()
     try:
         import uvloop

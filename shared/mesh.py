@@ -38,10 +38,11 @@ from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
 from shared.sessions import SessionStore
-from shared.settings import Settings, nats_credentials, server_list, settings as load_settings
+from shared.settings import Settings, broker_security, nats_credentials, server_list, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
 _REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
+_CLIENT_ID = re.compile(subjects.CLIENT_ID_PATTERN)
 
 
 class StepFailed(Exception):
@@ -75,7 +76,7 @@ class Mesh:
             max_reconnect_attempts=-1,
             log_level=logging.DEBUG,  # per-message "Received/Processed" lines only when debugging
             logger=logging.getLogger(f"baton.{service}"),
-            **nats_credentials(self.settings),
+            security=broker_security(self.settings),
         )
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)
@@ -119,6 +120,7 @@ class Mesh:
             decoder=decode_raw,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             no_reply=True,
+            inbox_prefix=f"_INBOX.{self.service}.".encode(),  # pull replies land where this user may listen
         )
 
     def current_message(self) -> NatsMessage:
@@ -190,7 +192,7 @@ class Mesh:
         except Exception:  # a lost turn must not cost the user the answer
             log.exception("request %s: could not record the session turn", env.request_id)
 
-    async def deliver(self, reply: Reply, reply_to: str | None) -> None:
+    async def deliver(self, reply: Reply, reply_to: str | None, client: str | None = None) -> None:
         """Store the Reply under its request id, then send it to the client's inbox.
 
         The store is a create: only the first finisher wins. A redelivered last hop
@@ -198,22 +200,24 @@ class Mesh:
         first reply per request id) never sees two different answers.
         """
         body = reply.model_dump_json().encode()
-        if _REQUEST_ID.match(reply.request_id):  # a hostile id is answered, not stored
+        client = client or subjects.client_of_inbox(reply_to) or subjects.ANONYMOUS
+        if _REQUEST_ID.match(reply.request_id) and _CLIENT_ID.match(client):  # a hostile id is answered, not stored
+            key = subjects.result_key(client, reply.request_id)
             results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
             try:
-                await results.create(reply.request_id, body)
+                await results.create(key, body)
             except KeyWrongLastSequenceError:
                 with suppress(NotFoundError):
-                    body = (await results.get(reply.request_id)).value or body
+                    body = (await results.get(key)).value or body
         if reply_to:
             await self.broker.publish(body, reply_to, headers=telemetry.inject({subjects.H_REQUEST_ID: reply.request_id}))
 
-    async def reply_error(self, request_id: str, reply_to: str | None, error: Error) -> None:
+    async def reply_error(self, request_id: str, reply_to: str | None, error: Error, client: str | None = None) -> None:
         span = trace.get_current_span()
         reply = error_reply(request_id, error, trace_id=telemetry.trace_id_of(span))
         telemetry.record_reply(span, reply)
         metrics.observe_reply(reply)
-        await self.deliver(reply, reply_to)
+        await self.deliver(reply, reply_to, client)
 
     # -- tracing -----------------------------------------------------------------
 

@@ -96,4 +96,5 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, ttl_s: float, replica
     try:
         await js.key_value(bucket)
     except NotFoundError:
-        await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, replicas=replicas, history=1))
+        # Direct get lets NATS permissions scope reads by key (a client reads only its own results).
+        await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, replicas=replicas, history=1, direct=True))

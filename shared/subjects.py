@@ -22,6 +22,20 @@ def client_of(subject: str) -> str:
 def inbox_prefix(client_id: str) -> str:
     """Where a client receives its replies (and nothing else)."""
     return f"_INBOX.{client_id}"
+
+
+def client_of_inbox(reply_to: str | None) -> str | None:
+    """The client a reply address belongs to: `_INBOX.<client>.reply.<request id>`."""
+    parts = (reply_to or "").split(".")
+    return parts[1] if len(parts) >= 3 and parts[0] == "_INBOX" else None
+
+
+def result_key(client_id: str, request_id: str) -> str:
+    """Results are kept per client: a client user may read only keys under its own id."""
+    return f"{client_id}.{request_id}"
+
+
+ANONYMOUS = "_"  # results of requests that named no reply address
 STEP_PREFIX = f"{PREFIX}.step"
 
 SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")

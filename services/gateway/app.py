@@ -95,7 +95,11 @@ def create_app(
         client = BatonClient(nats_url, client_id=client_id, timeout_s=timeout_s, tracer=tracer, **options)
 
         async def connect() -> None:
-            await client.connect()
+            try:
+                await client.connect()
+            except Exception as exc:  # nats-py retries connection failures itself; this is something else
+                log.error("the gateway cannot use NATS (%s: %s); every request gets 503", type(exc).__name__, exc)
+                raise
             await holder.follow(client)
             state["client"] = client
             log.info("gateway connected to NATS as client %s; models: %s", client_id, ", ".join(mapping.model_ids(holder.routes)))
@@ -105,12 +109,10 @@ def create_app(
             yield
         finally:
             connecting.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connecting
             await holder.stop()
-            if client.nc is not None:
-                with contextlib.suppress(Exception):
-                    await client.close()
+            await _close(client)
 
     def connected_client() -> BatonClient:
         client = state.get("client")
@@ -170,6 +172,19 @@ def create_app(
         exception_handlers={HTTPException: http_exception},
         lifespan=lifespan,
     )
+
+
+async def _close(client: BatonClient, drain_s: float = 5.0) -> None:
+    """Drain when connected (bounded); close at once when not: draining waits for a reconnect."""
+    nc = client.nc
+    if nc is None or nc.is_closed:
+        return
+    if nc.is_connected:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), drain_s)
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 class _ConnectionLog:

@@ -120,7 +120,8 @@ def from_exception(exc: BaseException) -> GatewayError:
         return GatewayError(503, f"the Baton mesh is not reachable: the request was not accepted ({exc})", type=SERVER, code="mesh_unavailable", retry=True)
     if isinstance(exc, ReplyTimeout):
         # The request may still finish; a retry would run it twice.
-        return GatewayError(504, f"{exc}", type=SERVER, code="timeout", request_id=exc.request_id)
+        waited = str(exc).split(";", 1)[0]  # drop the client's CLI hint: HTTP callers cannot use it
+        return GatewayError(504, f"the mesh did not answer in time: {waited}", type=SERVER, code="timeout", request_id=exc.request_id)
     if isinstance(exc, NatsError):
         return GatewayError(503, f"the Baton mesh is not reachable: NATS connection problem ({type(exc).__name__})", type=SERVER, code="mesh_unavailable", retry=True)
     return GatewayError(500, "internal gateway error; the gateway log has the details", type=SERVER, code="internal_error")

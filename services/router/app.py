@@ -34,19 +34,19 @@ async def route(body: bytes) -> None:
         # refusal under the request id for the real client to find.
         log.warning("request %s from client %s names a foreign reply address; refused", request_id, client)
         error = Error(code=ErrorCode.INVALID_REQUEST, message=f"the reply address must start with {subjects.inbox_prefix(client)}.")
-        await mesh.reply_error(request_id, None, error)
+        await mesh.reply_error(request_id, None, error, client=client)
         return
     with mesh.hop("route", **{A.REQUEST_ID: request_id}) as span:
         error = check_request(request_id, body)
         if isinstance(error, Error):
-            await mesh.reply_error(request_id, reply_to, error)
+            await mesh.reply_error(request_id, reply_to, error, client=client)
             return
         request = error
         router = router_for(mesh.config)
         try:
             decision = router.decide(request)
         except UnknownRoute as exc:
-            await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)))
+            await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)), client=client)
             return
         log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
         env = router.envelope(request_id, request, decision, reply_to)
@@ -64,7 +64,7 @@ async def route(body: bytes) -> None:
                 mesh.observe(span, env, env.events)
                 reply = cache.served_from_cache(cached, env, telemetry.trace_id_of(span))
                 telemetry.record_reply(span, reply)
-                await mesh.deliver(reply, reply_to)
+                await mesh.deliver(reply, reply_to, client)
                 return
             env.context.outputs[cache.CACHE_KEY] = key
         mesh.observe(span, env, env.events)

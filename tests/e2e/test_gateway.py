@@ -119,7 +119,7 @@ def test_a_model_names_a_route_and_metadata_and_user_reach_the_mesh(sdk):
 
 async def test_the_stored_reply_of_a_completion_is_the_one_returned(sdk, mesh):
     completion = await asyncio.to_thread(ask, sdk, QUESTION)
-    async with BatonClient(mesh.nats_url) as client:
+    async with BatonClient(mesh.nats_url, client_id="gateway") as client:  # results are kept per client id
         stored = await client.result(completion.model_extra["baton"]["request_id"])
     assert stored is not None and stored.answer == completion.choices[0].message.content
 

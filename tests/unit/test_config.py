@@ -13,8 +13,8 @@ def test_the_shipped_default_loads_with_a_version_digest():
     assert config.default_route in config.routes
     assert len(config.digest) == 12
     factual = config.routes["factual"]
-    assert [s.name for s in factual.steps] == ["guard.input", "retrieve", "generate", "guard.output"]
-    assert [s.service for s in factual.steps] == ["guardrail", "retriever", "generator", "guardrail"]
+    assert [s.name for s in factual.steps] == ["guard.input", "retrieve", "guard.retrieval", "generate", "guard.output"]
+    assert [s.service for s in factual.steps] == ["guardrail", "retriever", "guardrail", "generator", "guardrail"]
     assert factual.steps[1].budget_ms == 1000 and "budget_ms" not in factual.steps[1].params
 
 

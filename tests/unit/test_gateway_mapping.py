@@ -79,7 +79,7 @@ def test_a_failed_reply_without_an_error_is_a_500():
     [
         (NotAccepted("NoRespondersError"), 503, "mesh_unavailable", "not reachable"),
         (RequestTooLarge("the request is 2000000 bytes"), 413, "payload_too_large", "bytes"),
-        (ReplyTimeout("req-9", 60), 504, "timeout", "req-9"),
+        (ReplyTimeout("req-9", 60), 504, "timeout", "no reply to request req-9 within 60.0s"),
         (ConnectionClosedError(), 503, "mesh_unavailable", "not reachable"),
         (RuntimeError("secret internals"), 500, "internal_error", "internal"),
     ],
