@@ -20,7 +20,7 @@ from baton.client import BatonClient, BatonError
 from baton.processes import MESH_SERVICES, MeshProcesses, MeshStartError
 from shared.config import ConfigError, load_config
 from shared.natsd import NatsServerError
-from shared.settings import ROOT, Settings
+from shared.settings import ROOT, Settings, nats_credentials
 
 app = typer.Typer(help="Baton: an AI orchestration mesh on NATS.", no_args_is_help=True, add_completion=False)
 # Piped output (make, CI logs) gets room for the waterfall instead of rich's 80 columns.
@@ -49,6 +49,16 @@ def _nats_url(settings: Settings) -> str:
     if "NATS_URL" in os.environ:
         return settings.nats_url
     return _mesh_state(settings).get("nats_url", settings.nats_url)
+
+
+def _client(url: str, **options) -> BatonClient:
+    """A client as the configured NATS user (NATS_USER / NATS_PASSWORD): its id is the user name,
+    so its requests, inbox and stored replies are the ones that user is allowed."""
+    settings = _settings()
+    credentials = nats_credentials(settings)
+    if credentials:
+        options.setdefault("client_id", settings.nats_user)
+    return BatonClient(url, **options, **credentials)
 
 
 def _collector_url(settings: Settings) -> str:
@@ -168,12 +178,12 @@ def ask(
 
 
 async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
-    async with BatonClient(url, timeout_s=timeout, tracer=tracer) as client:
+    async with _client(url, timeout_s=timeout, tracer=tracer) as client:
         return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
 
 
 async def _stream(url: str, prompt: str, fields: dict, timeout: float):
-    async with BatonClient(url, timeout_s=timeout) as client:
+    async with _client(url, timeout_s=timeout) as client:
         async for item in client.stream(prompt, **{k: v for k, v in fields.items() if v}):
             if isinstance(item, str):
                 console.print(item, end="", highlight=False)
@@ -223,7 +233,7 @@ def submit(prompt: str, route: Optional[str] = typer.Option(None)) -> None:
     """Queue a question and print its request id at once."""
 
     async def go() -> str:
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             return await client.submit(prompt, **({"route": route} if route else {}))
 
     print(_run(go()))
@@ -234,7 +244,7 @@ def result(request_id: str, as_json: bool = typer.Option(False, "--json")) -> No
     """Fetch the stored Reply of a request."""
 
     async def go():
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             return await client.result(request_id)
 
     reply = _run(go())
@@ -297,7 +307,7 @@ def health() -> None:
     from shared.breakers import Breaker
 
     async def go() -> dict[str, Breaker]:
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             kv = await client.js.key_value(subjects.BREAKERS_BUCKET)
             states = {}
             for key in await _keys(kv):
@@ -377,7 +387,7 @@ def status() -> None:
     from shared import subjects
 
     async def go():
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             return [await client.js.consumer_info(subjects.STREAM, subjects.durable(s)) for s in MESH_SERVICES]
 
     table = Table(title="mesh status (JetStream consumers)")
@@ -410,7 +420,7 @@ def config_apply(path: Path) -> None:
         _fail(f"{exc}\nthe running config is unchanged", 2)
 
     async def go():
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             return await publish_config(await client.js.key_value(subjects.CONFIG_BUCKET), text, str(path))
 
     config = _run(go())
@@ -425,7 +435,7 @@ def config_show() -> None:
     from shared.live_config import ACTIVE
 
     async def go():
-        async with BatonClient(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings())) as client:
             kv = await client.js.key_value(subjects.CONFIG_BUCKET)
             return (await kv.get(ACTIVE)).value.decode()
 
