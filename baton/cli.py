@@ -98,6 +98,8 @@ def parse_replicas(spec: str) -> dict[str, int]:
 def up(
     replicas: str = typer.Option("", help="replicas per service, e.g. generator=4,retriever=2"),
     collector: bool = typer.Option(True, help="start the trace collector and send every span to it"),
+    gateway: bool = typer.Option(True, help="start the OpenAI-compatible HTTP gateway"),
+    gateway_port: int = typer.Option(8080, help="the gateway's port on 127.0.0.1"),
 ) -> None:
     """Start NATS (unless NATS_URL is set), the collector and every service; Ctrl-C stops them all."""
     settings = _settings()
@@ -111,11 +113,15 @@ def up(
             if collector:
                 mesh.start_collector()
             mesh.start(counts)
-        state = {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "pid": os.getpid()}
+            if gateway:
+                mesh.start_gateway(gateway_port)
+        state = {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "gateway_url": mesh.gateway_url, "pid": os.getpid()}
         _state_file(settings).write_text(json.dumps(state))
         console.print(f"[green]mesh up[/] on {mesh.nats_url}: " + ", ".join(f"{s}×{n}" for s, n in counts.items()))
         if mesh.collector_url:
             console.print(f"traces: {mesh.collector_url}  (baton trace ID, baton stats)")
+        if mesh.gateway_url:
+            console.print(f"OpenAI-compatible API: {mesh.gateway_url}/v1  (model baton/auto)")
         console.print("ask it: [bold]baton ask \"How often should I replace my chain?\"[/]   stop: Ctrl-C")
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

@@ -100,7 +100,7 @@ class BatonClient:
         finally:
             self._pending.pop(request_id, None)
 
-    async def stream(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> AsyncIterator[str | Reply]:
+    async def stream(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> AsyncIterator[str | Reply]:
         """Yield the answer's text as it is generated, then the final Reply.
 
         The Reply is what the output gate let through: when a route streams live,
@@ -111,7 +111,7 @@ class BatonClient:
             request = Request(prompt=request, **fields)
         request = request.model_copy(update={"stream": True})
         timeout_s = timeout_s or self.timeout_s
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         chunks: asyncio.Queue[str] = asyncio.Queue()
 
         async def on_chunk(msg: Any) -> None:

@@ -34,13 +34,15 @@ def run_demo(settings: Settings, questions_file: Path, console: Console) -> bool
             if "NATS_URL" not in os.environ:
                 mesh.start_nats(Path(store))
             with console.status(f"starting the collector and {len(MESH_SERVICES)} services on {mesh.nats_url}..."):
-                mesh.start_collector()
+                mesh.start_collector(Path(store) / "collector.sqlite3")  # this run's flows only
                 mesh.start({service: 1 for service in MESH_SERVICES})
+                mesh.start_gateway()
             console.print(f"[green]mesh up[/]: {', '.join(MESH_SERVICES)} on {mesh.nats_url}; traces to {mesh.collector_url}\n")
             replies = asyncio.run(_ask_all(mesh.nats_url, questions + GUARD_DEMOS, console))
             answered = replies[: len(questions)]
+            through_http = _ask_gateway(mesh.gateway_url, questions[0], console)
             _show_observability(mesh.collector_url, answered, console)
-            return all(reply is not None and reply.ok for reply in answered)
+            return through_http and all(reply is not None and reply.ok for reply in answered)
         finally:
             mesh.stop()
             console.print("[dim]mesh stopped; nothing left running[/]")
@@ -62,6 +64,22 @@ async def _ask_all(url: str, questions: list[str], console: Console) -> list:
     if latencies:
         console.print(f"{len(latencies)} replies; median latency {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms")
     return replies
+
+
+def _ask_gateway(url: str, question: str, console: Console) -> bool:
+    """The same mesh through its OpenAI-compatible HTTP API."""
+    import httpx
+
+    console.print(Rule(f"through the HTTP gateway: POST {url}/v1/chat/completions"))
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": "baton/auto", "messages": [{"role": "user", "content": question}]}, timeout=30)
+    if response.status_code != 200:
+        console.print(f"[red]gateway answered {response.status_code}: {response.text}[/]")
+        return False
+    body = response.json()
+    console.print(f"[bold]{question}[/]\n{body['choices'][0]['message']['content']}")
+    cached = " (from the reply cache: the same question was asked on the bus)" if body["baton"].get("cached") else ""
+    console.print(f"[dim]route {response.headers.get('x-baton-route')}, request {response.headers.get('x-baton-request-id')}, cost ${body['baton']['cost_usd']:.6f}{cached}[/]")
+    return True
 
 
 def _show_observability(collector_url: str, replies: list, console: Console) -> None:

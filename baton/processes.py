@@ -61,6 +61,8 @@ class MeshProcesses:
     replicas: list[Replica] = field(default_factory=list)
     collector: Replica | None = None
     collector_url: str | None = None
+    gateway: Replica | None = None
+    gateway_url: str | None = None
 
     @property
     def nats_url(self) -> str:
@@ -98,26 +100,38 @@ class MeshProcesses:
             )
         return Replica(name, index, process, log_path)
 
-    def start_collector(self, timeout_s: float = 15.0) -> str:
+    def start_collector(self, db_path: Path | None = None, timeout_s: float = 15.0) -> str:
         """Start the trace collector and point every service started later at it."""
         port = free_port()
-        env = {"BATON_COLLECTOR_PORT": str(port), "BATON_COLLECTOR_DB": str(self.settings.state_dir / "collector.sqlite3")}
+        env = {"BATON_COLLECTOR_PORT": str(port), "BATON_COLLECTOR_DB": str(db_path or self.settings.state_dir / "collector.sqlite3")}
         self.collector = self._start_process("collector", 0, ["-m", "services.collector"], env)
         self.collector_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.collector.alive:
-                raise MeshStartError(f"the collector exited with code {self.collector.process.returncode}:\n{self.collector.tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.collector_url}/healthz", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise MeshStartError(f"the collector did not answer within {timeout_s:.0f}s") from None
-                time.sleep(0.1)
+        self._wait_http(self.collector, f"{self.collector_url}/healthz", timeout_s)
         self.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.collector_url
         self.env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")  # spans reach `baton trace` within a moment
         return self.collector_url
+
+    def start_gateway(self, port: int | None = None, timeout_s: float = 15.0) -> str:
+        """Start the OpenAI-compatible HTTP gateway (after the mesh: it answers 503 until NATS is up)."""
+        port = port or free_port()
+        self.gateway = self._start_process("gateway", 0, ["-m", "services.gateway"], {"BATON_GATEWAY_PORT": str(port)})
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        self._wait_http(self.gateway, f"{self.gateway_url}/healthz", timeout_s)
+        return self.gateway_url
+
+    @staticmethod
+    def _wait_http(replica: Replica, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not replica.alive:
+                raise MeshStartError(f"the {replica.service} exited with code {replica.process.returncode}:\n{replica.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise MeshStartError(f"the {replica.service} did not answer {url} within {timeout_s:.0f}s; see {replica.log_path}") from None
+                time.sleep(0.1)
 
     def start(self, counts: dict[str, int], timeout_s: float = 30.0) -> None:
         asyncio.run(self._provision())
@@ -181,14 +195,15 @@ class MeshProcesses:
                 replica.process.kill()
                 replica.process.wait(5)
         self.replicas.clear()
-        if self.collector is not None:  # last: the services' final spans land first
-            self.collector.process.send_signal(signal.SIGTERM)
-            try:
-                self.collector.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.collector.process.kill()
-                self.collector.process.wait(5)
-            self.collector = None
+        for extra in (self.gateway, self.collector):  # the collector last: the services' final spans land first
+            if extra is not None and extra.alive:
+                extra.process.send_signal(signal.SIGTERM)
+                try:
+                    extra.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    extra.process.kill()
+                    extra.process.wait(5)
+        self.gateway = self.collector = None
         if self.nats_server:
             self.nats_server.stop()
             self.nats_server = None

@@ -285,7 +285,7 @@ def render(results: dict[str, Any]) -> str:
     add("## 3. Peer: LiteLLM proxy on the same stub")
     add("")
     peer = results.get("peer") or {}
-    add("Same client (httpx, one AsyncClient), same body: the exact chat-completions request Baton's generator sent to the stub "
+    add("Same client (httpx, sharded over 16 AsyncClients), same body: the exact chat-completions request Baton's generator sent to the stub "
         f"({fmt(peer.get('body_bytes'))} bytes), same concurrencies.")
     add("")
     lines += _load_header(conc, "CPU ms/request (server)")
@@ -315,10 +315,14 @@ def render(results: dict[str, Any]) -> str:
         add(f"Stub model latency {sc['stub_latency_ms']} ms, {sc['concurrency']} requests in flight, {sc['duration_s']} s per step, tracing off; "
             f"replicas added to the running mesh on the same durable consumer. Ideal = {sc['concurrency']} / {sc['stub_latency_ms'] / 1000:g} s = {sc['ideal_rps']:.0f} req/s.")
         add("")
-        add("| generator replicas | req/s | p50 | p99 | of ideal |")
-        add("|---|---|---|---|---|")
+        add("| generator replicas | req/s | p50 | p99 | of ideal | CPU ms/request, services | machine CPU used by others |")
+        add("|---|---|---|---|---|---|---|")
         for run in sc["runs"]:
-            add(f"| {run['generators']} | {run['throughput_rps']:.1f} | {fmt(get(run, 'latency', 'p50_ms'), ' ms', 0)} | {fmt(get(run, 'latency', 'p99_ms'), ' ms', 0)} | {run['throughput_rps'] / sc['ideal_rps'] * 100:.0f}% |")
+            add(f"| {run['generators']} | {run['throughput_rps']:.1f} | {fmt(get(run, 'latency', 'p50_ms'), ' ms', 0)} | {fmt(get(run, 'latency', 'p99_ms'), ' ms', 0)} | "
+                f"{run['throughput_rps'] / sc['ideal_rps'] * 100:.0f}% | {fmt(services_cpu_ms(run), ' ms')} | {fmt((get(run, 'cpu', 'foreign_cpu_share') or 0) * 100, '%', 0)} |")
+        add("")
+        add("At the CPU cost per request above, the ideal rate needs ideal × CPU ms of Baton CPU per second: on 2 shared cores the "
+            "run is CPU-bound before it is generator-bound, so the step from 1 to 2 to 4 replicas is the figure to read, not the absolute rate.")
         add("")
     else:
         add("Not measured in this run.")
@@ -339,7 +343,8 @@ def render(results: dict[str, Any]) -> str:
         add(f"Collector (`create_app` under uvicorn, SQLite store, own process): {fmt(col['spans_accepted'])} spans in {col['batches']} OTLP/protobuf batches "
             f"of ≤{col['batch_spans']} (mean {col['mean_body_kb']} KB, built with the SDK's encoder), {col['concurrency']} POSTs in flight: "
             f"**{col['spans_per_s']:,.0f} spans/s** ({col['spans_stored']:,} stored; collector CPU {col['collector_cpu_s']:.2f} s, "
-            f"≈ {col['collector_cpu_s'] * 1e6 / max(1, col['spans_accepted']):.0f} µs/span). A Baton request makes 6 spans.")
+            f"≈ {col['collector_cpu_s'] * 1e6 / max(1, col['spans_accepted']):.0f} µs/span). A Baton request makes 6 spans (route, 4 steps, the model call), "
+            f"so one collector keeps up with about {col['spans_per_s'] / 6:,.0f} requests/s.")
         add("")
 
     # ---- profile
@@ -347,7 +352,9 @@ def render(results: dict[str, Any]) -> str:
         add("## Where the time goes (py-spy, one service at a time, under load)")
         add("")
         add("Samples charged to the innermost frame of a known library (stdlib calls go to the library that made them); "
-            "`incl.` = share of samples with that library anywhere on the stack. Tracing on, closed-loop load.")
+            "`incl.` = share of samples with that library anywhere on the stack. Tracing on, closed-loop load. "
+            "`event loop` includes uvloop's C code (socket reads and writes, callback dispatch): py-spy sees no Python frame there. "
+            "Raw stacks and per-service summaries: bench/profiles/.")
         add("")
         for service, data in results["profiles"].items():
             if not data.get("samples"):

@@ -77,6 +77,7 @@ class Mesh:
             log_level=logging.DEBUG,  # per-message "Received/Processed" lines only when debugging
             logger=logging.getLogger(f"baton.{service}"),
             security=broker_security(self.settings),
+            middlewares=metrics.broker_middlewares(service),
         )
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)

@@ -30,6 +30,15 @@ CACHE_HITS = Counter("baton_cache_total", "Reply cache lookups", ["route", "outc
 MODEL_TOKENS = Counter("baton_model_tokens_total", "Tokens per model", ["model", "direction"])
 
 
+def broker_middlewares(service: str) -> tuple:
+    """FastStream's own message metrics (received, processed, durations) when metrics are served."""
+    if not os.environ.get("BATON_METRICS_PORT"):
+        return ()
+    from faststream.nats.prometheus import NatsPrometheusMiddleware
+
+    return (NatsPrometheusMiddleware(registry=REGISTRY, app_name=service),)
+
+
 def serve(service: str) -> int | None:
     """Start the /metrics endpoint when BATON_METRICS_PORT is set; returns the port."""
     port = os.environ.get("BATON_METRICS_PORT")

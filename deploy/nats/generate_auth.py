@@ -13,7 +13,7 @@ see deploy/README.md for how each was found):
 - admin: the whole JetStream API ($JS.API.>), writing the live config bucket, and
   replies under its own inbox prefix. Only the provisioning job and operators use it.
 - a service: its own durable pull consumer (INFO, MSG.NEXT, ACKs), publishing the next
-  hop to any step subject (the slip decides which), the results bucket (read + create),
+  hop to any step subject (the slip decides which), the results bucket (read any key + create),
   the live config bucket (read + watch), replies to any client's reply inbox, and its
   own inbox prefix `_INBOX.<service>`. Services that can end a request also read and
   write the sessions, cache and budgets buckets; the router only reads sessions and
@@ -22,8 +22,9 @@ see deploy/README.md for how each was found):
   and deletes the exhausted hop, writes the dead-letter bucket).
   No service may publish a request (that would be impersonating a client), and no
   service may create, change or delete streams, consumers or buckets.
-- a client: publish its own request subject, receive under `_INBOX.<client>`, read the
-  results bucket. Nothing else: no other client's inbox, no step subject, no KV write.
+- a client: publish its own request subject, receive under `_INBOX.<client>`, read its
+  own stored Replies (keys `<client>.<request id>`, by direct get only). Nothing else:
+  no other client's inbox or Replies, no step subject, no KV write.
   The HTTP gateway is such a client (id "gateway") that also follows the live config.
 """
 
@@ -85,6 +86,24 @@ def kv_read(bucket: str) -> list[str]:
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.>",
+    ]
+
+
+def results_read(client: str | None = None) -> list[str]:
+    """Read stored Replies: those of one client (its own keys), or every one (a service).
+
+    The results bucket allows direct gets and Replies are keyed `<client>.<request id>`
+    (shared/subjects.py result_key), so a DIRECT.GET with the key in the subject is the
+    only way in, and the permission can name the client's own keys. Deliberately absent:
+    STREAM.MSG.GET (a get by sequence or by any subject, the subject inside the request
+    body where no permission can see it) and the bare `DIRECT.GET.KV_baton_results`
+    (the same, in the direct form). Binding needs STREAM.INFO.
+    """
+    stream = kv_stream(RESULTS)
+    keys = f"{client}.>" if client else ">"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.$KV.{RESULTS}.{keys}",
     ]
 
 
@@ -203,7 +222,7 @@ def service(name: str) -> User:
     publish = [
         *pull_consumer(durable),
         *(subjects.step(target) for target in STEP_TARGETS),
-        *kv_read(RESULTS),
+        *results_read(),
         *kv_write(RESULTS),
         *(p for bucket in FINISHER_BUCKETS for p in (*kv_read(bucket), *kv_write(bucket)) if name in FINISHERS),
         *kv_read(CONFIG),
@@ -224,9 +243,9 @@ def client(name: str) -> User:
     return User(
         name=name,
         role="client",
-        publish=(subjects.request(name), *kv_read(RESULTS)),
+        publish=(subjects.request(name), *results_read(name)),
         subscribe=(own_inbox(name),),
-        why="publishes its own requests, receives its replies and chunks, reads stored Replies",
+        why="publishes its own requests, receives its replies and chunks, reads its own stored Replies",
     )
 
 

@@ -1,6 +1,7 @@
 """guardrail: the quality gates between steps (input, retrieval, output)."""
 
 from services.guardrail.gates import input_gate, output_gate, retrieval_gate
+from services.guardrail import injection_model
 from services.guardrail.pii import redact
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER
@@ -8,6 +9,12 @@ from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("guardrail")
 app = mesh.app
+
+@app.after_startup
+async def warm_up() -> None:
+    if mesh.config.guard.injection_model and injection_model.available():
+        injection_model.warm()  # fit the offline detector now, not on the first request
+
 
 FAILURE_CODES = {
     "guard.input": ErrorCode.INPUT_REJECTED,

@@ -71,6 +71,11 @@ async def route(body: bytes) -> None:
         await mesh.forward(env)
 
 
+@app.after_startup
+async def warm_up() -> None:
+    router_for(mesh.config)  # train the classifier now, not on the first request
+
+
 def router_for(config) -> Router:
     if config.digest not in routers:
         routers.clear()  # only the active version routes new requests
