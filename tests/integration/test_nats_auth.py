@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -149,6 +150,16 @@ KV_R = f"KV_{S.RESULTS_BUCKET}"
 KV_C = f"KV_{S.CONFIG_BUCKET}"
 KV_S = f"KV_{S.SESSIONS_BUCKET}"
 
+
+def direct_get(key: str) -> str:
+    """A direct get of a results key: the key is in the subject, where permissions see it."""
+    return f"$JS.API.DIRECT.GET.{KV_R}.$KV.{S.RESULTS_BUCKET}.{key}"
+
+
+ACME_RESULT = S.result_key(ACME, "r1")  # where the services store acme's Reply to request r1
+GLOBEX_RESULT = S.result_key(GLOBEX, "r1")
+GATEWAY_RESULT = S.result_key(auth.GATEWAY, "r1")
+
 PUB_PROBES = [
     S.request(ACME),
     S.request(GLOBEX),
@@ -176,8 +187,16 @@ PUB_PROBES = [
     f"$JS.API.STREAM.MSG.DELETE.{KV_R}",
     f"$JS.API.STREAM.INFO.{KV_R}",
     f"$JS.API.STREAM.MSG.GET.{KV_R}",
-    f"$JS.API.DIRECT.GET.{KV_R}.$KV.{S.RESULTS_BUCKET}.r1",
-    f"$KV.{S.RESULTS_BUCKET}.r1",
+    f"$JS.API.DIRECT.GET.{KV_R}",  # by sequence (in the body): no key in the subject
+    direct_get(ACME_RESULT),
+    direct_get(GLOBEX_RESULT),
+    direct_get(GATEWAY_RESULT),
+    direct_get(S.result_key(S.ANONYMOUS, "r1")),
+    direct_get("r1"),  # the old key form, request id alone
+    direct_get(">"),  # wildcards in the key: the last Reply of anyone
+    direct_get("*.r1"),
+    direct_get(f"{ACME}.>"),
+    f"$KV.{S.RESULTS_BUCKET}.{ACME_RESULT}",
     f"$JS.API.STREAM.MSG.GET.{KV_S}",
     f"$KV.{S.SESSIONS_BUCKET}.s1",
     f"$JS.API.STREAM.MSG.GET.{KV_C}",
@@ -219,14 +238,31 @@ SERVICES = list(S.SERVICES)
 RULES: list[tuple[str, str, str, bool, str]] = [
     (ACME, "pub", S.request(ACME), True, "a client publishes its own requests"),
     (ACME, "sub", f"{S.inbox_prefix(ACME)}.>", True, "a client receives in its own inbox"),
-    (ACME, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", True, "a client reads stored Replies"),
+    (ACME, "pub", direct_get(ACME_RESULT), True, "a client reads its own stored Replies"),
+    (ACME, "pub", direct_get(f"{ACME}.>"), True, "a client reads its own stored Replies"),
+    (GLOBEX, "pub", direct_get(GLOBEX_RESULT), True, "a client reads its own stored Replies"),
+    (ACME, "pub", direct_get(GLOBEX_RESULT), False, "no client reads another client's stored Reply"),
+    (GLOBEX, "pub", direct_get(ACME_RESULT), False, "no client reads another client's stored Reply"),
+    (GLOBEX, "pub", direct_get(GATEWAY_RESULT), False, "no client reads another client's stored Reply"),
+    (GLOBEX, "pub", direct_get(S.result_key(S.ANONYMOUS, "r1")), False, "no client reads Replies of requests without a reply address"),
+    (GLOBEX, "pub", direct_get("r1"), False, "no client reads a key outside its own"),
+    (GLOBEX, "pub", direct_get(">"), False, "no client reads Replies by wildcard"),
+    (GLOBEX, "pub", direct_get("*.r1"), False, "no client reads Replies by wildcard"),
+    (GLOBEX, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", False, "no client reads a Reply by sequence"),
+    (GLOBEX, "pub", f"$JS.API.DIRECT.GET.{KV_R}", False, "no client reads a Reply by sequence"),
+    (GLOBEX, "pub", f"$JS.API.STREAM.INFO.{KV_R}", True, "a client binds to the results bucket"),
+    (auth.GATEWAY, "pub", direct_get(GATEWAY_RESULT), True, "the gateway reads its own stored Replies"),
+    (auth.GATEWAY, "pub", direct_get(ACME_RESULT), False, "the gateway reads only its own stored Replies"),
+    (auth.GATEWAY, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", False, "the gateway reads only its own stored Replies"),
+    *[(svc, "pub", direct_get(ACME_RESULT), True, "any service re-reads a stored Reply (a redelivered last hop)") for svc in SERVICES],
+    *[(svc, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", False, "services read Replies by key, not by sequence") for svc in SERVICES],
     (ACME, "sub", f"{S.inbox_prefix(GLOBEX)}.>", False, "no client reads another client's inbox"),
     (GLOBEX, "sub", f"{S.inbox_prefix(ACME)}.>", False, "no client reads another client's inbox"),
     (ACME, "sub", "_INBOX.>", False, "no client reads every inbox"),
     (ACME, "pub", S.request(GLOBEX), False, "no client publishes as another client"),
     (ACME, "pub", S.step("generator"), False, "no client skips the router and its gates"),
     (ACME, "pub", S.FALLBACK, False, "no client talks to the fallback directly"),
-    (ACME, "pub", f"$KV.{S.RESULTS_BUCKET}.r1", False, "no client writes a Reply"),
+    (ACME, "pub", f"$KV.{S.RESULTS_BUCKET}.{ACME_RESULT}", False, "no client writes a Reply, not even its own"),
     (ACME, "pub", f"$JS.API.STREAM.PURGE.{KV_R}", False, "no client purges the results"),
     (ACME, "pub", f"$JS.API.STREAM.MSG.DELETE.{KV_R}", False, "no client deletes a Reply"),
     (ACME, "pub", f"$JS.API.CONSUMER.MSG.NEXT.{S.STREAM}.router", False, "no client pulls requests off the router's queue"),
@@ -238,7 +274,7 @@ RULES: list[tuple[str, str, str, bool, str]] = [
     *[(svc, "pub", f"$JS.API.CONSUMER.DURABLE.CREATE.{S.STREAM}.probe", False, "no service creates consumers") for svc in SERVICES],
     *[(svc, "pub", f"$KV.{S.CONFIG_BUCKET}.active", False, "no service changes routing") for svc in SERVICES],
     *[(svc, "pub", f"{S.inbox_prefix(ACME)}.reply.r1", True, "any service may end a request") for svc in SERVICES],
-    *[(svc, "pub", f"$KV.{S.RESULTS_BUCKET}.r1", True, "any service may store a Reply") for svc in SERVICES],
+    *[(svc, "pub", f"$KV.{S.RESULTS_BUCKET}.{ACME_RESULT}", True, "any service may store a Reply") for svc in SERVICES],
     ("router", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{S.STREAM}.generator", False, "a service pulls only from its own consumer"),
     ("generator", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{S.STREAM}.router", False, "a service pulls only from its own consumer"),
     ("generator", "pub", f"$JS.ACK.{S.STREAM}.router.1.1.1.1.1.0", False, "a service acks only its own messages"),
@@ -385,8 +421,10 @@ async def test_client_request_is_accepted_and_its_stored_reply_readable(provisio
         )
         assert ack.stream == S.STREAM
 
-        await (await service.nc.jetstream().key_value(S.RESULTS_BUCKET)).create("acme-1", b'{"answer": "hello"}')
-        entry = await (await client.nc.jetstream().key_value(S.RESULTS_BUCKET)).get("acme-1")
+        await (await service.nc.jetstream().key_value(S.RESULTS_BUCKET)).create(S.result_key(ACME, "acme-1"), b'{"answer": "hello"}')
+        results = await client.nc.jetstream().key_value(S.RESULTS_BUCKET)
+        assert results._direct, "the results bucket must allow direct gets (shared/provision.py ensure_bucket)"
+        entry = await results.get(S.result_key(ACME, "acme-1"))
         assert entry.value == b'{"answer": "hello"}'
 
         await client.settle()
@@ -464,10 +502,11 @@ async def test_service_pulls_acks_forwards_and_stores_under_its_own_user(provisi
         [hop] = await gsub.fetch(1, timeout=5)
         assert hop.data == b'{"hop": 1}'
         results = await gjs.key_value(S.RESULTS_BUCKET)
-        await results.create("e2e-1", b'{"answer": "0.5% wear"}')
+        key = S.result_key(ACME, "e2e-1")
+        await results.create(key, b'{"answer": "0.5% wear"}')
         with pytest.raises(KeyWrongLastSequenceError):  # a redelivered last hop finds the first Reply
-            await results.create("e2e-1", b'{"answer": "again"}')
-        assert (await results.get("e2e-1")).value == b'{"answer": "0.5% wear"}'
+            await results.create(key, b'{"answer": "again"}')
+        assert (await results.get(key)).value == b'{"answer": "0.5% wear"}'
         await guardrail.nc.publish(f"{S.inbox_prefix(ACME)}.reply.e2e-1", b'{"answer": "0.5% wear"}')
         await hop.ack_sync()
         await guardrail.settle()
@@ -509,21 +548,94 @@ async def test_service_cannot_impersonate_a_client_nor_administer(provisioned):
         await router.nc.close()
 
 
+def _bare_request(conn: Conn, subject: str, body: bytes = b"") -> asyncio.Future:
+    """A raw request, the way a hostile client would send it: no client library checks."""
+    return conn.nc.request(subject, body, timeout=1)
+
+
+async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
+    """Replies are keyed <client>.<request id> and read by direct get: every other way in is refused."""
+    from baton.client import BatonClient
+
+    service = await connect(provisioned.url, "generator")
+    globex = await connect(provisioned.url, GLOBEX)
+    password = auth.DEV_PASSWORDS[USERS[ACME].password_var]
+    try:
+        results = await service.nc.jetstream().key_value(S.RESULTS_BUCKET)
+        assert results._direct, "the results bucket must allow direct gets (shared/provision.py ensure_bucket)"
+        secret = b'{"request_id": "private-1", "answer": "for acme only"}'
+        seq = await results.create(S.result_key(ACME, "private-1"), secret)
+
+        # acme reads it the way BatonClient.result() does (its own key, direct get).
+        acme = await connect(provisioned.url, ACME)
+        try:
+            mine = await (await acme.nc.jetstream().key_value(S.RESULTS_BUCKET)).get(S.result_key(ACME, "private-1"))
+            assert mine.value == secret
+            await acme.settle()
+            assert acme.violations == []
+        finally:
+            await acme.nc.close()
+
+        js = globex.nc.jetstream(timeout=1)
+        kv = await js.key_value(S.RESULTS_BUCKET)  # binding (STREAM.INFO) is allowed
+        with pytest.raises(nats.errors.TimeoutError):  # the other client's key, by name
+            await kv.get(S.result_key(ACME, "private-1"))
+        for key in (">", "*.private-1", f"{ACME}.>", f"{ACME}.*"):  # wildcards in the key
+            with pytest.raises(nats.errors.TimeoutError):
+                await _bare_request(globex, direct_get(key))
+        with pytest.raises(nats.errors.TimeoutError):  # by sequence, no key needed
+            await js.get_msg(KV_R, seq)
+        with pytest.raises(nats.errors.TimeoutError):  # by subject in the body: no permission could see it
+            await js.get_msg(KV_R, subject=f"$KV.{S.RESULTS_BUCKET}.{S.result_key(ACME, 'private-1')}")
+        with pytest.raises(nats.errors.TimeoutError):  # the direct form of "by sequence"
+            await js.get_msg(KV_R, seq, direct=True)
+        with pytest.raises(nats.errors.TimeoutError):  # a consumer on the bucket would deliver every Reply
+            await js.add_consumer(KV_R, deliver_subject=f"{S.inbox_prefix(GLOBEX)}.steal")
+        # Its own key space does not have it: not found, not someone else's Reply.
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get(S.result_key(GLOBEX, "private-1"))
+        async with BatonClient(provisioned.url, client_id=GLOBEX, user=GLOBEX, password=auth.DEV_PASSWORDS[USERS[GLOBEX].password_var]) as other:
+            assert await other.result("private-1") is None
+        async with BatonClient(provisioned.url, client_id=ACME, user=ACME, password=password) as owner:
+            stored = await owner.result("private-1")
+            assert stored is not None and stored.answer == "for acme only"
+
+        await globex.settle()
+        refused = {subject for action, subject in globex.violations if action == "pub"}
+        expected = {
+            direct_get(S.result_key(ACME, "private-1")),
+            *(direct_get(k) for k in (">", "*.private-1", f"{ACME}.>", f"{ACME}.*")),
+            f"$JS.API.STREAM.MSG.GET.{KV_R}",
+            f"$JS.API.DIRECT.GET.{KV_R}",
+            f"$JS.API.CONSUMER.CREATE.{KV_R}",
+        }
+        assert {e.lower() for e in expected} <= refused, sorted(refused)
+    finally:
+        await service.nc.close()
+        await globex.nc.close()
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap: results are keyed by request id alone, and reading the bucket (MSG.GET by "
-    "sequence, or DIRECT.GET with a wildcard) returns any client's Reply. Closing it needs the "
-    "code to key Replies by client (<client>.<request id>), the bucket to allow direct gets, and "
-    "the table to grant each client only $JS.API.DIRECT.GET.KV_baton_results.$KV.baton_results.<client>.>",
+    reason="known gap: $JS.API.STREAM.INFO.KV_baton_results (allowed to every client, because "
+    "BatonClient.result() binds with js.key_value(), which asks for stream info) answers a request "
+    "with {\"subjects_filter\": \">\"} with every stored key: other clients' ids and request ids "
+    "(never a Reply). Closing it: baton/client.py BatonClient.result() reads without binding, e.g. "
+    "js.get_msg('KV_baton_results', subject='$KV.baton_results.<client>.<id>', direct=True), and "
+    "generate_auth.py results_read(<client>) drops $JS.API.STREAM.INFO.KV_baton_results",
 )
-async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
+async def test_a_client_cannot_list_other_clients_result_keys(provisioned):
     service = await connect(provisioned.url, "generator")
     globex = await connect(provisioned.url, GLOBEX)
     try:
         results = await service.nc.jetstream().key_value(S.RESULTS_BUCKET)
-        seq = await results.put("acme-private", b'{"answer": "for acme"}')
-        msg = await globex.nc.jetstream(timeout=2).get_msg(f"KV_{S.RESULTS_BUCKET}", seq)  # by sequence: no id needed
-        assert msg.data != b'{"answer": "for acme"}'
+        await results.put(S.result_key(ACME, "listed-1"), b"{}")
+        try:
+            answer = await _bare_request(globex, f"$JS.API.STREAM.INFO.{KV_R}", b'{"subjects_filter": ">"}')
+        except nats.errors.TimeoutError:
+            return  # refused: nothing listed
+        subjects_seen = (json.loads(answer.data).get("state") or {}).get("subjects") or {}
+        assert not [s for s in subjects_seen if not s.startswith(f"$KV.{S.RESULTS_BUCKET}.{GLOBEX}.")], sorted(subjects_seen)
     finally:
         await service.nc.close()
         await globex.nc.close()
