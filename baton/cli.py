@@ -56,8 +56,8 @@ def _client(url: str, **options) -> BatonClient:
     so its requests, inbox and stored replies are the ones that user is allowed."""
     settings = _settings()
     credentials = nats_credentials(settings)
-    if credentials:
-        options.setdefault("client_id", settings.nats_user)
+    # A stable id, so `baton result` finds what an earlier `baton submit` stored.
+    options.setdefault("client_id", settings.nats_user if credentials else os.environ.get("BATON_CLIENT_ID", "cli"))
     return BatonClient(url, **options, **credentials)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,12 +31,18 @@ from shared.schema import Reply, Request
 from shared.settings import server_list
 
 
+log = logging.getLogger("baton.client")
+CONNECT_TIMEOUT_S = 5.0
 ACCEPT_TIMEOUT_S = 6.0  # how long to keep offering a request while the stream elects a leader
 PUBLISH_TIMEOUT_S = 2.0
 
 
 class BatonError(Exception):
     """Base of every error this client raises."""
+
+
+class Unreachable(BatonError):
+    """No NATS server answered."""
 
 
 class NotAccepted(BatonError):
@@ -65,8 +72,12 @@ class BatonClient:
         self.duplicates = 0  # replies that arrived for a request already answered
         self.nc: nats.NATS | None = None
 
-    async def connect(self) -> BatonClient:
-        self.nc = await nats.connect(server_list(self.nats_url), inbox_prefix=self.inbox_prefix.encode(), **self._connect_options)
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> BatonClient:
+        options = {"connect_timeout": 2, "error_cb": _quiet, **self._connect_options}
+        try:
+            self.nc = await asyncio.wait_for(nats.connect(server_list(self.nats_url), inbox_prefix=self.inbox_prefix.encode(), **options), timeout_s)
+        except (TimeoutError, OSError, NatsError) as exc:
+            raise Unreachable(f"cannot reach NATS at {self.nats_url} ({type(exc).__name__}); start the mesh with `baton up` or set NATS_URL") from exc
         self.js = self.nc.jetstream()
         self._sub = await self.nc.subscribe(f"{self.inbox_prefix}.reply.>", cb=self._on_reply)
         return self
@@ -212,3 +223,8 @@ class BatonClient:
             return
         with contextlib.suppress(Exception):
             future.set_result(Reply.model_validate_json(msg.data))
+
+
+async def _quiet(exc: Exception) -> None:
+    """Connection trouble surfaces as typed errors from our calls; the details go to the debug log."""
+    log.debug("NATS: %s: %s", type(exc).__name__, exc)

@@ -5,8 +5,9 @@
     python deploy/provision.py --no-apply-config      # leave the live config alone
 
 Creates (or updates) the BATON stream, one durable pull consumer per service and the
-KV buckets (shared/provision.py), and, unless told not to, stores the config file
-(BATON_CONFIG) as the active live config. The services run with BATON_PROVISION=false
+KV buckets (shared/provision.py), turns on direct gets for buckets an older version
+created without them (the users' read permissions need them), and, unless told not to,
+stores the config file (BATON_CONFIG) as the active live config. The services run with BATON_PROVISION=false
 and least-privilege users that cannot do any of this themselves.
 
 Compose runs it as a one-shot service; Kubernetes as a Job (deploy/k8s/base).
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import nats  # noqa: E402
 
 from shared import subjects  # noqa: E402
-from shared.provision import provision  # noqa: E402
+from shared.provision import buckets, provision  # noqa: E402
 from shared.settings import Settings, nats_credentials  # noqa: E402
 
 
@@ -70,6 +71,27 @@ async def connect(settings: Settings, wait_s: float, refusals: list[str]) -> nat
             await asyncio.sleep(2)
 
 
+async def allow_direct_gets(js, settings: Settings) -> list[str]:
+    """Turn on direct gets for buckets created before Baton created them that way.
+
+    shared/provision.py creates new buckets with direct gets but leaves existing ones as
+    they are. The NATS users of deploy/nats read stored Replies only by direct get (the
+    key in the subject is what scopes a client to its own Replies), and nats-py reads a
+    bucket without direct gets by STREAM.MSG.GET, which on the results bucket only the
+    admin may use: so a results bucket from an older deployment is switched here (and
+    the other buckets with it). A service keeps the binding FastStream cached before
+    the switch until it restarts.
+    """
+    switched = []
+    for bucket, _ in buckets(settings):
+        info = await js.stream_info(f"KV_{bucket}")
+        if not info.config.allow_direct:
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
+            switched.append(bucket)
+    return switched
+
+
 async def apply_config(js, path: Path) -> str | None:
     try:
         from shared.live_config import publish_config
@@ -105,6 +127,7 @@ async def main(argv: list[str] | None = None) -> int:
         js = nc.jetstream(timeout=10)
         try:
             await provision(js, settings, replicas=args.replicas)
+            switched = await allow_direct_gets(js, settings)
         except nats.errors.Error as exc:
             why = refusals[0] if refusals else f"{type(exc).__name__}: {exc}"
             print(f"provision: refused ({why}); NATS_USER must be the admin user of deploy/nats/auth.conf", file=sys.stderr)
@@ -112,6 +135,8 @@ async def main(argv: list[str] | None = None) -> int:
         replicas = args.replicas or getattr(settings, "stream_replicas", 1)
         print(f"provision: stream {subjects.STREAM}, consumers {', '.join(subjects.SERVICES)}, "
               f"replicas {replicas}: ready", flush=True)
+        if switched:
+            print(f"provision: direct gets turned on for existing buckets {', '.join(switched)}", flush=True)
         if args.apply_config:
             digest = await apply_config(js, settings.config)
             if digest:
