@@ -49,6 +49,7 @@ OUTCOME = "baton.outcome"  # "answered" | "degraded" | "error"
 ERROR_CODE = "baton.error.code"
 REQUEST_COST_USD = "baton.request.cost_usd"
 REQUEST_LATENCY_MS = "baton.request.latency_ms"
+CACHED = "baton.cached"  # answered from the reply cache
 
 # Content, only with content tracing on.
 CONTENT_PROMPT = "baton.content.prompt"

@@ -112,7 +112,7 @@ def record_reply(span: Span, reply: Reply) -> None:
     if not span.is_recording():
         return
     outcome = "error" if not reply.ok else "degraded" if reply.degraded else "answered"
-    span.set_attributes({A.OUTCOME: outcome, A.REQUEST_COST_USD: reply.cost_usd, A.REQUEST_LATENCY_MS: reply.latency_ms or 0.0})
+    span.set_attributes({A.OUTCOME: outcome, A.REQUEST_COST_USD: reply.cost_usd, A.REQUEST_LATENCY_MS: reply.latency_ms or 0.0, A.CACHED: reply.cached})
     if reply.error is not None:
         span.set_attribute(A.ERROR_CODE, reply.error.code.value)
         span.set_status(Status(StatusCode.ERROR, reply.error.message))

@@ -46,6 +46,7 @@ def stats_from_dict(data: dict[str, Any]) -> Stats:
             "steps": {k: StepStats(v["count"], pct(v["duration_ms"]), pct(v["queued_ms"])) for k, v in data["steps"].items()},
             "routes": {k: RouteShare(**v) for k, v in data["routes"].items()},
             "gates": {k: GateStats(**v) for k, v in data["gates"].items()},
+            "variants": data.get("variants", {}),
         }
     )
 

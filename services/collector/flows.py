@@ -96,6 +96,9 @@ class Flow:
     output_tokens: int | None = None
     orphans: tuple[str, ...] = ()  # span ids whose parent span is not in the trace
     span_count: int = 0
+    variant: str | None = None  # the A/B arm that served the request
+    shadowed: bool = False  # a shadow model also answered (recorded, never returned)
+    cached: bool = False  # answered from the reply cache
 
     @property
     def completed(self) -> bool:
@@ -127,6 +130,9 @@ class Flow:
             "hop_count": len(self.hops),
             "span_count": self.span_count,
             "orphans": list(self.orphans),
+            "variant": self.variant,
+            "shadowed": self.shadowed,
+            "cached": self.cached,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +238,9 @@ def stitch(spans: Sequence[SpanRow]) -> Flow:
         output_tokens=_sum_int(ordered, A.GEN_AI_OUTPUT_TOKENS),
         orphans=orphans,
         span_count=len(ordered),
+        variant=_first_str(ordered, A.VARIANT),
+        shadowed=any(s.attributes.get(A.SHADOW) for s in ordered),
+        cached=any(s.attributes.get(A.CACHED) for s in ordered),
     )
 
 
@@ -286,6 +295,9 @@ class Stats:
     completed: int = 0  # outcome answered or degraded
     cost_usd: Percentiles = field(default_factory=Percentiles)  # per completed request with a cost
     cost_mean_usd: float | None = None
+    variants: dict[str, int] = field(default_factory=dict)  # "route/variant" -> requests served
+    shadowed: int = 0  # requests a shadow model also answered
+    cache_hits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -374,6 +386,9 @@ def flow_stats(flows: Sequence[Flow]) -> Stats:
         completed=len(completed),
         cost_usd=percentiles(costs),
         cost_mean_usd=sum(costs) / len(costs) if costs else None,
+        variants=dict(sorted(Counter(f"{f.route}/{f.variant}" for f in flows if f.variant).items())),
+        shadowed=sum(f.shadowed for f in flows),
+        cache_hits=sum(f.cached for f in flows),
     )
 
 

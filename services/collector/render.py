@@ -91,7 +91,16 @@ def stats_table(stats: Stats) -> RenderableType:
     for name, r in stats.routes.items():
         routes.add_row(name, str(r.count), f"{r.share:.1%}")
 
+    overview.add_row("cache hits", "", "", "", str(stats.cache_hits))
+    overview.add_row("shadowed", "", "", "", str(stats.shadowed))
     parts: list[RenderableType] = [overview, steps, routes]
+    if stats.variants:
+        experiments = Table(title="experiments (A/B arms)", title_justify="left")
+        experiments.add_column("route/variant")
+        experiments.add_column("requests", justify="right")
+        for name, n in stats.variants.items():
+            experiments.add_row(name, str(n))
+        parts.append(experiments)
     if stats.gates:
         gates = Table(title="gates", title_justify="left")
         gates.add_column("gate")

@@ -661,3 +661,23 @@ def test_decode_rejects_bad_ids_in_protobuf() -> None:
     sp.span_id = b"\x02" * 8
     (row,) = decode(req.SerializeToString(), "application/protobuf")
     assert row.service == "unknown_service" and row.parent_span_id is None
+
+
+def test_stats_count_ab_arms_shadow_calls_and_cache_hits():
+    from services.collector.flows import flow_stats, stitch
+    from services.collector.otlp import SpanRow
+    from shared import attributes as A
+
+    def flow(n: int, variant: str | None, shadow: bool, cached: bool):
+        trace = f"{n:032x}"
+        route = SpanRow(trace, f"{n:015x}1", None, "route", "router", 0, 1_000_000,
+                        attributes={A.REQUEST_ID: f"r{n}", A.STEP: "route", A.ROUTE: "factual", **({A.VARIANT: variant} if variant else {}),
+                                    **({A.OUTCOME: "answered", A.CACHED: True} if cached else {})})
+        spans = [route]
+        if shadow:
+            spans.append(SpanRow(trace, f"{n:015x}2", route.span_id, "shadow chat big", "generator", 10, 20, attributes={A.SHADOW: True}))
+        return stitch(spans)
+
+    stats = flow_stats([flow(1, "small", True, False), flow(2, "small", False, False), flow(3, "local", False, True), flow(4, None, False, False)])
+    assert stats.variants == {"factual/local": 1, "factual/small": 2}
+    assert stats.shadowed == 1 and stats.cache_hits == 1
