@@ -157,13 +157,17 @@ class BatonClient:
         return future
 
     async def result(self, request_id: str) -> Reply | None:
-        """The stored Reply of a request, or None while it is not finished."""
-        results = await self.js.key_value(subjects.RESULTS_BUCKET)
+        """The stored Reply of a request, or None while it is not finished.
+
+        A direct get of this client's own key, without binding to the bucket: binding
+        needs stream info, which would list every client's keys.
+        """
+        key = subjects.result_key(self.client_id, request_id)
         try:
-            entry = await results.get(subjects.result_key(self.client_id, request_id))
+            message = await self.js.get_msg(f"KV_{subjects.RESULTS_BUCKET}", subject=f"$KV.{subjects.RESULTS_BUCKET}.{key}", direct=True)
         except NotFoundError:
             return None
-        return Reply.model_validate_json(entry.value) if entry.value else None
+        return Reply.model_validate_json(message.data) if message.data else None
 
     def reply_to(self, request_id: str) -> str:
         return f"{self.inbox_prefix}.reply.{request_id}"

@@ -97,14 +97,14 @@ def results_read(client: str | None = None) -> list[str]:
     only way in, and the permission can name the client's own keys. Deliberately absent:
     STREAM.MSG.GET (a get by sequence or by any subject, the subject inside the request
     body where no permission can see it) and the bare `DIRECT.GET.KV_baton_results`
-    (the same, in the direct form). Binding needs STREAM.INFO.
+    (the same, in the direct form). A client reads without binding to the bucket
+    (baton/client.py result()), so it gets no STREAM.INFO either: that would list every
+    stored key. Services bind (FastStream's key_value) and keep it.
     """
     stream = kv_stream(RESULTS)
-    keys = f"{client}.>" if client else ">"
-    return [
-        f"$JS.API.STREAM.INFO.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.$KV.{RESULTS}.{keys}",
-    ]
+    if client:
+        return [f"$JS.API.DIRECT.GET.{stream}.$KV.{RESULTS}.{client}.>"]
+    return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.DIRECT.GET.{stream}.$KV.{RESULTS}.>"]
 
 
 def kv_watch(bucket: str) -> list[str]:

@@ -12,6 +12,8 @@ or instructs "you" to change what the answer says.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import re
 from collections.abc import Iterator, Sequence
 
@@ -86,6 +88,19 @@ def instruction_labels(sentence: str, threshold: float = THRESHOLD) -> list[str]
 
 def neutralize_text(text: str, threshold: float = THRESHOLD) -> tuple[str, list[str]]:
     """`text` with instruction-like sentences replaced by MARKER, and log-safe labels."""
+    cleaned, labels = _neutralize_cached(text, threshold)
+    return cleaned, list(labels)
+
+
+@lru_cache(maxsize=8192)
+def _neutralize_cached(text: str, threshold: float) -> tuple[str, tuple[str, ...]]:
+    # Passages come from a corpus: the same chunks are checked again and again, and the
+    # verdict depends on the text alone, so it is worked out once per chunk.
+    cleaned, labels = _neutralize(text, threshold)
+    return cleaned, tuple(labels)
+
+
+def _neutralize(text: str, threshold: float) -> tuple[str, list[str]]:
     if not _passage_signals(text) and detect_injection(text).score < threshold:
         return text, []  # the common case: one pass over the whole passage
     pieces, labels, cursor, removed = [], [], 0, 0

@@ -621,15 +621,6 @@ async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
         await globex.nc.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: $JS.API.STREAM.INFO.KV_baton_results (allowed to every client, because "
-    "BatonClient.result() binds with js.key_value(), which asks for stream info) answers a request "
-    "with {\"subjects_filter\": \">\"} with every stored key: other clients' ids and request ids "
-    "(never a Reply). Closing it: baton/client.py BatonClient.result() reads without binding, e.g. "
-    "js.get_msg('KV_baton_results', subject='$KV.baton_results.<client>.<id>', direct=True), and "
-    "generate_auth.py results_read(<client>) drops $JS.API.STREAM.INFO.KV_baton_results",
-)
 async def test_a_client_cannot_list_other_clients_result_keys(provisioned):
     service = await connect(provisioned.url, "generator")
     globex = await connect(provisioned.url, GLOBEX)
