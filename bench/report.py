@@ -93,11 +93,38 @@ def services_cpu_ms(phase: dict[str, Any] | None) -> float | None:
     return round(sum(per.get(s, 0.0) for s in SERVICES), 3)
 
 
+SYSTEM_GROUPS = {
+    "baton": ("router", "retriever", "generator", "guardrail", "fallback", "nats-server", "collector"),
+    "raw": ("hops", "nats-server"),
+    "litellm": ("litellm",),
+    "direct": ("stub model",),
+}
+
+
+def system_cpu_ms(phase: dict[str, Any] | None, kind: str) -> float | None:
+    """CPU ms per request of the system's own processes (not the load client, not the stub)."""
+    per = get(phase, "cpu", "cpu_ms_per_request")
+    if not per:
+        return None
+    return round(sum(per.get(group, 0.0) for group in SYSTEM_GROUPS[kind]), 3)
+
+
+def ceiling(phase: dict[str, Any] | None, kind: str, cores: int) -> float | None:
+    """Requests/s the system could serve if it had the machine's cores to itself: a noise-free bound."""
+    cpu = system_cpu_ms(phase, kind)
+    if not cpu:
+        return None
+    if kind == "litellm":
+        cores = 1  # one worker process: one core at most
+    return round(cores * 1000 / cpu, 1)
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     on, off = get(results, "baton", "tracing_on"), get(results, "baton", "tracing_off")
     js, core = get(results, "transport", "jetstream"), get(results, "transport", "core")
     lite = get(results, "peer", "litellm")
     top_c = f"c{max(results['profile']['concurrencies'])}"
+    cores = results["machine"].get("cores") or 1
     p50 = lambda phase: get(phase, "sequential", "latency", "p50_ms")  # noqa: E731
     rps = lambda phase, c=top_c: get(phase, c, "throughput_rps")  # noqa: E731
     return {
@@ -120,6 +147,21 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "tracing_on_vs_off_p50": ratio(p50(on), p50(off)),
         "cpu_ms_per_request_on": services_cpu_ms(get(on, top_c)),
         "cpu_ms_per_request_off": services_cpu_ms(get(off, top_c)),
+        "system_cpu_ms": {
+            "baton_tracing_on": system_cpu_ms(get(on, top_c), "baton"),
+            "baton_tracing_off": system_cpu_ms(get(off, top_c), "baton"),
+            "raw_jetstream": system_cpu_ms(get(js, top_c), "raw"),
+            "raw_core": system_cpu_ms(get(core, top_c), "raw"),
+            "litellm": system_cpu_ms(get(lite, top_c), "litellm"),
+        },
+        "cpu_bound_ceiling_rps": {
+            "baton_tracing_on": ceiling(get(on, top_c), "baton", cores),
+            "baton_tracing_off": ceiling(get(off, top_c), "baton", cores),
+            "raw_jetstream": ceiling(get(js, top_c), "raw", cores),
+            "raw_core": ceiling(get(core, top_c), "raw", cores),
+            "litellm": ceiling(get(lite, top_c), "litellm", cores),
+        },
+        "baton_vs_litellm_cpu_per_request": ratio(system_cpu_ms(get(on, top_c), "baton"), system_cpu_ms(get(lite, top_c), "litellm")),
     }
 
 
@@ -183,7 +225,10 @@ def render(results: dict[str, Any]) -> str:
     add("|---|---|")
     add(f"| Baton p50, sequential, 5 durable hops, tracing on | **{fmt(h.get('baton_p50_ms'), ' ms')}** (p99 {fmt(h.get('baton_p99_ms'), ' ms')}) |")
     add(f"| raw nats-py JetStream 5-hop chain p50 | {fmt(h.get('raw_js_p50_ms'), ' ms')} → Baton is **{fx(h.get('baton_vs_raw_js_p50'))}** the transport floor (+{fmt(h.get('baton_minus_raw_js_p50_ms'), ' ms')}) |")
-    rps_on = ", ".join(f"{fmt(v, '', 0)} req/s at {k[1:]} in flight" for k, v in (h.get("baton_rps") or {}).items())
+    def best(key: str) -> str:
+        spread = get(on, key, "rounds_rps") or []
+        return f" (best round {max(spread):,.0f})" if len(spread) > 1 else ""
+    rps_on = ", ".join(f"{fmt(v, '', 0)} req/s at {k[1:]} in flight{best(k)}" for k, v in (h.get("baton_rps") or {}).items())
     add(f"| Baton throughput, tracing on | **{rps_on}** |")
     add(f"| Baton vs raw JetStream chain throughput at {top[1:]} in flight | {fx(h.get('baton_vs_raw_js_rps'))} ({fmt(h.get('raw_js_rps'), '', 0)} req/s raw) |")
     lite = get(results, "peer", "litellm")
@@ -192,8 +237,15 @@ def render(results: dict[str, Any]) -> str:
     else:
         add(f"| Baton vs LiteLLM proxy (1 worker), throughput at {top[1:]} in flight | **{fx(h.get('baton_vs_litellm_rps'))}** (LiteLLM {fmt(h.get('litellm_rps'), '', 0)} req/s) |")
         add(f"| Baton vs LiteLLM proxy, p50 sequential | **{fx(h.get('baton_vs_litellm_p50'))}** (LiteLLM {fmt(h.get('litellm_p50_ms'), ' ms')}; Baton does 5 durable hops + BM25 + 2 gates, LiteLLM 1 HTTP hop) |")
-    add(f"| tracing on vs off: throughput at {top[1:]} in flight / p50 sequential | {fx(h.get('tracing_on_vs_off_rps'))} / {fx(h.get('tracing_on_vs_off_p50'))} |")
+    add(f"| tracing on vs off: throughput at {top[1:]} in flight / p50 sequential / CPU per request (services) | {fx(h.get('tracing_on_vs_off_rps'))} / {fx(h.get('tracing_on_vs_off_p50'))} / "
+        f"{fx(ratio(h.get('cpu_ms_per_request_on'), h.get('cpu_ms_per_request_off')))} |")
     add(f"| CPU per request, summed over Baton's service processes, at {top[1:]} in flight | {fmt(h.get('cpu_ms_per_request_on'), ' ms')} tracing on, {fmt(h.get('cpu_ms_per_request_off'), ' ms')} tracing off |")
+    sc, ce = h.get("system_cpu_ms") or {}, h.get("cpu_bound_ceiling_rps") or {}
+    add(f"| CPU per request of the whole system (its processes + nats-server [+ collector]), and the CPU-bound ceiling it implies on {machine['cores']} quiet cores | "
+        f"Baton {fmt(sc.get('baton_tracing_on'), ' ms')} → **{fmt(ce.get('baton_tracing_on'), ' req/s', 0)}** (tracing off {fmt(sc.get('baton_tracing_off'), ' ms')} → {fmt(ce.get('baton_tracing_off'), ' req/s', 0)}); "
+        f"raw JetStream {fmt(sc.get('raw_jetstream'), ' ms')} → {fmt(ce.get('raw_jetstream'), ' req/s', 0)}; "
+        f"LiteLLM {fmt(sc.get('litellm'), ' ms')} → {fmt(ce.get('litellm'), ' req/s', 0)} (one worker: one core) |")
+    add(f"| Baton's whole 5-hop pipeline vs LiteLLM's one proxy hop, CPU per request | {fx(h.get('baton_vs_litellm_cpu_per_request'))} |")
     add("")
 
     if results.get("errors"):
@@ -280,6 +332,12 @@ def render(results: dict[str, Any]) -> str:
         for data in idle.values():
             add(f"| {data['label']} | {data['requests']} | {fmt(data['p50_ms'], ' ms')} | {fmt(data['max_ms'], ' ms')} | {data['over_100ms']} |")
         add("")
+        where = {data["label"]: data.get("slow_probes_longest_queue_at") for data in idle.values() if data.get("slow_probes_longest_queue_at")}
+        if where:
+            add("Where Baton's slow probes waited (the step with the longest `queued` time in each slow Reply): "
+                + "; ".join(f"{label}: " + ", ".join(f"{step} ×{n}" for step, n in steps.items()) for label, steps in where.items())
+                + ". guard.output is the guardrail's second message of the request, a few ms after its first.")
+            add("")
 
     # ---- 3. peer
     add("## 3. Peer: LiteLLM proxy on the same stub")

@@ -262,6 +262,11 @@ class Harness:
     async def measure(self, label: str, call: Callable[[int], Awaitable[bool]], groups: dict[str, list[int]], *, concurrency: int = 0, count: int = 0, duration_s: float = 0.0) -> LoadResult:
         # What the other (idle) systems burn meanwhile is ours, not the machine's noise.
         idle = sorted(self.all_pids() - {pid for group in groups.values() for pid in group})
+        # Two unmeasured requests first: the system sat idle while the others ran, and its
+        # first request after idle can stall (measured on its own under "sparse traffic").
+        for index in range(2):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(call(index), 30)
         meter = CpuMeter({**groups, "idle bench processes": idle}).start()
         if concurrency == 0:
             task = self.progress.add_task(label, total=count, info="")
@@ -449,6 +454,9 @@ class Harness:
         latencies: dict[str, list[float]] = {system.key: [] for system in targets}
         errors = dict.fromkeys(latencies, 0)
         task = self.progress.add_task("idle, then one request each", total=count, info="")
+        for key in ("tracing_on", "tracing_off"):
+            if key in self.loads:
+                self.loads[key].replies = []  # keep the Replies: their step records say which hop waited
         try:
             for index in range(count):
                 await asyncio.sleep(1.1 + (index * 0.37) % 1.8)
@@ -468,6 +476,17 @@ class Harness:
                 self.progress.advance(task)
         finally:
             self.progress.remove_task(task)
+        slow_steps: dict[str, dict[str, int]] = {}
+        for key in ("tracing_on", "tracing_off"):
+            load = self.loads.get(key)
+            if load is None:
+                continue
+            for reply, seconds in load.replies or []:
+                if seconds > 0.1 and reply.steps:
+                    worst = max(reply.steps, key=lambda step: step.queued_ms)
+                    slow_steps.setdefault(key, {})
+                    slow_steps[key][worst.step] = slow_steps[key].get(worst.step, 0) + 1
+            load.replies = None
         out = {}
         for system in targets:
             ms = [value * 1000 for value in latencies[system.key]]
@@ -478,6 +497,8 @@ class Harness:
                 "p50_ms": round(percentile(ms, 50), 2) if ms else None,
                 "max_ms": round(max(ms), 2) if ms else None,
                 "over_100ms": sum(1 for value in ms if value > 100),
+                # For Baton: in the slow probes, the step whose queue wait was longest.
+                "slow_probes_longest_queue_at": slow_steps.get(system.key, {}),
             }
             self.say(f"  [green]{system.label:<34}[/green] p50 [bold]{out[system.key]['p50_ms']:8.2f}[/bold] ms  max {out[system.key]['max_ms']:8.2f} ms  "
                      f"[bold]{out[system.key]['over_100ms']}[/bold] of {len(ms)} over 100 ms")
@@ -650,7 +671,7 @@ def caveats(results: dict[str, Any]) -> list[str]:
         "Tracing on means the services export spans (BatchSpanProcessor, 200 ms schedule) to Baton's collector, which stores them in SQLite on this machine: its CPU is reported separately, not in the services' figure.",
         "Services log at their default level (INFO): the router writes one log line per request to its log file, as `baton up` does.",
         "Closed-loop load (each of N workers sends its next request when the previous one answers): p99 under load includes queueing in the mesh; it is not an open-loop arrival rate.",
-        "Sequential p99 of the JetStream systems (Baton and the raw chain) includes the after-idle stall shown under 'Sparse traffic': each sequential phase starts after the system sat idle while the others were measured.",
+        "Each measured phase starts with 2 unmeasured requests: a system sat idle while the others were measured, and Baton's first request after an idle second can stall for up to ~1 s (measured on its own under 'Sparse traffic'). Sequential figures are therefore steady back-to-back traffic.",
         "The HTTP load client is httpx sharded over 16 AsyncClients: one AsyncClient with 64 connections degraded to 50-200 req/s at 2-8 ms of client CPU per request here (httpcore's pool), which would have measured httpx instead of the peer. The `httpx → stub directly` row is the client's own ceiling.",
         "CPU per request = utime+stime deltas from /proc/<pid>/stat over the phase, divided by requests completed in it; RSS = VmRSS after the load.",
     ]

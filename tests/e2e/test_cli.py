@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import subprocess
 import sys
 
@@ -72,3 +73,24 @@ def test_eval_commands_print_their_figures():
     assert routing.returncode == 0 and "accuracy" in routing.stdout.lower()
     guard = subprocess.run([sys.executable, "-m", "baton", "eval", "guard"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert guard.returncode == 0 and "injection" in guard.stdout and "recall" in guard.stdout
+
+
+def test_the_sync_client_asks_submits_fetches_and_streams(mesh):
+    from baton.client import Unreachable
+    from baton.sync import SyncBatonClient
+
+    with SyncBatonClient(mesh.nats_url, timeout_s=20) as baton_client:
+        reply = baton_client.ask("What fluid do Shimano hydraulic disc brakes use?")
+        assert reply.ok and "mineral oil" in reply.answer.lower()
+        request_id = baton_client.submit("How do I clean my chain?")
+        stored = None
+        for _ in range(50):  # bounded: 5 s
+            stored = baton_client.result(request_id)
+            if stored:
+                break
+            time.sleep(0.1)
+        assert stored is not None and stored.request_id == request_id
+        items = list(baton_client.stream("What tyre pressure should I run on 40 mm gravel tyres?"))
+        assert all(isinstance(i, str) for i in items[:-1]) and items[-1].ok
+    with pytest.raises(Unreachable):
+        SyncBatonClient("nats://127.0.0.1:1")

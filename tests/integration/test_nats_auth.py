@@ -7,10 +7,11 @@
    client's inbox, a service never publishes a request, ...) must hold as well. The
    matrix is printed (pytest -s) and kept in deploy/nats/authz-matrix.md.
 2. Real JetStream work under each role: a client's request is accepted (PubAck) and its
-   stored Reply readable; a service pulls, acks, forwards and stores; the refusals a
-   client and a service must meet, among them every way of reading another client's
-   stored Reply (its key, a wildcard, by sequence, a consumer on the bucket); one known
-   gap (listing the keys through stream info) as a strict expected failure;
+   stored Reply readable the way BatonClient.result() reads it (a direct get of its own
+   key, without binding to the bucket); a service pulls, acks, forwards and stores; the
+   refusals a client and a service must meet, among them every way of reading another
+   client's stored Reply (its key, a wildcard, by sequence, a consumer on the bucket)
+   and of listing the stored keys (binding, stream info);
    deploy/provision.py as admin, switching an older results bucket to direct gets.
 3. The five real service processes, least-privilege users, provisioning off: questions
    answered end to end (session, stream, malformed request, cache hit), every Reply read
@@ -161,6 +162,13 @@ def direct_get(key: str) -> str:
     return f"$JS.API.DIRECT.GET.{KV_R}.$KV.{S.RESULTS_BUCKET}.{key}"
 
 
+async def read_stored_reply(conn: Conn, key: str, timeout: float = 5):
+    """A client reads a stored Reply the way BatonClient.result() does: a direct get of
+    its key, without binding to the bucket (binding asks for the stream info, refused to
+    clients because it lists every stored key)."""
+    return await conn.nc.jetstream(timeout=timeout).get_msg(KV_R, subject=f"$KV.{S.RESULTS_BUCKET}.{key}", direct=True)
+
+
 ACME_RESULT = S.result_key(ACME, "r1")  # where the services store acme's Reply to request r1
 GLOBEX_RESULT = S.result_key(GLOBEX, "r1")
 GATEWAY_RESULT = S.result_key(auth.GATEWAY, "r1")
@@ -190,7 +198,7 @@ PUB_PROBES = [
     f"$JS.API.STREAM.MSG.DELETE.{S.STREAM}",
     f"$JS.API.STREAM.PURGE.{KV_R}",
     f"$JS.API.STREAM.MSG.DELETE.{KV_R}",
-    f"$JS.API.STREAM.INFO.{KV_R}",
+    f"$JS.API.STREAM.INFO.{KV_R}",  # binding; with a subjects filter it lists every stored key
     f"$JS.API.STREAM.MSG.GET.{KV_R}",
     f"$JS.API.DIRECT.GET.{KV_R}",  # by sequence (in the body): no key in the subject
     direct_get(ACME_RESULT),
@@ -204,6 +212,7 @@ PUB_PROBES = [
     f"$KV.{S.RESULTS_BUCKET}.{ACME_RESULT}",
     f"$JS.API.STREAM.MSG.GET.{KV_S}",
     f"$KV.{S.SESSIONS_BUCKET}.s1",
+    f"$JS.API.STREAM.INFO.{KV_C}",  # binding to the live config bucket
     f"$JS.API.STREAM.MSG.GET.{KV_C}",
     f"$KV.{S.CONFIG_BUCKET}.active",
     f"$JS.API.CONSUMER.CREATE.{KV_C}",
@@ -255,7 +264,10 @@ RULES: list[tuple[str, str, str, bool, str]] = [
     (GLOBEX, "pub", direct_get("*.r1"), False, "no client reads Replies by wildcard"),
     (GLOBEX, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", False, "no client reads a Reply by sequence"),
     (GLOBEX, "pub", f"$JS.API.DIRECT.GET.{KV_R}", False, "no client reads a Reply by sequence"),
-    (GLOBEX, "pub", f"$JS.API.STREAM.INFO.{KV_R}", True, "a client binds to the results bucket"),
+    *[(name, "pub", f"$JS.API.STREAM.INFO.{KV_R}", False, "no client lists the stored Reply keys (clients read without binding)") for name in (*auth.CLIENTS, auth.GATEWAY)],
+    *[(svc, "pub", f"$JS.API.STREAM.INFO.{KV_R}", True, "services bind to the results bucket") for svc in SERVICES],
+    (auth.GATEWAY, "pub", f"$JS.API.STREAM.INFO.{KV_C}", True, "the gateway binds to the live config bucket (not to the results)"),
+    (ACME, "pub", f"$JS.API.STREAM.INFO.{KV_C}", False, "a client other than the gateway does not follow the live config"),
     (auth.GATEWAY, "pub", direct_get(GATEWAY_RESULT), True, "the gateway reads its own stored Replies"),
     (auth.GATEWAY, "pub", direct_get(ACME_RESULT), False, "the gateway reads only its own stored Replies"),
     (auth.GATEWAY, "pub", f"$JS.API.STREAM.MSG.GET.{KV_R}", False, "the gateway reads only its own stored Replies"),
@@ -426,11 +438,11 @@ async def test_client_request_is_accepted_and_its_stored_reply_readable(provisio
         )
         assert ack.stream == S.STREAM
 
-        await (await service.nc.jetstream().key_value(S.RESULTS_BUCKET)).create(S.result_key(ACME, "acme-1"), b'{"answer": "hello"}')
-        results = await client.nc.jetstream().key_value(S.RESULTS_BUCKET)
+        results = await service.nc.jetstream().key_value(S.RESULTS_BUCKET)  # services bind
         assert results._direct, "the results bucket must allow direct gets (shared/provision.py ensure_bucket)"
-        entry = await results.get(S.result_key(ACME, "acme-1"))
-        assert entry.value == b'{"answer": "hello"}'
+        await results.create(S.result_key(ACME, "acme-1"), b'{"answer": "hello"}')
+        stored = await read_stored_reply(client, S.result_key(ACME, "acme-1"))
+        assert stored.data == b'{"answer": "hello"}'
 
         await client.settle()
         await service.settle()
@@ -445,11 +457,16 @@ async def test_client_cannot_write_results_nor_read_another_clients_replies(prov
     globex = await connect(provisioned.url, GLOBEX)
     service = await connect(provisioned.url, "fallback")
     try:
-        results = await acme.nc.jetstream(timeout=1).key_value(S.RESULTS_BUCKET)
-        with pytest.raises(nats.errors.TimeoutError):  # no PubAck: the server dropped the write
-            await results.put("forged", b"{}")
+        js = acme.nc.jetstream(timeout=1)
+        with pytest.raises(nats.errors.TimeoutError):  # binding asks for the stream info: refused
+            await js.key_value(S.RESULTS_BUCKET)
+        # What KeyValue.put sends, without a binding: no PubAck, the server dropped the write.
         with pytest.raises(nats.errors.TimeoutError):
-            await acme.nc.jetstream(timeout=1).publish(S.step("generator"), b"{}")
+            await js.publish(f"$KV.{S.RESULTS_BUCKET}.forged", b"{}")
+        with pytest.raises(nats.errors.TimeoutError):  # not even under its own key
+            await js.publish(f"$KV.{S.RESULTS_BUCKET}.{S.result_key(ACME, 'forged')}", b"{}")
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.publish(S.step("generator"), b"{}")
 
         got_acme: list[bytes] = []
         got_globex: list[bytes] = []
@@ -464,7 +481,9 @@ async def test_client_cannot_write_results_nor_read_another_clients_replies(prov
 
         assert got_acme == [b"for acme only"]
         assert got_globex == []
+        assert acme.denied("pub", f"$JS.API.STREAM.INFO.{KV_R}")
         assert acme.denied("pub", f"$KV.{S.RESULTS_BUCKET}.forged")
+        assert acme.denied("pub", f"$KV.{S.RESULTS_BUCKET}.{S.result_key(ACME, 'forged')}")
         assert acme.denied("pub", S.step("generator"))
         assert globex.denied("sub", f"{S.inbox_prefix(ACME)}.>")
     finally:
@@ -575,17 +594,18 @@ async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
         # acme reads it the way BatonClient.result() does (its own key, direct get).
         acme = await connect(provisioned.url, ACME)
         try:
-            mine = await (await acme.nc.jetstream().key_value(S.RESULTS_BUCKET)).get(S.result_key(ACME, "private-1"))
-            assert mine.value == secret
+            mine = await read_stored_reply(acme, S.result_key(ACME, "private-1"))
+            assert mine.data == secret
             await acme.settle()
             assert acme.violations == []
         finally:
             await acme.nc.close()
 
         js = globex.nc.jetstream(timeout=1)
-        kv = await js.key_value(S.RESULTS_BUCKET)  # binding (STREAM.INFO) is allowed
-        with pytest.raises(nats.errors.TimeoutError):  # the other client's key, by name
-            await kv.get(S.result_key(ACME, "private-1"))
+        with pytest.raises(nats.errors.TimeoutError):  # binding (stream info) is refused
+            await js.key_value(S.RESULTS_BUCKET)
+        with pytest.raises(nats.errors.TimeoutError):  # the other client's key, by name (as result() asks)
+            await read_stored_reply(globex, S.result_key(ACME, "private-1"), timeout=1)
         for key in (">", "*.private-1", f"{ACME}.>", f"{ACME}.*"):  # wildcards in the key
             with pytest.raises(nats.errors.TimeoutError):
                 await _bare_request(globex, direct_get(key))
@@ -598,8 +618,8 @@ async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
         with pytest.raises(nats.errors.TimeoutError):  # a consumer on the bucket would deliver every Reply
             await js.add_consumer(KV_R, deliver_subject=f"{S.inbox_prefix(GLOBEX)}.steal")
         # Its own key space does not have it: not found, not someone else's Reply.
-        with pytest.raises(nats.js.errors.KeyNotFoundError):
-            await kv.get(S.result_key(GLOBEX, "private-1"))
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await read_stored_reply(globex, S.result_key(GLOBEX, "private-1"), timeout=1)
         async with BatonClient(provisioned.url, client_id=GLOBEX, user=GLOBEX, password=auth.DEV_PASSWORDS[USERS[GLOBEX].password_var]) as other:
             assert await other.result("private-1") is None
         async with BatonClient(provisioned.url, client_id=ACME, user=ACME, password=password) as owner:
@@ -609,6 +629,7 @@ async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
         await globex.settle()
         refused = {subject for action, subject in globex.violations if action == "pub"}
         expected = {
+            f"$JS.API.STREAM.INFO.{KV_R}",
             direct_get(S.result_key(ACME, "private-1")),
             *(direct_get(k) for k in (">", "*.private-1", f"{ACME}.>", f"{ACME}.*")),
             f"$JS.API.STREAM.MSG.GET.{KV_R}",
@@ -616,26 +637,37 @@ async def test_a_client_cannot_read_another_clients_stored_reply(provisioned):
             f"$JS.API.CONSUMER.CREATE.{KV_R}",
         }
         assert {e.lower() for e in expected} <= refused, sorted(refused)
+        assert direct_get(S.result_key(GLOBEX, "private-1")).lower() not in refused  # its own key: asked, not found
     finally:
         await service.nc.close()
         await globex.nc.close()
 
 
 async def test_a_client_cannot_list_other_clients_result_keys(provisioned):
+    """Stream info with a subjects filter lists every stored key (client ids and request
+    ids): a service, which binds, gets the list; every client and the gateway are refused."""
+    listing = b'{"subjects_filter": ">"}'
+    listed = f"$KV.{S.RESULTS_BUCKET}.{S.result_key(ACME, 'listed-1')}"
     service = await connect(provisioned.url, "generator")
-    globex = await connect(provisioned.url, GLOBEX)
     try:
         results = await service.nc.jetstream().key_value(S.RESULTS_BUCKET)
         await results.put(S.result_key(ACME, "listed-1"), b"{}")
-        try:
-            answer = await _bare_request(globex, f"$JS.API.STREAM.INFO.{KV_R}", b'{"subjects_filter": ">"}')
-        except nats.errors.TimeoutError:
-            return  # refused: nothing listed
-        subjects_seen = (json.loads(answer.data).get("state") or {}).get("subjects") or {}
-        assert not [s for s in subjects_seen if not s.startswith(f"$KV.{S.RESULTS_BUCKET}.{GLOBEX}.")], sorted(subjects_seen)
+        answer = await _bare_request(service, f"$JS.API.STREAM.INFO.{KV_R}", listing)
+        assert listed in ((json.loads(answer.data).get("state") or {}).get("subjects") or {})  # what a client would learn
     finally:
         await service.nc.close()
-        await globex.nc.close()
+
+    for name in (*auth.CLIENTS, auth.GATEWAY):
+        client = await connect(provisioned.url, name)
+        try:
+            with pytest.raises(nats.errors.TimeoutError):
+                await _bare_request(client, f"$JS.API.STREAM.INFO.{KV_R}", listing)
+            with pytest.raises(nats.errors.TimeoutError):
+                await client.nc.jetstream(timeout=1).stream_info(KV_R, subjects_filter=">")
+            await client.settle()
+            assert client.denied("pub", f"$JS.API.STREAM.INFO.{KV_R}"), name
+        finally:
+            await client.nc.close()
 
 
 async def _an_older_results_bucket(url: str) -> None:
@@ -658,8 +690,8 @@ async def _every_bucket_allows_direct_gets_and_acme_reads_its_reply(url: str) ->
         for bucket, _ in buckets(Settings()):
             assert (await ajs.stream_info(f"KV_{bucket}")).config.allow_direct, bucket
         await (await service.nc.jetstream().key_value(S.RESULTS_BUCKET)).put(S.result_key(ACME, "old-1"), b"{}")
-        entry = await (await acme.nc.jetstream(timeout=2).key_value(S.RESULTS_BUCKET)).get(S.result_key(ACME, "old-1"))
-        assert entry.value == b"{}"
+        entry = await read_stored_reply(acme, S.result_key(ACME, "old-1"), timeout=2)  # a direct get: needs the switch
+        assert entry.data == b"{}"
         for conn in (service, acme):
             await conn.settle()
             assert conn.violations == []

@@ -114,7 +114,9 @@ def test_the_auth_table_has_the_admin_every_service_the_gateway_and_the_clients(
 
 def test_each_client_reads_only_its_own_stored_replies():
     """Replies are stored under <client>.<request id> (shared/subjects.py result_key) and
-    read by direct get: the key is in the subject, so the permission can scope it."""
+    read by direct get: the key is in the subject, so the permission can scope it. A client
+    reads without binding to the bucket (baton/client.py result()), so it has no stream
+    info, which would list every client's keys; services bind and keep it."""
     stream = f"KV_{subjects.RESULTS_BUCKET}"
 
     def direct_get(key: str) -> str:
@@ -124,20 +126,21 @@ def test_each_client_reads_only_its_own_stored_replies():
     for name in clients:
         user = auth.USERS[name]
         assert direct_get(f"{name}.>") in user.publish
-        assert f"$JS.API.STREAM.INFO.{stream}" in user.publish
         assert auth.allowed(user, "pub", direct_get(subjects.result_key(name, "r1")))
         for other in (*clients, subjects.ANONYMOUS):
             if other != name:
                 assert not auth.allowed(user, "pub", direct_get(subjects.result_key(other, "r1"))), (name, other)
         for refused in (direct_get(">"), direct_get("*.r1"), direct_get("r1"), f"$JS.API.DIRECT.GET.{stream}",
-                        f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}",
+                        f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.STREAM.INFO.{stream}",
+                        f"$JS.API.CONSUMER.CREATE.{stream}",
                         f"$KV.{subjects.RESULTS_BUCKET}.{subjects.result_key(name, 'r1')}"):
             assert not auth.allowed(user, "pub", refused), (name, refused)
-        assert not [p for p in user.publish if "baton_results" in p and p not in (direct_get(f"{name}.>"), f"$JS.API.STREAM.INFO.{stream}")]
+        assert [p for p in user.publish if "baton_results" in p] == [direct_get(f"{name}.>")]
     for svc in SERVICES:
         user = auth.USERS[svc]
         assert auth.allowed(user, "pub", f"$KV.{subjects.RESULTS_BUCKET}.{subjects.result_key('client-acme', 'r1')}")
         assert auth.allowed(user, "pub", direct_get(subjects.result_key("client-acme", "r1")))
+        assert auth.allowed(user, "pub", f"$JS.API.STREAM.INFO.{stream}")  # services bind (FastStream's key_value)
         assert not auth.allowed(user, "pub", f"$JS.API.STREAM.MSG.GET.{stream}")
 
 
