@@ -211,8 +211,9 @@ async def test_a_plain_nats_py_client_that_knows_only_the_documented_contract_ge
         reply = await asyncio.wait_for(replies.get(), 10)
         assert reply["request_id"] == "raw-1" and reply["ok"] is True
         assert "mineral oil" in reply["answer"].lower() and reply["route"] == "factual"
-        stored = await (await nc.jetstream().key_value("baton_results")).get("raw-client.raw-1")
-        assert json.loads(stored.value)["answer"] == reply["answer"]
+        # Read back as a least-privilege client can: a direct get of its own key.
+        stored = await nc.jetstream().get_msg("KV_baton_results", subject="$KV.baton_results.raw-client.raw-1", direct=True)
+        assert json.loads(stored.data)["answer"] == reply["answer"]
     finally:
         await nc.close()
 
