@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from services.generator.providers import Generation, ProviderError, citations_in, estimate_tokens, parse_retry_after
+from services.generator.providers import Generation, HTTPProvider, ProviderError, citations_in, estimate_tokens, parse_retry_after, resolve_spec
 from shared.config import ModelSpec
 from shared.schema import ChatMessage, Usage
 
@@ -178,7 +178,7 @@ class _StreamState:
     done: bool = False  # saw message_stop
 
 
-class AnthropicMessages:
+class AnthropicMessages(HTTPProvider):
     """An async client for Anthropic's `POST {base_url}/v1/messages`, plain or streamed.
 
     `base_url` is the API root (`https://api.anthropic.com`); a base URL that already ends
@@ -198,12 +198,7 @@ class AnthropicMessages:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
-        self._api_key = api_key or None
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient()
-
-    def __repr__(self) -> str:  # never show the key
-        return f"AnthropicMessages(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
+        self._own(api_key, client)
 
     @classmethod
     def from_spec(
@@ -215,29 +210,8 @@ class AnthropicMessages:
         client: httpx.AsyncClient | None = None,
     ) -> AnthropicMessages:
         """A client for a catalog entry; `name` is the catalog key, used when the spec names no model."""
-        model = spec.model or name
-        if not model:
-            raise ProviderError("bad_request", "the model spec names no model; set 'model' in the models catalog")
-        base_url = spec.base_url or (env.get(spec.base_url_env) if spec.base_url_env else None) or DEFAULT_ANTHROPIC_BASE_URL
-        api_key = None
-        if spec.api_key_env:
-            api_key = env.get(spec.api_key_env) or None
-            if api_key is None:
-                raise ProviderError(
-                    "missing_key",
-                    f"model {model!r} needs an API key: set the environment variable {spec.api_key_env}",
-                )
+        model, base_url, api_key = resolve_spec(spec, env, name, DEFAULT_ANTHROPIC_BASE_URL)
         return cls(base_url, api_key, model, timeout_s=spec.timeout_s, client=client)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> AnthropicMessages:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -267,12 +241,6 @@ class AnthropicMessages:
         payload["temperature"] = min(max(float(temperature), 0.0), _MAX_TEMPERATURE)
         payload["stream"] = stream
         return payload
-
-    def _scrub(self, text: str) -> str:
-        """Remove the key from text that came from elsewhere (error bodies, exception strings)."""
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, "[redacted]")
-        return text
 
     def _error(self, kind: str, message: str, **extra: Any) -> ProviderError:
         return ProviderError(kind, self._scrub(f"{PROVIDER}/{self.model}: {message}"), **extra)

@@ -221,7 +221,53 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-class OpenAICompatible:
+def resolve_spec(spec: ModelSpec, env: Mapping[str, str], name: str, default_base_url: str) -> tuple[str, str, str | None]:
+    """(model, base URL, API key) of a catalog entry; the key only ever from the environment."""
+    model = spec.model or name
+    if not model:
+        raise ProviderError("bad_request", "the model spec names no model; set 'model' in the models catalog")
+    base_url = spec.base_url or (env.get(spec.base_url_env) if spec.base_url_env else None) or default_base_url
+    api_key = None
+    if spec.api_key_env:
+        api_key = env.get(spec.api_key_env) or None
+        if api_key is None:
+            raise ProviderError("missing_key", f"model {model!r} needs an API key: set the environment variable {spec.api_key_env}")
+    return model, base_url, api_key
+
+
+class HTTPProvider:
+    """What every HTTP model client shares: its httpx client's lifetime, and never leaking the key."""
+
+    _api_key: str | None
+    _client: httpx.AsyncClient
+    _owns_client: bool
+
+    def _own(self, api_key: str | None, client: httpx.AsyncClient | None) -> None:
+        self._api_key = api_key or None
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _scrub(self, text: str) -> str:
+        """Remove the key from text that came from elsewhere (error bodies, exception strings)."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+
+class OpenAICompatible(HTTPProvider):
     """An async client for `POST {base_url}/chat/completions`, plain or streamed."""
 
     def __init__(
@@ -238,12 +284,7 @@ class OpenAICompatible:
         self.model = model
         self.provider = provider
         self.timeout_s = timeout_s
-        self._api_key = api_key or None
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient()
-
-    def __repr__(self) -> str:  # never show the key
-        return f"OpenAICompatible(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
+        self._own(api_key, client)
 
     @classmethod
     def from_spec(
@@ -255,30 +296,8 @@ class OpenAICompatible:
         client: httpx.AsyncClient | None = None,
     ) -> OpenAICompatible:
         """A client for a catalog entry; `name` is the catalog key, used when the spec names no model."""
-        model = spec.model or name
-        if not model:
-            raise ProviderError("bad_request", "the model spec names no model; set 'model' in the models catalog")
-        base_url = spec.base_url or (env.get(spec.base_url_env) if spec.base_url_env else None)
-        base_url = base_url or _DEFAULT_BASE_URLS.get(spec.provider, DEFAULT_OPENAI_BASE_URL)
-        api_key = None
-        if spec.api_key_env:
-            api_key = env.get(spec.api_key_env) or None
-            if api_key is None:
-                raise ProviderError(
-                    "missing_key",
-                    f"model {model!r} needs an API key: set the environment variable {spec.api_key_env}",
-                )
+        model, base_url, api_key = resolve_spec(spec, env, name, _DEFAULT_BASE_URLS.get(spec.provider, DEFAULT_OPENAI_BASE_URL))
         return cls(base_url, api_key, model, timeout_s=spec.timeout_s, client=client, provider=spec.provider)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> OpenAICompatible:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -303,12 +322,6 @@ class OpenAICompatible:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
         return payload
-
-    def _scrub(self, text: str) -> str:
-        """Remove the key from text that came from elsewhere (error bodies, exception strings)."""
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, "[redacted]")
-        return text
 
     def _error(self, kind: str, message: str, **extra: Any) -> ProviderError:
         return ProviderError(kind, self._scrub(f"{self.provider}/{self.model}: {message}"), **extra)
