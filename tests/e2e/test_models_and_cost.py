@@ -16,7 +16,7 @@ from baton.client import BatonClient
 from shared import subjects
 from shared.budgets import day_key
 from shared.schema import ErrorCode
-from shared.settings import ROOT, Settings
+from shared.settings import Settings
 from tests.conftest import mesh_settings, running_mesh
 from tests.fakes.fake_openai import FakeOpenAI
 

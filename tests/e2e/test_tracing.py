@@ -14,7 +14,7 @@ import pytest
 from baton.client import BatonClient
 from shared import attributes as A
 from shared.settings import ROOT
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings
 
 pytestmark = pytest.mark.e2e
 

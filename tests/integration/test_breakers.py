@@ -3,7 +3,6 @@
 import asyncio
 
 import nats
-import pytest
 from nats.js.api import KeyValueConfig
 
 from shared.breakers import Breaker, Breakers
@@ -26,7 +25,7 @@ def test_repeated_failures_open_the_breaker_and_a_success_closes_it():
 async def test_a_breaker_opened_by_one_replica_is_seen_by_another_and_closes_after_a_probe(nats_url):
     connections = [await nats.connect(nats_url) for _ in range(2)]
     bucket = "breakers_test"
-    kv = await connections[0].jetstream().create_key_value(KeyValueConfig(bucket=bucket))
+    await connections[0].jetstream().create_key_value(KeyValueConfig(bucket=bucket))
     replicas = [Breakers(threshold=2, cooldown_s=0.5) for _ in range(2)]
     try:
         for replica, nc in zip(replicas, connections):

@@ -6,7 +6,7 @@ import pytest
 
 from services.fallback.policy import decide, retry_slip
 from shared.config import load_config
-from shared.schema import Envelope, Error, ErrorCode, Passage, Request, StepRecord
+from shared.schema import Error, ErrorCode, Passage, Request, StepRecord
 from shared.settings import Settings
 from services.router.routing import Router
 
