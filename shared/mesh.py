@@ -117,7 +117,11 @@ class Mesh:
             stream=JStream(subjects.STREAM, declare=False),
             durable=subjects.durable(self.service),
             config=consumer_config(self.service, self.settings),
-            pull_sub=PullSub(batch_size=self.settings.pull_batch, timeout=1.0),
+            # One message per fetch, handled by up to `max_workers` tasks at once: a batch
+            # fetch holds its first message until the batch fills or the pull expires
+            # (up to a second after an idle spell), and a batch is handled as a block.
+            pull_sub=PullSub(batch_size=1, timeout=5.0),
+            max_workers=self.settings.max_workers,
             decoder=decode_raw,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             no_reply=True,

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     chaos_crash_on: str = ""
     ack_wait_s: float = 30.0  # a hop not acked in this time is redelivered
     max_deliver: int = 5
-    pull_batch: int = 32
+    max_workers: int = 64  # messages one replica works on at once (model calls wait on I/O)
     max_request_bytes: int = 256 * 1024
     default_timeout_s: float = 30.0
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
