@@ -166,8 +166,10 @@ async def concurrent(call: Call, concurrency: int, duration_s: float, max_count:
                 tick()
 
     # A stuck request cannot hold the run: every call has its own timeout, and this caps the rest.
+    gathered = asyncio.gather(*(worker() for _ in range(concurrency)))
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # an interrupted run is not an error to log
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), duration_s + 60)
+        await asyncio.wait_for(gathered, duration_s + 60)
     except TimeoutError:
         result.first_error = result.first_error or "the load phase overran its time cap"
     result.elapsed_s = time.perf_counter() - started

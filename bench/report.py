@@ -394,7 +394,8 @@ def render(results: dict[str, Any]) -> str:
         add(f"BM25 (bm25s, English stemming) over a generated bike-domain corpus: {fmt(bm['chunks_indexed'])} chunks in {fmt(bm['documents'])} files "
             f"({fmt(bm['corpus']['words'])} words, one corpus). Ingest (`services.retriever.index.ingest`): **{bm['ingest_s']:.1f} s**; "
             f"index {bm['index_mb']} MB on disk, loaded in {bm['load_s']:.2f} s. `Retriever.search(top_k=4)` over {bm['queries']} queries: "
-            f"**p50 {bm['search']['p50_ms']:.2f} ms, p99 {bm['search']['p99_ms']:.2f} ms**.")
+            f"**p50 {bm['search']['p50_ms']:.2f} ms, p99 {bm['search']['p99_ms']:.2f} ms**."
+            + (f" (Other processes used {bm['foreign_cpu_share'] * 100:.0f}% of the machine meanwhile.)" if bm.get("foreign_cpu_share") is not None else ""))
         add("")
     col = results.get("collector")
     if col:
@@ -402,7 +403,8 @@ def render(results: dict[str, Any]) -> str:
             f"of ≤{col['batch_spans']} (mean {col['mean_body_kb']} KB, built with the SDK's encoder), {col['concurrency']} POSTs in flight: "
             f"**{col['spans_per_s']:,.0f} spans/s** ({col['spans_stored']:,} stored; collector CPU {col['collector_cpu_s']:.2f} s, "
             f"≈ {col['collector_cpu_s'] * 1e6 / max(1, col['spans_accepted']):.0f} µs/span). A Baton request makes 6 spans (route, 4 steps, the model call), "
-            f"so one collector keeps up with about {col['spans_per_s'] / 6:,.0f} requests/s.")
+            f"so one collector keeps up with about {col['spans_per_s'] / 6:,.0f} requests/s."
+            + (f" (Other processes used {col['foreign_cpu_share'] * 100:.0f}% of the machine meanwhile.)" if col.get("foreign_cpu_share") is not None else ""))
         add("")
 
     # ---- profile
@@ -411,7 +413,8 @@ def render(results: dict[str, Any]) -> str:
         add("")
         add("Samples charged to the innermost frame of a known library (stdlib calls go to the library that made them); "
             "`incl.` = share of samples with that library anywhere on the stack. Tracing on, closed-loop load. "
-            "`event loop` includes uvloop's C code (socket reads and writes, callback dispatch): py-spy sees no Python frame there. "
+            "`event loop` is time on the main thread with no Python frame above asyncio's runner: uvloop's C code, the socket write/read "
+            "syscalls of nats-py's flusher and reader, garbage collection and GIL hand-offs (a `--native` sample of the guardrail put syscalls ≈10% and GC ≈4% of its main thread). "
             "Raw stacks and per-service summaries: bench/profiles/.")
         add("")
         for service, data in results["profiles"].items():
@@ -433,9 +436,10 @@ def render(results: dict[str, Any]) -> str:
     add("```sh")
     add("make bench                                # or:")
     add(".venv/bin/pip install -r bench/requirements.txt")
-    add(".venv/bin/python -m bench.run             # full run, ~10-15 min; writes bench/RESULTS.md and bench/results.json")
-    add(".venv/bin/python -m bench.run --quick     # smoke check, < 3 min (a first run also builds LiteLLM's venv once)")
-    add(".venv/bin/python -m bench.run --profile   # also samples each service with py-spy under load")
+    add(".venv/bin/python -m bench.run             # full run, ~8-10 min; writes bench/RESULTS.md and bench/results.json")
+    add(".venv/bin/python -m bench.run --quick     # smoke check, ~2 min (a first run also builds LiteLLM's venv once, ~1.5 min)")
+    add(".venv/bin/python -m bench.run --profile   # also samples each service with py-spy under load (+~40 s)")
+    add(".venv/bin/python -m bench.run --quick --baton-env BATON_PULL_BATCH=1 --output /tmp/try   # a setting, without touching bench/")
     add("```")
     add("")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -178,8 +179,6 @@ class System:
     call: Callable[[int], Awaitable[bool]]
     groups: Callable[[], dict[str, list[int]]]  # the processes whose CPU is this system's
     rounds: dict[str, list[LoadResult]] = field(default_factory=dict)
-    before_phase: Callable[[str], None] | None = None
-    after_phase: Callable[[str], None] | None = None
 
 
 class Harness:
@@ -207,6 +206,8 @@ class Harness:
         self.chat_body: bytes | None = None
         self.envelope: dict[str, int] = {}
         self.baton_env = dict(item.split("=", 1) for item in args.baton_env if "=" in item)
+        self._replies: dict[str, list] = {}  # Baton Replies of the sequential phases, per system
+        self._litellm_pids: list[int] = []
 
     # -- output ---------------------------------------------------------------------
 
@@ -568,8 +569,11 @@ class Harness:
     async def bm25(self) -> dict[str, Any]:
         chunks = self.P["bm25_chunks"]
         self.section(f"BM25: {chunks:,}-chunk generated corpus")
+        meter = CpuMeter({})
+        meter.start()
         with self.progress_task("BM25") as task:
             result = await asyncio.to_thread(retrieval_bench.run, self.workdir, chunks, self.P["bm25_queries"], lambda text: self.progress.update(task, description=f"BM25: {text}"))
+        result["foreign_cpu_share"] = meter.stop(0)["foreign_cpu_share"]
         self.say(f"  [green]ingest[/green] {result['chunks_indexed']:,} chunks in [bold]{result['ingest_s']:.1f} s[/bold]   "
                  f"[green]search[/green] p50 [bold]{result['search']['p50_ms']:.2f}[/bold] ms  p99 {result['search']['p99_ms']:.2f} ms")
         return result
@@ -590,7 +594,6 @@ class Harness:
     async def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         machine = report.machine_info()
-        self._replies: dict[str, list] = {}
         self.results.update(
             {
                 "meta": {
@@ -697,9 +700,21 @@ def main() -> None:
     except ImportError:
         pass
     harness = Harness(args)
+
+    async def run_until_signalled() -> dict[str, Any]:
+        # SIGTERM/SIGINT/SIGHUP cancel the run: the exit stack then stops every process it started.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
+        return await harness.run()
+
     try:
-        results = asyncio.run(harness.run())
-    except KeyboardInterrupt:
+        results = asyncio.run(run_until_signalled())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        import shutil
+
+        shutil.rmtree(harness.workdir, ignore_errors=True)
         harness.console.print("[bold red]interrupted; every process started has been stopped[/bold red]")
         sys.exit(130)
     args.output.mkdir(parents=True, exist_ok=True)

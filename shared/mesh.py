@@ -56,9 +56,10 @@ class StepFailed(Exception):
 StepFn = Callable[[Envelope, StepRecord], Awaitable[None]]
 
 
-def decode_raw(msg: NatsMessage) -> bytes:
+async def decode_raw(msg: NatsMessage) -> bytes:
     # The services validate bodies themselves, so a malformed message gets a
-    # structured error reply instead of a framework exception.
+    # structured error reply instead of a framework exception. Async on purpose:
+    # FastStream runs a plain function in a worker thread, for every message.
     return msg.body
 
 

@@ -10,7 +10,7 @@ from shared.schema import Envelope, ErrorCode, Event, StepRecord
 mesh = Mesh("guardrail")
 app = mesh.app
 
-@app.after_startup
+@app.on_startup  # before the subscriber starts pulling: no request waits for this
 async def warm_up() -> None:
     if mesh.config.guard.injection_model and injection_model.available():
         injection_model.warm()  # fit the offline detector now, not on the first request

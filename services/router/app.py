@@ -71,7 +71,7 @@ async def route(body: bytes) -> None:
         await mesh.forward(env)
 
 
-@app.after_startup
+@app.on_startup  # before the subscriber starts pulling: no request waits for this
 async def warm_up() -> None:
     router_for(mesh.config)  # train the classifier now, not on the first request
 
