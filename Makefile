@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos docs up ingest clean
+.PHONY: install run test chaos bench docs up ingest clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install  ## the whole suite against real nats-server processes
 
 chaos: install  ## the long chaos runs: 1,000 requests while replicas and NATS nodes die; prints the ledgers
 	BATON_CHAOS_REQUESTS=1000 BATON_CHAOS_SECONDS=60 $(PY) -m pytest -q -s -m chaos tests/chaos
+
+bench: install  ## benchmarks (not tests): Baton vs raw NATS chains vs LiteLLM; writes bench/RESULTS.md
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) -m bench.run
 
 docs: install  ## the AsyncAPI document of the wire contract, generated from shared/contract.py
 	$(VENV)/bin/faststream docs gen shared.contract:app --yaml --out docs/asyncapi.yaml
