@@ -20,19 +20,19 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
+import nats
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from pydantic import ValidationError
-
 from opentelemetry import trace
 from opentelemetry.trace import Span
+from pydantic import ValidationError
 
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
-from shared.config import MeshConfig, load_config
 from shared.budgets import TenantLedger
 from shared.cache import CACHE_KEY, store as cache_store
+from shared.config import MeshConfig, load_config
 from shared.live_config import ConfigStore
 from shared.provision import consumer_config, provision
 from shared.replies import answer_reply, error_reply
@@ -90,8 +90,6 @@ class Mesh:
         self._sessions: SessionStore | None = None
 
     async def _provision(self) -> None:
-        import nats
-
         if not self.settings.provision:
             return  # deployed with least privilege: an admin provisioned the stream
         nc = await nats.connect(server_list(self.settings.nats_url), **nats_credentials(self.settings))
@@ -199,7 +197,7 @@ class Mesh:
             log.exception("request %s: could not record the session turn", env.request_id)
 
     async def deliver(self, reply: Reply, reply_to: str | None, client: str | None = None) -> None:
-        """Store the Reply under its request id, then send it to the client's inbox.
+        """Store the Reply under `<client>.<request id>`, then send it to the client's inbox.
 
         The store is a create: only the first finisher wins. A redelivered last hop
         finds the stored Reply and re-sends that one, so the client (which keeps the
