@@ -601,6 +601,7 @@ class Harness:
                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "loadavg_before": list(os.getloadavg()),
                     "baton_env": self.baton_env,
+                    "code": report.code_fingerprint(),
                 },
                 "machine": machine,
                 "profile": self.P,

@@ -111,7 +111,8 @@ class Mesh:
         return await self.configs.get(env.config_version)
 
     def subscriber(self) -> Callable:
-        return self.broker.subscriber(
+        """Register a handler on this service's durable consumer, with redelivery that backs off."""
+        register = self.broker.subscriber(
             subjects.consumer_subject(self.service),
             stream=JStream(subjects.STREAM, declare=False),
             durable=subjects.durable(self.service),
@@ -126,6 +127,27 @@ class Mesh:
             no_reply=True,
             inbox_prefix=f"_INBOX.{self.service}.".encode(),  # pull replies land where this user may listen
         )
+        return lambda handler: register(self._redeliver_later(handler))
+
+    def _redeliver_later(self, handler: Callable[[bytes], Awaitable[None]]) -> Callable[[bytes], Awaitable[None]]:
+        """An exception here is the infrastructure failing (a publish during a NATS leader
+        election, say), not the request: hand the message back for redelivery after a
+        growing pause, so a short outage does not burn through max_deliver in a second."""
+
+        async def guarded(body: bytes) -> None:
+            try:
+                await handler(body)
+            except Exception as exc:
+                message = self.current_message()
+                delivered = message.raw_message.metadata.num_delivered or 1
+                delay = min(self.settings.ack_wait_s, 0.25 * 2 ** (delivered - 1))
+                log.warning("%s: delivery %d failed (%s: %s); redelivering in %.2fs", self.service, delivered, type(exc).__name__, exc, delay)
+                with suppress(Exception):
+                    await message.nack(delay=delay)
+
+        guarded.__name__ = getattr(handler, "__name__", "handle")
+        guarded.__doc__ = handler.__doc__
+        return guarded
 
     def current_message(self) -> NatsMessage:
         # Read from the broker's context instead of a handler parameter: injected

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     # whose question contains the text, to prove crashes end in a reply. Off when empty.
     chaos_crash_on: str = ""
     ack_wait_s: float = 30.0  # a hop not acked in this time is redelivered
-    max_deliver: int = 5
+    max_deliver: int = 10  # with backed-off redelivery: rides out about a minute of NATS trouble
     max_workers: int = 64  # messages one replica works on at once (model calls wait on I/O)
     max_request_bytes: int = 256 * 1024
     default_timeout_s: float = 30.0

@@ -1,6 +1,7 @@
 """fallback: every failure comes here and leaves as a retry, a degraded answer or a clear error."""
 
 import logging
+import time
 from contextlib import suppress
 
 from nats.js.errors import NotFoundError
@@ -11,6 +12,7 @@ from services.generator.local import LocalExtractive
 from services.guardrail.gates import output_gate
 from shared import subjects
 from shared.mesh import Mesh, decode_raw
+from shared.retry import retrying
 from shared.replies import ANSWER, CITATIONS, DEGRADED
 from shared.schema import Envelope, Error, ErrorCode, Event
 
@@ -18,6 +20,7 @@ mesh = Mesh("fallback")
 app = mesh.app
 local = LocalExtractive()
 log = logging.getLogger("baton.fallback")
+ADVISORY_PATIENCE_S = 60.0
 
 
 @mesh.subscriber()
@@ -67,7 +70,13 @@ async def exhausted(body: bytes) -> None:
     consumer, seq, deliveries = dead_letters.read_advisory(body)
     js = mesh.broker.config.connection_state.stream
     try:
-        message = await js.get_msg(subjects.STREAM, seq)
+        # The advisory is not stored: if JetStream is briefly unavailable, keep asking.
+        message = await retrying(
+            lambda _: js.get_msg(subjects.STREAM, seq),
+            deadline=time.time() + ADVISORY_PATIENCE_S,
+            retries=20,
+            retryable=lambda exc: not isinstance(exc, NotFoundError),
+        )
     except NotFoundError:
         return  # another fallback replica handled it already
     headers = dict(message.headers or {})
