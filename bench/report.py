@@ -31,6 +31,19 @@ def code_fingerprint() -> dict[str, Any]:
     return {"sha256": digest.hexdigest()[:16], "files": files, "newest_change": datetime.fromtimestamp(newest, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def baton_pull_sub() -> str | None:
+    """How Baton's services pull from their consumers, quoted from shared/mesh.py at run time."""
+    import re
+
+    try:
+        source = (Path(__file__).resolve().parent.parent / "shared" / "mesh.py").read_text()
+    except OSError:
+        return None
+    found = re.search(r"PullSub\([^)]*\)", source)
+    workers = re.search(r"max_workers=([^,\n]+)", source)
+    return (found.group(0) if found else None) and found.group(0) + (f", max_workers={workers.group(1).strip()}" if workers else "")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -344,10 +357,13 @@ def render(results: dict[str, Any]) -> str:
     if idle:
         add("### Sparse traffic: one request after 1.1-2.9 s of silence")
         add("")
-        add("Continuous load hides it: every durable hop is a pull consumer that fetches in batches with a 1 s timeout "
-            "(FastStream `PullSub(batch_size=32, timeout=1.0)` in Baton; the same nats-py `fetch` in the raw chain). "
-            "When a request arrives around a fetch's expiry, nats-py can fall back to a lingering pull and hold the "
-            "first message until that pull's deadline (up to ~1 s). Each probe below sends one request to every system at once after an idle gap.")
+        pull = meta.get("baton_pull_sub") or "see shared/mesh.py"
+        add("Continuous load hides it: every durable hop is a pull consumer. A nats-py batch `fetch` that meets a stale status "
+            "from an expired pull falls back to a lingering pull and holds the first message until that pull's deadline (up to the fetch timeout); "
+            "Baton's guardrail, which gets two messages per request a few ms apart, was hit after every idle second while Baton fetched with "
+            f"`PullSub(batch_size=32, timeout=1.0)`. Baton's consumers in this run: `{pull}`; the raw chain fetches batches of "
+            f"{(results.get('transport') or {}).get('pull_batch', 32)} with a 1 s timeout (one message per hop per request). "
+            "Each probe sends one request to every system at once after an idle gap.")
         add("")
         add("| system | requests | p50 | max | over 100 ms |")
         add("|---|---|---|---|---|")

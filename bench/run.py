@@ -602,6 +602,7 @@ class Harness:
                     "loadavg_before": list(os.getloadavg()),
                     "baton_env": self.baton_env,
                     "code": report.code_fingerprint(),
+                    "baton_pull_sub": report.baton_pull_sub(),
                 },
                 "machine": machine,
                 "profile": self.P,
@@ -675,7 +676,8 @@ def caveats(results: dict[str, Any]) -> list[str]:
         "Tracing on means the services export spans (BatchSpanProcessor, 200 ms schedule) to Baton's collector, which stores them in SQLite on this machine: its CPU is reported separately, not in the services' figure.",
         "Services log at their default level (INFO): the router writes one log line per request to its log file, as `baton up` does.",
         "Closed-loop load (each of N workers sends its next request when the previous one answers): p99 under load includes queueing in the mesh; it is not an open-loop arrival rate.",
-        "Each measured phase starts with 2 unmeasured requests: a system sat idle while the others were measured, and Baton's first request after an idle second can stall for up to ~1 s (measured on its own under 'Sparse traffic'). Sequential figures are therefore steady back-to-back traffic.",
+        "Each measured phase starts with 2 unmeasured requests: a system sat idle while the others were measured, and a first request after idle can be slow (measured on its own under 'Sparse traffic'). Sequential figures are therefore steady back-to-back traffic.",
+        "The mesh's code changed while this harness was being built (other engineers work in parallel): compare runs only with the same code hash (top of this file). Figures moved by tens of percent between runs minutes apart, from code changes and from the machine's other load.",
         "The HTTP load client is httpx sharded over 16 AsyncClients: one AsyncClient with 64 connections degraded to 50-200 req/s at 2-8 ms of client CPU per request here (httpcore's pool), which would have measured httpx instead of the peer. The `httpx → stub directly` row is the client's own ceiling.",
         "CPU per request = utime+stime deltas from /proc/<pid>/stat over the phase, divided by requests completed in it; RSS = VmRSS after the load.",
     ]
