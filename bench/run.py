@@ -694,7 +694,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shrink every count and duration (< 3 minutes; a smoke check)")
     parser.add_argument("--profile", action="store_true", help="also sample each service with py-spy under load")
     parser.add_argument("--output", type=Path, default=BENCH_DIR, help="where RESULTS.md and results.json go (default: bench/)")
-    parser.add_argument("--baton-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for Baton's processes, e.g. BATON_PULL_BATCH=1 (repeatable; recorded in the results)")
+    parser.add_argument("--baton-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for Baton's processes, e.g. BATON_MAX_WORKERS=16 (repeatable; recorded in the results)")
     args = parser.parse_args()
     try:
         import uvloop
