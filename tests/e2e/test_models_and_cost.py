@@ -18,6 +18,7 @@ from shared.budgets import day_key
 from shared.schema import ErrorCode
 from shared.settings import Settings
 from tests.conftest import mesh_settings, running_mesh
+from tests.fakes.fake_anthropic import FakeAnthropic
 from tests.fakes.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +44,14 @@ def write_config(path) -> None:
     }
     config["routes"]["shadowed"] = {**base, "steps": [*pipeline[:2], {"generate": {"models": ["fake-small"]}}, "guard.output"], "cache": {"enabled": False}, "shadow": {"model": "fake-big", "share": 1.0}}
     # acme's day affords one fake-small answer (estimated at up to ~$0.0012 each), not two.
+    config["models"]["fake-claude"] = {
+        "provider": "anthropic", "model": "claude-fake", "tier": "frontier", "price_in_per_mtok": BIG["in"], "price_out_per_mtok": BIG["out"],
+        "base_url_env": "FAKE_ANTHROPIC_URL", "api_key_env": "FAKE_ANTHROPIC_KEY", "max_output_tokens": 200,
+    }
+    config["routes"]["claude"] = {
+        "steps": [*pipeline[:2], {"generate": {"models": ["fake-claude"]}}, "guard.output"],
+        "models": ["fake-claude"], "cache": {"enabled": False}, "latency_budget_ms": 20000,
+    }
     config["tenants"] = {"acme": {"daily_budget_usd": 0.0015}, "globex": {"models": ["local-extractive"]}}
     path.write_text(yaml.safe_dump(config))
 
@@ -54,11 +63,17 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, fake):
+def claude():
+    with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mesh(nats_url, index_dir, tmp_path_factory, fake, claude):
     tmp = tmp_path_factory.mktemp("cost")
     write_config(tmp / "config.yaml")
     settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml")
-    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test"}
+    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test", "FAKE_ANTHROPIC_URL": claude.base_url, "FAKE_ANTHROPIC_KEY": "sk-ant-test"}
     with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
         yield running
 
@@ -157,3 +172,21 @@ async def test_shadow_calls_are_made_recorded_and_never_returned(client, fake):
     assert models_called == ["big-model", "small-model"]
     assert reply.cost_usd == pytest.approx(price(next(s for s in reply.steps if s.model).usage, "fake-small"))
     assert any(e.data.get("shadow") == "fake-big" for e in reply.events)
+
+
+async def test_the_anthropic_provider_answers_through_the_mesh_plain_and_streamed(client, claude):
+    reply = await client.ask(QUESTION, route="claude")
+    assert reply.ok and reply.models == ["fake-claude"] and reply.answer.startswith("Fake answer to:")
+    generate = next(s for s in reply.steps if s.model)
+    assert not generate.usage.estimated and generate.usage.input_tokens > 0
+    assert reply.cost_usd == pytest.approx(generate.usage.input_tokens * BIG["in"] / 1e6 + generate.usage.output_tokens * BIG["out"] / 1e6)
+    pieces, final = [], None
+    async for item in client.stream(QUESTION, route="claude"):
+        if isinstance(item, str):
+            pieces.append(item)
+        else:
+            final = item
+    assert final.ok and len(pieces) >= 2 and "".join(pieces) == final.answer
+    calls = [c for c in claude.calls if c["path"].endswith("/messages")]
+    assert [c["body"].get("stream", False) for c in calls[-2:]] == [False, True]
+    assert all(c["api_key"] for c in calls)
