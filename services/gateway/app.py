@@ -285,7 +285,8 @@ async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float)
     The first item is awaited before the response starts, so a request refused at once
     (bad route, input gate, mesh unreachable) gets a real HTTP status, not a 200 stream.
     """
-    items = client.stream(call.request, timeout_s=timeout_s)
+    request_id = uuid.uuid4().hex
+    items = client.stream(call.request, timeout_s=timeout_s, request_id=request_id)
     try:
         first = await anext(items)
     except BaseException:
@@ -295,7 +296,7 @@ async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float)
         await items.aclose()
         raise errors.from_reply(first)
 
-    chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+    chunk_id = f"chatcmpl-{request_id}"  # the mesh's request id, as for plain completions
     created = int(time.time())
     chunk = functools.partial(mapping.chunk, chunk_id, created=created, model=call.model, include_usage=call.include_usage)
 
@@ -335,7 +336,8 @@ async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float)
             await items.aclose()
         yield mapping.DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-baton-request-id": request_id}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _without_credentials(url: str) -> str:

@@ -137,6 +137,8 @@ def test_a_streamed_completion_delivers_the_answer_in_deltas(sdk):
     assert with_choices[-1].choices[0].finish_reason == "stop"
     assert with_choices[-1].model_extra["baton"]["route"] == "factual"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    # The stream is named after the mesh's request id, like a plain completion.
+    assert chunks[0].id == f"chatcmpl-{with_choices[-1].model_extra['baton']['request_id']}"
 
 
 def test_a_streamed_request_the_input_gate_refuses_gets_a_400_before_the_stream(sdk):

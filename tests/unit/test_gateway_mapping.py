@@ -288,7 +288,7 @@ class FakeClient:
         self.items = items
         self.closed = False
 
-    async def stream(self, request, *, timeout_s=None):
+    async def stream(self, request, *, timeout_s=None, request_id=None):
         try:
             for item in self.items:
                 if isinstance(item, BaseException):
