@@ -36,6 +36,16 @@ class ConfigError(ValueError):
         super().__init__(f"invalid Baton config {source}:\n{listed}")
 
 
+def _compiled(patterns: list[str]) -> list[str]:
+    """The patterns, once each is known to be a valid regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+    return patterns
+
+
 class _Strict(BaseModel):
     # A misspelled key is a mistake to report, not something to ignore.
     model_config = ConfigDict(extra="forbid")
@@ -61,15 +71,7 @@ class MatchRule(_Strict):
     patterns: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("patterns")
-    @classmethod
-    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
-        return patterns
+    _patterns_compile = field_validator("patterns")(lambda cls, patterns: _compiled(patterns))
 
     @property
     def empty(self) -> bool:
@@ -144,15 +146,7 @@ class GuardSpec(_Strict):
         keywords: list[str] = Field(default_factory=list)
         patterns: list[str] = Field(default_factory=list)  # regular expressions, matched case-insensitively
 
-        @field_validator("patterns")
-        @classmethod
-        def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
-            return patterns
+        _patterns_compile = field_validator("patterns")(lambda cls, patterns: _compiled(patterns))
 
         @model_validator(mode="after")
         def _not_empty(self) -> GuardSpec.BannedTopic:

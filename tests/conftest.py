@@ -20,6 +20,7 @@ from shared.natsd import NatsServer
 from shared.settings import ROOT, Settings
 
 CORPUS = ROOT / "corpus"
+ONE_OF_EACH = {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}
 
 
 def _docker_answers() -> bool:

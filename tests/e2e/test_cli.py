@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from shared.settings import ROOT
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings = mesh_settings(tmp_path_factory.mktemp("cli"), index_dir)
-    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
         yield running
 
 

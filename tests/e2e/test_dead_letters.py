@@ -10,7 +10,7 @@ import pytest
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 POISON = "POISON-PILL"
@@ -20,7 +20,7 @@ POISON = "POISON-PILL"
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings = mesh_settings(tmp_path_factory.mktemp("dead"), index_dir, ack_wait_s=1.0, max_deliver=2)
     env = {"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"}
-    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
         yield running
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from baton.client import BatonClient
 from shared.settings import Settings
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 from tests.fakes.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,7 @@ def mesh(nats_url, index_dir, tmp_path_factory, fake):
     flaky_config(tmp / "config.yaml")
     settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml", ack_wait_s=1.5)
     env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test-not-a-real-key"}
-    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
         yield running
 
 

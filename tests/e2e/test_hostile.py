@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ WORST_CASES = [
 @pytest.fixture(scope="module")
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings_ = mesh_settings(tmp_path_factory.mktemp("hostile"), index_dir)
-    with running_mesh(nats_url, settings_, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}) as running:
+    with running_mesh(nats_url, settings_, ONE_OF_EACH) as running:
         yield running
 
 

@@ -15,18 +15,17 @@ from shared import subjects
 from shared.config import parse_config
 from shared.live_config import ACTIVE
 from shared.settings import ROOT, Settings
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 
-ALL_SERVICES = {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}
 GREETING = "hi there!"
 
 
 @pytest.fixture(scope="module")
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings = mesh_settings(tmp_path_factory.mktemp("live"), index_dir)
-    with running_mesh(nats_url, settings, ALL_SERVICES) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
         yield running
 
 

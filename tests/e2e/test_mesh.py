@@ -12,18 +12,17 @@ import yaml
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode, Request
-from tests.conftest import CORPUS, mesh_settings, running_mesh
+from tests.conftest import CORPUS, mesh_settings, running_mesh, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 
 SAMPLES = yaml.safe_load((CORPUS / "questions.yaml").read_text())
-ALL_SERVICES = {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}
 
 
 @pytest.fixture(scope="module")
 def mesh(nats_url, index_dir, tmp_path_factory):
     settings = mesh_settings(tmp_path_factory.mktemp("mesh"), index_dir)
-    with running_mesh(nats_url, settings, ALL_SERVICES) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
         yield running
 
 

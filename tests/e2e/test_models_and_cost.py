@@ -17,7 +17,7 @@ from shared import subjects
 from shared.budgets import day_key
 from shared.schema import ErrorCode
 from shared.settings import Settings
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 from tests.fakes.fake_anthropic import FakeAnthropic
 from tests.fakes.fake_openai import FakeOpenAI
 
@@ -74,7 +74,7 @@ def mesh(nats_url, index_dir, tmp_path_factory, fake, claude):
     write_config(tmp / "config.yaml")
     settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml")
     env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test", "FAKE_ANTHROPIC_URL": claude.base_url, "FAKE_ANTHROPIC_KEY": "sk-ant-test"}
-    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
         yield running
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from baton.client import BatonClient
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
 from tests.fakes.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def fake():
 def mesh(nats_url, index_dir, tmp_path_factory, fake):
     settings = mesh_settings(tmp_path_factory.mktemp("patterns"), index_dir)
     env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test-not-real"}
-    with running_mesh(nats_url, settings, {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}, env) as running:
+    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
         yield running
 
 

@@ -14,11 +14,10 @@ import pytest
 from baton.client import BatonClient
 from shared import attributes as A
 from shared.settings import ROOT
-from tests.conftest import mesh_settings
+from tests.conftest import mesh_settings, ONE_OF_EACH
 
 pytestmark = pytest.mark.e2e
 
-ALL_SERVICES = {"router": 1, "retriever": 1, "generator": 1, "guardrail": 1, "fallback": 1}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def mesh(nats_url, index_dir, tmp_path_factory):
     mesh = MeshProcesses(settings.model_copy(update={"nats_url": nats_url}), env=mesh_env(settings))
     try:
         mesh.start_collector()
-        mesh.start(ALL_SERVICES)
+        mesh.start(ONE_OF_EACH)
         yield mesh
     finally:
         mesh.stop()

@@ -36,11 +36,8 @@ Responses are HTTP/1.0, so a stream's end is the connection's end, as with a cut
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import sys
-import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -280,74 +277,20 @@ class _Handler(fake_openai._Handler):
             pass
 
 
-class FakeAnthropic:
+class FakeAnthropic(fake_openai.FakeOpenAI):
     """The fake server in a background thread; starts at construction, stops on `close()`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self.state = FakeState()
-        self._server = _Server((host, port), self.state)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-anthropic", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._server.server_address[0]}:{self.port}"
+    server_class = _Server
+    state_class = FakeState
 
     @property
     def base_url(self) -> str:
         """The API root, as with https://api.anthropic.com: clients append /v1/messages."""
         return self.url
 
-    @property
-    def calls(self) -> list[dict[str, Any]]:
-        """The messages and model requests so far (not control requests), oldest first."""
-        return self.state.snapshot()
-
-    def script(self, behaviours: list[dict[str, Any]]) -> None:
-        """Replace the queue of behaviours; each messages request consumes the first one left."""
-        self.state.script(behaviours)
-
-    def set_default(self, behaviour: dict[str, Any]) -> None:
-        self.state.set_default(behaviour)
-
-    def reset(self) -> None:
-        self.state.reset()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.state.stopping.set()  # release hung handlers first, so nothing waits 60 s
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeAnthropic:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A fake Anthropic Messages API server for tests.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the ready line)")
-    args = parser.parse_args(argv)
-    stop = threading.Event()
-    # Handlers only set the event: the main thread does the shutdown outside signal context.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with FakeAnthropic(args.host, args.port) as fake:
-        print(f"ready {fake.base_url}", flush=True)
-        while not stop.wait(0.5):
-            pass
-    return 0
+    return fake_openai.main(argv, FakeAnthropic, "A fake Anthropic Messages API server for tests.")
 
 
 if __name__ == "__main__":

@@ -324,12 +324,18 @@ def _usage(messages: list[Any], pieces: list[str]) -> dict[str, int]:
 
 
 class FakeOpenAI:
-    """The fake server in a background thread; starts at construction, stops on `close()`."""
+    """The fake server in a background thread; starts at construction, stops on `close()`.
+
+    Other fake providers subclass it with their own `server_class`, `state_class` and `base_url`.
+    """
+
+    server_class: type[ThreadingHTTPServer] = _Server
+    state_class: type[FakeState] = FakeState
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self.state = FakeState()
-        self._server = _Server((host, port), self.state)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-openai", daemon=True)
+        self.state = self.state_class()
+        self._server = self.server_class((host, port), self.state)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=type(self).__name__, daemon=True)
         self._thread.start()
         self._closed = False
 
@@ -369,15 +375,15 @@ class FakeOpenAI:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A fake OpenAI chat-completions server for tests.")
+def main(argv: list[str] | None = None, fake_class: type[FakeOpenAI] = FakeOpenAI, description: str = "A fake OpenAI chat-completions server for tests.") -> int:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the ready line)")
     args = parser.parse_args(argv)
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     # Handlers only set the event: the main thread does the shutdown outside signal context.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with FakeOpenAI(args.host, args.port) as fake:
+    with fake_class(args.host, args.port) as fake:
         print(f"ready {fake.base_url}", flush=True)
         while not stop.wait(0.5):
             pass
