@@ -18,11 +18,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from contextvars import ContextVar
 from typing import Any
 
 import nats
-from faststream import AckPolicy, FastStream
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream import FastStream
+from faststream.nats import NatsBroker, NatsMessage
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -34,7 +37,7 @@ from shared.budgets import TenantLedger
 from shared.cache import CACHE_KEY, store as cache_store
 from shared.config import MeshConfig, load_config
 from shared.live_config import ConfigStore
-from shared.provision import consumer_config, provision
+from shared.provision import provision
 from shared.replies import answer_reply, error_reply
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
 from shared.sessions import SessionStore
@@ -43,6 +46,7 @@ from shared.settings import Settings, broker_security, nats_credentials, server_
 log = logging.getLogger("baton.mesh")
 _REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
 _CLIENT_ID = re.compile(subjects.CLIENT_ID_PATTERN)
+_MESSAGE: ContextVar[Msg] = ContextVar("baton_message")
 
 
 class StepFailed(Exception):
@@ -83,11 +87,15 @@ class Mesh:
         self.app = FastStream(self.broker, logger=logging.getLogger(f"baton.{service}"))
         self.app.on_startup(self._provision)
         self.app.after_startup(self._follow_config)
-        self.app.on_shutdown(self.configs.detach)
         self.tracer = telemetry.setup_tracing(service)
         self.app.after_shutdown(telemetry.shutdown_tracing)
         metrics.serve(service)
         self._sessions: SessionStore | None = None
+        self._handlers: list[Callable[[bytes], Awaitable[None]]] = []
+        self._consumers: list = []
+        self.app.after_startup(self._start_consumers)  # after the config is followed: requests need it
+        self.app.on_shutdown(self._stop_consumers)  # before the connection drains: in-flight hops still publish
+        self.app.on_shutdown(self.configs.detach)
 
     async def _provision(self) -> None:
         if not self.settings.provision:
@@ -112,47 +120,65 @@ class Mesh:
 
     def subscriber(self) -> Callable:
         """Register a handler on this service's durable consumer, with redelivery that backs off."""
-        register = self.broker.subscriber(
-            subjects.consumer_subject(self.service),
-            stream=JStream(subjects.STREAM, declare=False),
-            durable=subjects.durable(self.service),
-            config=consumer_config(self.service, self.settings),
-            # One message per fetch, handled by up to `max_workers` tasks at once: a batch
-            # fetch holds its first message until the batch fills or the pull expires
-            # (up to a second after an idle spell), and a batch is handled as a block.
-            pull_sub=PullSub(batch_size=1, timeout=5.0),
-            max_workers=self.settings.max_workers,
-            decoder=decode_raw,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            no_reply=True,
-            inbox_prefix=f"_INBOX.{self.service}.".encode(),  # pull replies land where this user may listen
-        )
-        return lambda handler: register(self._redeliver_later(handler))
 
-    def _redeliver_later(self, handler: Callable[[bytes], Awaitable[None]]) -> Callable[[bytes], Awaitable[None]]:
-        """An exception here is the infrastructure failing (a publish during a NATS leader
+        def register(handler: Callable[[bytes], Awaitable[None]]) -> Callable[[bytes], Awaitable[None]]:
+            self._handlers.append(handler)
+            return handler
+
+        return register
+
+    @property
+    def nc(self) -> nats.NATS:
+        return self.broker.config.connection_state.connection
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.broker.config.connection_state.stream
+
+    async def _start_consumers(self) -> None:
+        from shared.consumer import PullConsumer
+
+        for handler in self._handlers:
+            try:
+                await self.js.consumer_info(subjects.STREAM, subjects.durable(self.service))
+            except NotFoundError:
+                raise RuntimeError(
+                    f"{self.service}: the durable consumer {subjects.durable(self.service)} does not exist on stream "
+                    f"{subjects.STREAM}; start once with BATON_PROVISION=1 or provision it as an admin (deploy/README.md)"
+                ) from None
+            consumer = PullConsumer(self.nc, subjects.STREAM, subjects.durable(self.service), self._acked(handler), max_workers=self.settings.max_workers)
+            await consumer.start()
+            self._consumers.append(consumer)
+
+    async def _stop_consumers(self) -> None:
+        await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
+
+    def _acked(self, handler: Callable[[bytes], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+        """Ack after the handler returned (its next hop is durably published by then).
+
+        An exception here is the infrastructure failing (a publish during a NATS leader
         election, say), not the request: hand the message back for redelivery after a
         growing pause, so a short outage does not burn through max_deliver in a second."""
 
-        async def guarded(body: bytes) -> None:
+        async def handle(message: Msg) -> None:
+            _MESSAGE.set(message)  # each message runs in its own task: its own context
             try:
-                await handler(body)
+                await handler(message.data)
             except Exception as exc:
-                message = self.current_message()
-                delivered = message.raw_message.metadata.num_delivered or 1
+                delivered = message.metadata.num_delivered or 1
                 delay = min(self.settings.ack_wait_s, 0.25 * 2 ** (delivered - 1))
                 log.warning("%s: delivery %d failed (%s: %s); redelivering in %.2fs", self.service, delivered, type(exc).__name__, exc, delay)
                 with suppress(Exception):
-                    await message.nack(delay=delay)
+                    await message.nak(delay=delay)
+                return
+            with suppress(Exception):  # a lost ack is a redelivery, which the next hop's message id absorbs
+                await message.ack()
 
-        guarded.__name__ = getattr(handler, "__name__", "handle")
-        guarded.__doc__ = handler.__doc__
-        return guarded
+        return handle
 
-    def current_message(self) -> NatsMessage:
-        # Read from the broker's context instead of a handler parameter: injected
-        # parameters push every message through a worker thread.
-        return self.broker.context.get_local("message")
+    def current_message(self) -> Msg:
+        """The JetStream message this task is handling."""
+        return _MESSAGE.get()
 
     # -- publishing ------------------------------------------------------------
 
@@ -169,9 +195,11 @@ class Mesh:
         await self._publish_durable(env, subjects.FALLBACK, f"{env.request_id}.{env.attempt}.fallback")
 
     async def _publish_durable(self, env: Envelope, subject: str, msg_id: str) -> None:
-        await self.broker.publish(
-            env.model_dump_json().encode(),
+        # nats-py directly, not broker.publish: the framework's publish pipeline cost
+        # more CPU per hop than the publish itself.
+        await self.js.publish(
             subject,
+            env.model_dump_json().encode(),
             stream=subjects.STREAM,
             headers=telemetry.inject({subjects.H_MSG_ID: msg_id, subjects.H_REQUEST_ID: env.request_id}),
         )
@@ -236,7 +264,7 @@ class Mesh:
                 with suppress(NotFoundError):
                     body = (await results.get(key)).value or body
         if reply_to:
-            await self.broker.publish(body, reply_to, headers=telemetry.inject({subjects.H_REQUEST_ID: reply.request_id}))
+            await self.nc.publish(reply_to, body, headers=telemetry.inject({subjects.H_REQUEST_ID: reply.request_id}))
 
     async def reply_error(self, request_id: str, reply_to: str | None, error: Error, client: str | None = None) -> None:
         span = trace.get_current_span()
@@ -251,7 +279,7 @@ class Mesh:
         """The span of this hop, parented on the publisher's span from the headers."""
         message = self.current_message()
         base = telemetry.envelope_attributes(env) if env is not None else {}
-        return telemetry.hop_span(self.tracer, name, message.headers, message.raw_message.subject, {**base, A.STEP: name, **attributes})
+        return telemetry.hop_span(self.tracer, name, message.headers, message.subject, {**base, A.STEP: name, **attributes})
 
     def observe(self, span: Span, env: Envelope, events: list[Event]) -> None:
         """Decisions taken in this hop: onto its span and into the metrics."""

@@ -28,7 +28,7 @@ async def route(body: bytes) -> None:
     headers = message.headers or {}
     request_id = headers.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
     reply_to = headers.get(subjects.H_REPLY_TO)
-    client = subjects.client_of(message.raw_message.subject)
+    client = subjects.client_of(message.subject)
     if reply_to and not reply_to.startswith(subjects.inbox_prefix(client) + "."):
         # Answering would hand one client's reply to another: refuse, and keep the
         # refusal under the request id for the real client to find.

@@ -1,0 +1,146 @@
+"""A lean JetStream pull consumer: a standing pull per replica, a task per message.
+
+Why not FastStream's subscriber: measured under load (`python -m bench.hotpath
+--profile <service>`), its consume pipeline (dependency injection, an anyio task group
+per message, middlewares) and one pull request per message (`PullSub(batch_size=1)`,
+the only setting that does not hold a message back after an idle spell) were most of
+a hop's CPU and most of nats-server's. This is the JetStream "consume" protocol the
+official Go and Java clients use:
+
+- one inbox per replica; pull requests ask for up to `max_workers` messages, expire
+  after `expires_s`, and ask the server for idle heartbeats;
+- a message is handed to its own task as soon as it arrives (no waiting for a batch to
+  fill); when enough of the credit is used up, one more pull tops it up;
+- the server's status messages return unused credit (408 request expired, 409) or prove
+  the pull is alive (100 heartbeat); silence for a few heartbeats means the pulls were
+  lost (a server restart, a leader change): the credit is dropped and pulled again.
+
+Several replicas share one durable consumer: each asks only for as many messages as it
+has free workers, so JetStream spreads the work by who is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import Header
+
+Handler = Callable[[Msg], Awaitable[None]]
+log = logging.getLogger("baton.consumer")
+
+PENDING_MESSAGES = "Nats-Pending-Messages"
+
+
+class PullConsumer:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        durable: str,
+        handler: Handler,
+        *,
+        max_workers: int = 64,
+        expires_s: float = 15.0,
+        heartbeat_s: float = 1.0,
+    ):
+        self.nc = nc
+        self.durable = durable
+        self.handler = handler
+        self.max_workers = max(1, max_workers)
+        self.refill_at = max(1, self.max_workers // 4)  # top up once a quarter of the workers is free
+        self.expires_s = expires_s
+        self.heartbeat_s = heartbeat_s
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()  # under the connection's inbox prefix, where this service may listen
+        self.credit = 0  # messages asked for and neither delivered nor returned
+        self.busy = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.last_heard = time.monotonic()
+        self.stopping = False
+        self._sub = None
+        self._watchdog: asyncio.Task | None = None
+        self._retry_after = 0.0
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
+        await self._top_up()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog-{self.durable}")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop pulling, let the messages in hand finish (they are acked), then go."""
+        self.stopping = True
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._sub is not None:
+            # No interest on the inbox any more: the server drops this replica's pulls,
+            # so no message is handed to a replica that is going away.
+            await self._sub.unsubscribe()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=grace_s)
+
+    # -- credit ------------------------------------------------------------------
+
+    async def _top_up(self) -> None:
+        if self.stopping or time.monotonic() < self._retry_after:
+            return
+        want = self.max_workers - self.busy - self.credit
+        if want >= self.refill_at or (want > 0 and self.credit == 0):
+            self.credit += want
+            request = {"batch": want, "expires": int(self.expires_s * 1e9), "idle_heartbeat": int(self.heartbeat_s * 1e9)}
+            try:
+                await self.nc.publish(self.next_subject, json.dumps(request).encode(), reply=self.inbox)
+            except Exception as exc:  # disconnected: the watchdog pulls again
+                self.credit -= want
+                log.warning("%s: pull request failed (%s); retrying", self.durable, exc)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self.last_heard = time.monotonic()
+        status = msg.headers.get(Header.STATUS) if msg.headers else None
+        if status is None:
+            self.credit = max(0, self.credit - 1)
+            if self.stopping:
+                await msg.nak()  # straight back to the queue, for another replica
+                return
+            self.busy += 1
+            task = asyncio.create_task(self._run(msg))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        if status == "100":
+            return  # the pulls are alive, nothing to deliver
+        pending = msg.headers.get(PENDING_MESSAGES)
+        if pending is not None and status in ("408", "409"):
+            self.credit = max(0, self.credit - int(pending))  # that pull is over: its unused credit comes back
+        else:
+            # The pull was refused or lost (no JetStream, consumer deleted, too many
+            # waiting pulls): start over, after a pause so a broken setup does not spin.
+            log.warning("%s: pull ended with status %s %s; pulling again in 1 s", self.durable, status, msg.headers.get(Header.DESCRIPTION, ""))
+            self.credit = 0
+            self._retry_after = time.monotonic() + 1.0
+        await self._top_up()
+
+    async def _run(self, msg: Msg) -> None:
+        try:
+            await self.handler(msg)
+        except Exception:  # the handler decides ack or nak; this is the last line
+            log.exception("%s: handler failed", self.durable)
+        finally:
+            self.busy -= 1
+            await self._top_up()
+
+    async def _watch(self) -> None:
+        """Pulls die silently with a server restart or a leader change: notice, pull again."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            silent = time.monotonic() - self.last_heard
+            if self.credit > 0 and silent > 3 * self.heartbeat_s:
+                log.info("%s: no heartbeat for %.1f s; pulling again", self.durable, silent)
+                self.credit = 0
+                self.last_heard = time.monotonic()
+            await self._top_up()
