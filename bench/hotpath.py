@@ -43,6 +43,31 @@ def inclusive_functions(raw: Path, top: int) -> list[tuple[str, float]]:
     return [(frame, n / total) for frame, n in counts.most_common(top)] if total else []
 
 
+def write_calls(groups: dict[str, list[int]]) -> dict[str, int]:
+    """Write syscalls so far per group (/proc/<pid>/io syscw): each one a trip through the kernel."""
+    out = {}
+    for name, pids in groups.items():
+        total = 0
+        for pid in pids:
+            try:
+                fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+                total += int(fields["syscw"])
+            except (OSError, KeyError, ValueError):
+                pass
+        out[name] = total
+    return out
+
+
+def print_steps(console: Console, replies: list) -> None:
+    """Where a request's time went, from the Replies' own step records."""
+    steps: dict[str, list[tuple[float, float]]] = {}
+    for reply, _ in replies:
+        for step in reply.steps:
+            steps.setdefault(step.step, []).append((step.queued_ms or 0.0, step.duration_ms))
+    console.print("  per step (p50 queued / work): " + ", ".join(f"{name} {median(q for q, _ in v):.2f}/{median(w for _, w in v):.2f} ms" for name, v in steps.items()))
+    console.print(f"  router envelope -> reply (Reply.latency_ms) p50 {median(r.latency_ms or 0 for r, _ in replies):.2f} ms")
+
+
 async def main(args: argparse.Namespace) -> None:
     console = Console()
     env_without_otel()
@@ -65,25 +90,26 @@ async def main(args: argparse.Namespace) -> None:
             spy = None
             if args.profile:
                 raw = workdir / f"{args.profile}.raw.txt"
-                spy = profile.record(mesh.pids_by_service()[args.profile][0], args.seconds, raw)
+                spy = profile.record(mesh.pids_by_service()[args.profile][0], args.seconds, raw, gil_only=args.gil)
                 await asyncio.sleep(0.3)
             meter = CpuMeter(mesh.cpu_groups(stub.pid)).start()
+            writes_before = write_calls(mesh.cpu_groups(stub.pid))
+            load.replies = []
             result = await concurrent(load.call, args.concurrency, args.seconds, 200_000)
             cpu = meter.stop(result.completed)
+            loaded, load.replies = load.replies, None
+            writes = {name: (n - writes_before.get(name, 0)) / max(1, result.completed) for name, n in write_calls(mesh.cpu_groups(stub.pid)).items()}
             if spy is not None:
                 await asyncio.to_thread(spy.communicate, None, args.seconds + 30)
         one = summarize(seq.latencies_s)
         console.print(f"[bold]tracing {args.tracing}[/]  sequential p50 [cyan]{one['p50_ms']:.2f} ms[/] p99 {one['p99_ms']:.2f} ms")
-        steps: dict[str, list[tuple[float, float]]] = {}
-        for reply, _ in replies:
-            for step in reply.steps:
-                steps.setdefault(step.step, []).append((step.queued_ms or 0.0, step.duration_ms))
-        console.print("  per step (p50 queued / work): " + ", ".join(f"{name} {median(q for q, _ in v):.2f}/{median(w for _, w in v):.2f} ms" for name, v in steps.items()))
-        console.print(f"  router envelope -> reply (Reply.latency_ms) p50 {median(r.latency_ms or 0 for r, _ in replies):.2f} ms")
+        print_steps(console, replies)
         many = summarize(result.latencies_s)
         console.print(f"[bold]{args.concurrency} in flight[/]: [green]{result.throughput:.0f} req/s[/] p50 {many['p50_ms']:.1f} ms, errors {result.errors} {load.bad[:1] or ''}")
         per = cpu["cpu_ms_per_request"]
+        print_steps(console, loaded)
         console.print("CPU ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()) + f"  [bold]total {sum(per.values()):.2f}[/]")
+        console.print("write syscalls/request: " + ", ".join(f"{k} {v:.1f}" for k, v in writes.items()))
         if spy is not None:
             shares = profile.analyse(raw, args.seconds)
             for group, share in list(shares.get("self_share", {}).items())[:10]:
@@ -103,5 +129,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--sequential", type=int, default=100)
     parser.add_argument("--profile", metavar="SERVICE", help="sample this service with py-spy during the load")
+    parser.add_argument("--gil", action="store_true", help="with --profile: sample only the thread holding the GIL")
     parser.add_argument("--baton-env", action="append", default=[], metavar="KEY=VALUE")
     asyncio.run(main(parser.parse_args()))

@@ -47,13 +47,16 @@ def available() -> str | None:
     return shutil.which("py-spy")
 
 
-def record(pid: int, seconds: float, output: Path, rate: int = 200) -> subprocess.Popen:
-    """Start sampling `pid` for `seconds` (returns the py-spy process; wait on it)."""
+def record(pid: int, seconds: float, output: Path, rate: int = 200, gil_only: bool = False) -> subprocess.Popen:
+    """Start sampling `pid` for `seconds` (returns the py-spy process; wait on it).
+
+    `gil_only` samples only the thread holding the GIL: Python's own CPU, without a
+    thread waiting for the GIL (after a syscall, say) counted as busy."""
     binary = available()
     if binary is None:
         raise RuntimeError("py-spy is not installed (pip install -r bench/requirements.txt)")
     return subprocess.Popen(
-        [binary, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", str(rate), "--format", "raw", "--full-filenames", "--nonblocking", "--output", str(output)],
+        [binary, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", str(rate), "--format", "raw", "--full-filenames", "--nonblocking", "--output", str(output), *(["--gil"] if gil_only else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -32,16 +32,17 @@ def code_fingerprint() -> dict[str, Any]:
 
 
 def baton_pull_sub() -> str | None:
-    """How Baton's services pull from their consumers, quoted from shared/mesh.py at run time."""
-    import re
+    """How Baton's services pull from their consumers, read from the code at run time."""
+    import inspect
 
-    try:
-        source = (Path(__file__).resolve().parent.parent / "shared" / "mesh.py").read_text()
-    except OSError:
-        return None
-    found = re.search(r"PullSub\([^)]*\)", source)
-    workers = re.search(r"max_workers=([^,\n]+)", source)
-    return (found.group(0) if found else None) and found.group(0) + (f", max_workers={workers.group(1).strip()}" if workers else "")
+    from shared.consumer import PullConsumer
+    from shared.settings import Settings
+
+    knobs = {name: p.default for name, p in inspect.signature(PullConsumer).parameters.items()}
+    return (
+        f"shared/consumer.py standing pulls: up to max_workers={Settings().max_workers} messages asked for per replica, "
+        f"topped up when a quarter is free, expires={knobs.get('expires_s')} s, idle heartbeat {knobs.get('heartbeat_s')} s"
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -361,7 +362,7 @@ def render(results: dict[str, Any]) -> str:
         add("Continuous load hides it: every durable hop is a pull consumer. A nats-py batch `fetch` that meets a stale status "
             "from an expired pull falls back to a lingering pull and holds the first message until that pull's deadline (up to the fetch timeout); "
             "Baton's guardrail, which gets two messages per request a few ms apart, was hit after every idle second while Baton fetched with "
-            f"`PullSub(batch_size=32, timeout=1.0)`. Baton's consumers in this run: `{pull}`; the raw chain fetches batches of "
+            f"FastStream's `PullSub(batch_size=32, timeout=1.0)`. Baton's consumers in this run: {pull}; the raw chain fetches batches of "
             f"{(results.get('transport') or {}).get('pull_batch', 32)} with a 1 s timeout (one message per hop per request). "
             "Each probe sends one request to every system at once after an idle gap.")
         add("")

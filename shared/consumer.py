@@ -48,6 +48,7 @@ class PullConsumer:
         max_workers: int = 64,
         expires_s: float = 15.0,
         heartbeat_s: float = 1.0,
+        progress_every_s: float = 10.0,
     ):
         self.nc = nc
         self.durable = durable
@@ -56,11 +57,13 @@ class PullConsumer:
         self.refill_at = max(1, self.max_workers // 4)  # top up once a quarter of the workers is free
         self.expires_s = expires_s
         self.heartbeat_s = heartbeat_s
+        self.progress_every_s = progress_every_s
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()  # under the connection's inbox prefix, where this service may listen
         self.credit = 0  # messages asked for and neither delivered nor returned
         self.busy = 0
         self.tasks: set[asyncio.Task] = set()
+        self.working: dict[int, tuple[Msg, float]] = {}  # id(message) -> (message, when JetStream last heard of it)
         self.last_heard = time.monotonic()
         self.stopping = False
         self._sub = None
@@ -126,21 +129,35 @@ class PullConsumer:
         await self._top_up()
 
     async def _run(self, msg: Msg) -> None:
+        # Keyed by identity: a nats-py Msg is an unhashable dataclass.
+        self.working[id(msg)] = (msg, time.monotonic())
         try:
             await self.handler(msg)
         except Exception:  # the handler decides ack or nak; this is the last line
             log.exception("%s: handler failed", self.durable)
         finally:
+            del self.working[id(msg)]
             self.busy -= 1
             await self._top_up()
 
     async def _watch(self) -> None:
-        """Pulls die silently with a server restart or a leader change: notice, pull again."""
+        """Keep long work alive, and notice pulls that died silently."""
         while True:
-            await asyncio.sleep(self.heartbeat_s)
-            silent = time.monotonic() - self.last_heard
+            await asyncio.sleep(min(self.heartbeat_s, self.progress_every_s))
+            now = time.monotonic()
+            for key, (msg, since) in list(self.working.items()):
+                if now - since >= self.progress_every_s:
+                    # A long model call: without this JetStream would redeliver it
+                    # to another replica after ack_wait, while it is still running.
+                    self.working[key] = (msg, now)
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # disconnected, or already acked: nothing to keep alive
+                        pass
+            silent = now - self.last_heard
             if self.credit > 0 and silent > 3 * self.heartbeat_s:
+                # A server restart or a leader change drops pull requests without a word.
                 log.info("%s: no heartbeat for %.1f s; pulling again", self.durable, silent)
                 self.credit = 0
-                self.last_heard = time.monotonic()
+                self.last_heard = now
             await self._top_up()
