@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import json
 import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from services.generator.transport import KeepAliveTransport
 from shared.config import ModelSpec
 from shared.schema import ChatMessage, Passage, Usage
 
@@ -236,37 +237,38 @@ def resolve_spec(spec: ModelSpec, env: Mapping[str, str], name: str, default_bas
     return model, base_url, api_key
 
 
-# httpcore's pool checks every idle connection (a poll each) on every request, so
-# one client with 64 calls in flight spent more CPU on its pool than on HTTP
-# (`python -m bench.hotpath --profile generator`). Calls are spread over a few
-# clients with small pools instead; together they keep 64 connections alive.
-CLIENT_SHARDS = 8
-CONNECTIONS = httpx.Limits(max_connections=64, max_keepalive_connections=8, keepalive_expiry=30)
+# httpcore's pool polls every idle connection on every request and anyio wraps every
+# socket operation: with 64 calls in flight that cost more CPU than the HTTP itself
+# (`python -m bench.hotpath --profile generator`), so calls go through KeepAliveTransport,
+# which takes the most recently used idle connection and scans nothing. It speaks no proxy
+# protocol: with a proxy configured, httpx's own transport goes through it.
+
+
+def _new_client() -> httpx.AsyncClient:
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+        return httpx.AsyncClient()
+    return httpx.AsyncClient(transport=KeepAliveTransport())
 
 
 class HTTPProvider:
     """What every HTTP model client shares: its httpx client's lifetime, and never leaking the key."""
 
     _api_key: str | None
-    _clients: list[httpx.AsyncClient]
+    _client: httpx.AsyncClient
     _owns_client: bool
 
     def _own(self, api_key: str | None, client: httpx.AsyncClient | None) -> None:
         self._api_key = api_key or None
         self._owns_client = client is None
-        self._clients = [client] if client else [httpx.AsyncClient(limits=CONNECTIONS) for _ in range(CLIENT_SHARDS)]
-        self._turn = itertools.cycle(self._clients)
-
-    @property
-    def _client(self) -> httpx.AsyncClient:
-        return next(self._turn)
+        self._client = client or _new_client()
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
 
     async def aclose(self) -> None:
         if self._owns_client:
-            await asyncio.gather(*(client.aclose() for client in self._clients))
+            await self._client.aclose()
 
     async def __aenter__(self):
         return self
