@@ -12,7 +12,6 @@ id makes the repeat harmless. A step that fails goes to the fallback service.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from shared.config import MeshConfig, load_config
 from shared.live_config import ConfigStore
 from shared.provision import provision
 from shared.replies import answer_reply, error_reply
+from shared.run import settle_memory
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Event, Reply, StepRecord
 from shared.sessions import SessionStore
 from shared.settings import Settings, broker_security, nats_credentials, server_list, settings as load_settings
@@ -95,7 +95,7 @@ class Mesh:
         self._handlers: list[Callable[[bytes], Awaitable[None]]] = []
         self._consumers: list = []
         self.app.after_startup(self._start_consumers)  # after the config is followed: requests need it
-        self.app.after_startup(_settle_memory)
+        self.app.after_startup(settle_memory)
         self.app.on_shutdown(self._stop_consumers)  # before the connection drains: in-flight hops still publish
         self.app.on_shutdown(self.configs.detach)
 
@@ -379,22 +379,6 @@ class Mesh:
         span.set_attribute(A.STEP_OUTCOME, outcome)
         metrics.STEP_SECONDS.labels(self.service, record.step, outcome).observe(record.duration_ms / 1000)
         metrics.QUEUED_SECONDS.labels(self.service).observe(record.queued_ms / 1000)
-
-
-async def _settle_memory() -> None:
-    """Keep the cyclic garbage collector off what start-up built.
-
-    Measured under load (perf on a service process): about an eighth of the CPU went
-    to the collector walking the loaded models, indexes and modules, again and again,
-    because every hop allocates enough to trigger it. Frozen objects are never walked;
-    a higher first threshold makes the young-generation sweeps rarer.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700 allocations
 
 
 def _summary(exc: Exception) -> str:

@@ -7,6 +7,7 @@ what to fix (exit code 2), rather than a traceback or a half-working mesh.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -35,6 +36,22 @@ def run(service: str) -> None:
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
     asyncio.run(module.app.run())
+
+
+async def settle_memory() -> None:
+    """Keep the cyclic garbage collector off what start-up built; call once started.
+
+    Measured under load (perf on a service process): about an eighth of the CPU went
+    to the collector walking the loaded models, indexes and modules, again and again,
+    because every hop allocates enough to trigger it. Frozen objects are never walked;
+    a higher first threshold makes the young-generation sweeps rarer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700 allocations
 
 
 class StartupError(RuntimeError):

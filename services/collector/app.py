@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shared.run import settle_memory
+
 from .flows import Flow, flow_stats, stitch
 from .forward import Forwarder
 from .otlp import OTLPDecodeError, decode, is_json, is_protobuf, response_body
@@ -157,6 +159,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if forwarder is not None:
             await forwarder.start()
+        await settle_memory()
         try:
             yield
         finally:
