@@ -111,11 +111,15 @@ async def main(args: argparse.Namespace) -> None:
         console.print("CPU ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()) + f"  [bold]total {sum(per.values()):.2f}[/]")
         console.print("write syscalls/request: " + ", ".join(f"{k} {v:.1f}" for k, v in writes.items()))
         if spy is not None:
-            shares = profile.analyse(raw, args.seconds)
+            shares = profile.analyse(raw, args.seconds, top=25)
             for group, share in list(shares.get("self_share", {}).items())[:10]:
                 console.print(f"  {group:<32} {share * 100:5.1f}%")
+            console.print("  [bold]inclusive[/]")
             for frame, share in inclusive_functions(raw, 30):
                 console.print(f"    {share * 100:5.1f}%  {frame}")
+            console.print("  [bold]self[/]")
+            for leaf in shares.get("top_leaf_functions", []):
+                console.print(f"    {leaf['share'] * 100:5.1f}%  {leaf['frame']}")
     finally:
         await asyncio.to_thread(mesh.stop)
         stub.stop()

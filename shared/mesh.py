@@ -168,18 +168,26 @@ class Mesh:
         An exception here is the infrastructure failing (a publish during a NATS leader
         election, say), not the request: hand the message back for redelivery after a
         growing pause, so a short outage does not burn through max_deliver in a second."""
+        acked = metrics.HOP_MESSAGES.labels(self.service, "acked")
+        redelivered = metrics.HOP_MESSAGES.labels(self.service, "redelivered")
+        in_flight = metrics.HOPS_IN_FLIGHT.labels(self.service)
 
         async def handle(message: Msg) -> None:
             _MESSAGE.set(message)  # each message runs in its own task: its own context
+            in_flight.inc()
             try:
                 await handler(message.data)
             except Exception as exc:
                 delivered = message.metadata.num_delivered or 1
                 delay = min(self.settings.ack_wait_s, 0.25 * 2 ** (delivered - 1))
                 log.warning("%s: delivery %d failed (%s: %s); redelivering in %.2fs", self.service, delivered, type(exc).__name__, exc, delay)
+                redelivered.inc()
                 with suppress(Exception):
                     await message.nak(delay=delay)
                 return
+            finally:
+                in_flight.dec()
+            acked.inc()
             with suppress(Exception):  # a lost ack is a redelivery, which the next hop's message id absorbs
                 await message.ack()
 

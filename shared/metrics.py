@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 from shared.schema import Event, Reply
 
@@ -27,11 +27,14 @@ REQUEST_COST = Histogram("baton_request_cost_usd", "Cost of each completed reque
 MODEL_RETRIES = Counter("baton_model_retries_total", "Retried model calls", ["model"])
 SHADOW_CALLS = Counter("baton_shadow_calls_total", "Shadow model calls", ["model", "outcome"])
 CACHE_HITS = Counter("baton_cache_total", "Reply cache lookups", ["route", "outcome"])
+HOP_MESSAGES = Counter("baton_hop_messages_total", "Hop messages this service took from its consumer, by what became of them", ["service", "outcome"])
+HOPS_IN_FLIGHT = Gauge("baton_hops_in_flight", "Hop messages this service is working on", ["service"])
 MODEL_TOKENS = Counter("baton_model_tokens_total", "Tokens per model", ["model", "direction"])
 
 
 def broker_middlewares(service: str) -> tuple:
-    """FastStream's own message metrics (received, processed, durations) when metrics are served."""
+    """FastStream's own message metrics for the subscribers it still runs (the fallback's
+    advisory listener); the hop consumers count their messages in HOP_MESSAGES."""
     if not os.environ.get("BATON_METRICS_PORT"):
         return ()
     from faststream.nats.prometheus import NatsPrometheusMiddleware

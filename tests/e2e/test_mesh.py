@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -238,7 +239,9 @@ async def test_every_service_serves_prometheus_metrics_with_batons_measures(clie
     async with httpx.AsyncClient(timeout=5) as http:
         for replica in mesh.replicas:
             texts[replica.service] = (await http.get(f"http://127.0.0.1:{replica.metrics_port}/metrics")).text
-    assert all("faststream_received_messages_total" in text for text in texts.values())
+    for service, text in texts.items():  # every service took its hop messages and acked them
+        acked = re.search(rf'baton_hop_messages_total{{outcome="acked",service="{service}"}} (\S+)', text)
+        assert acked and float(acked.group(1)) >= 1, service
     assert 'baton_routes_total{route="factual"}' in texts["router"]
     assert 'baton_gate_verdicts_total{gate="input",verdict="fail"}' in texts["guardrail"]
     assert 'baton_fallbacks_total{action="refuse",reason="input_rejected",route="factual"}' in texts["fallback"]
