@@ -55,11 +55,12 @@ class BatonMesh:
     stub_url: str
     tracing: bool
     extra_env: dict[str, str] = field(default_factory=dict)
+    name: str = ""  # its own state directory, when more than one mesh with the same tracing runs
     mesh: MeshProcesses | None = None
     envelope_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     def start(self, counts: dict[str, int] | None = None) -> BatonMesh:
-        state = self.workdir / ("mesh-tracing-on" if self.tracing else "mesh-tracing-off")
+        state = self.workdir / (self.name or ("mesh-tracing-on" if self.tracing else "mesh-tracing-off"))
         state.mkdir(parents=True, exist_ok=True)
         settings = Settings(state_dir=state, index_dir=self.index_dir, config=CONFIG)
         env = {

@@ -409,8 +409,11 @@ def render(results: dict[str, Any]) -> str:
     add("")
     sc = results.get("scaling") or {}
     if sc.get("runs"):
+        workers = sc.get("workers_per_replica")
         add(f"Stub model latency {sc['stub_latency_ms']} ms, {sc['concurrency']} requests in flight, {sc['duration_s']} s per step, tracing off; "
-            f"replicas added to the running mesh on the same durable consumer. Ideal = {sc['concurrency']} / {sc['stub_latency_ms'] / 1000:g} s = {sc['ideal_rps']:.0f} req/s.")
+            + (f"a mesh of its own whose replicas each take at most {workers} messages at once (`BATON_MAX_WORKERS={workers}`, as in front of a rate-limited model endpoint), so one generator replica caps at "
+               f"{workers} / {sc['stub_latency_ms'] / 1000:g} s = {workers / (sc['stub_latency_ms'] / 1000):.0f} req/s; " if workers else "")
+            + f"replicas added to the running mesh on the same durable consumer. Ideal = {sc['concurrency']} / {sc['stub_latency_ms'] / 1000:g} s = {sc['ideal_rps']:.0f} req/s.")
         add("")
         add("| generator replicas | req/s | p50 | p99 | of ideal | CPU ms/request, services | machine CPU used by others |")
         add("|---|---|---|---|---|---|---|")
@@ -418,8 +421,8 @@ def render(results: dict[str, Any]) -> str:
             add(f"| {run['generators']} | {run['throughput_rps']:.1f} | {fmt(get(run, 'latency', 'p50_ms'), ' ms', 0)} | {fmt(get(run, 'latency', 'p99_ms'), ' ms', 0)} | "
                 f"{run['throughput_rps'] / sc['ideal_rps'] * 100:.0f}% | {fmt(services_cpu_ms(run), ' ms')} | {fmt((get(run, 'cpu', 'foreign_cpu_share') or 0) * 100, '%', 0)} |")
         add("")
-        add("At the CPU cost per request above, the ideal rate needs ideal × CPU ms of Baton CPU per second: on 2 shared cores the "
-            "run is CPU-bound before it is generator-bound, so the step from 1 to 2 to 4 replicas is the figure to read, not the absolute rate.")
+        add("Each replica asks JetStream only for as many messages as it has free workers, so the durable consumer spreads the calls by who is free. "
+            "At the CPU cost per request above, the ideal rate needs ideal × CPU ms of Baton CPU per second: on 2 shared cores the top step can be CPU-bound.")
         add("")
     else:
         add("Not measured in this run.")

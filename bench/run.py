@@ -70,7 +70,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "warmup": 40,
         "warmup_s": 2,
         "scaling_replicas": [1, 2, 4],
-        "scaling_concurrency": 32,
+        "scaling_concurrency": 64,
+        "scaling_workers": 16,
         "scaling_latency_ms": 200,
         "scaling_duration_s": 10,
         "bm25_chunks": 100_000,
@@ -92,7 +93,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "warmup": 15,
         "warmup_s": 1,
         "scaling_replicas": [1, 2, 4],
-        "scaling_concurrency": 32,
+        "scaling_concurrency": 64,
+        "scaling_workers": 16,
         "scaling_latency_ms": 200,
         "scaling_duration_s": 2,
         "bm25_chunks": 10_000,
@@ -506,27 +508,34 @@ class Harness:
         return out
 
     async def scaling(self) -> dict[str, Any]:
+        """Generator replicas on one durable consumer, each taking at most `scaling_workers`
+        calls at once (as a replica in front of a rate-limited model endpoint would): with
+        more requests in flight than one replica takes, throughput should grow with replicas."""
         P = self.P
-        mesh, load = self.meshes.get("tracing_off"), self.loads.get("tracing_off")
-        if mesh is None or load is None:
-            raise BenchError("the tracing-off mesh did not start")
-        self.section(f"Scaling: generator replicas {P['scaling_replicas']}, {P['scaling_latency_ms']} ms stub, {P['scaling_concurrency']} in flight, tracing off")
+        workers = P["scaling_workers"]
+        self.section(f"Scaling: generator replicas {P['scaling_replicas']}, {workers} calls each, {P['scaling_latency_ms']} ms stub, {P['scaling_concurrency']} in flight, tracing off")
+        mesh = BatonMesh(self.workdir, self.workdir / "index", self.stub.base_url, False, extra_env={**self.baton_env, "BATON_MAX_WORKERS": str(workers)}, name="mesh-scaling")
+        with self.progress_task("a mesh for the scaling run"):
+            await asyncio.to_thread(mesh.start)
         await self.stub.set_latency(P["scaling_latency_ms"])
         runs = []
         try:
-            for replicas in P["scaling_replicas"]:
-                with self.progress_task(f"generator replicas → {replicas}"):
-                    await mesh.spawn_generators(replicas)
-                    await concurrent(load.call, P["scaling_concurrency"], 1.5, 5000)  # let the new replica settle
-                result = await self.measure(f"{replicas} generator replica(s)", load.call, mesh.cpu_groups(self.stub.pid), concurrency=P["scaling_concurrency"], duration_s=P["scaling_duration_s"])
-                run = result.to_dict()
-                run["generators"] = replicas
-                runs.append(run)
+            async with BatonLoad(mesh.url) as load:
+                for replicas in P["scaling_replicas"]:
+                    with self.progress_task(f"generator replicas → {replicas}"):
+                        await mesh.spawn_generators(replicas)
+                        await concurrent(load.call, P["scaling_concurrency"], 1.5, 5000)  # let the new replica settle
+                    result = await self.measure(f"{replicas} generator replica(s)", load.call, mesh.cpu_groups(self.stub.pid), concurrency=P["scaling_concurrency"], duration_s=P["scaling_duration_s"])
+                    run = result.to_dict()
+                    run["generators"] = replicas
+                    runs.append(run)
         finally:
             await self.stub.set_latency(0)
+            await asyncio.to_thread(mesh.stop)
         return {
             "stub_latency_ms": P["scaling_latency_ms"],
             "concurrency": P["scaling_concurrency"],
+            "workers_per_replica": workers,
             "duration_s": P["scaling_duration_s"],
             "ideal_rps": P["scaling_concurrency"] / (P["scaling_latency_ms"] / 1000),
             "runs": runs,
