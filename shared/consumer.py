@@ -49,7 +49,7 @@ class PullConsumer:
         *,
         max_workers: int = 64,
         expires_s: float = 15.0,
-        heartbeat_s: float = 1.0,
+        heartbeat_s: float = 0.5,
         progress_every_s: float = 10.0,
     ):
         self.nc = nc
@@ -83,16 +83,21 @@ class PullConsumer:
         if self._watchdog:
             self._watchdog.cancel()
         if self._sub is not None:
-            # No interest on the inbox any more: the server drops this replica's pulls,
-            # so no message is handed to a replica that is going away.
-            await self._sub.unsubscribe()
+            # No interest on the inbox any more: the server drops this replica's pulls.
+            # Drain, not unsubscribe: a message already on its way still reaches
+            # _on_message, which hands it straight back, instead of being dropped on
+            # the floor to wait out ack_wait before another replica may have it.
+            with suppress(Exception):
+                await self._sub.drain()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=grace_s)
 
     # -- credit ------------------------------------------------------------------
 
     async def _top_up(self) -> None:
-        if self.stopping or time.monotonic() < self._retry_after:
+        if self.stopping or not self.nc.is_connected or time.monotonic() < self._retry_after:
+            # While reconnecting, nats-py would queue the pull and send it later, together
+            # with every other one asked for meanwhile: more messages than workers.
             return
         want = self.max_workers - self.busy - self.credit
         if want >= self.refill_at or (want > 0 and self.credit == 0):
@@ -163,7 +168,9 @@ class PullConsumer:
                     await msg.in_progress()
 
     async def _revive_pulls(self) -> None:
-        # A server restart or a leader change drops pull requests without a word.
+        # A server restart or a leader change drops pull requests without a word: a
+        # killed consumer leader cannot say so, and its successor never saw them. The
+        # sooner this notices, the shorter a failover stalls the hop (chaos: p99).
         silent = time.monotonic() - self.last_heard
         if self.credit > 0 and silent > 3 * self.heartbeat_s:
             log.info("%s: no heartbeat for %.1f s; pulling again", self.durable, silent)

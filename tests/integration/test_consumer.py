@@ -273,13 +273,6 @@ async def test_pulls_resume_after_a_server_restart(tmp_path: Path):
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in shared/consumer.py: while disconnected, each watchdog round (3 x heartbeat_s of silence) "
-    "drops its credit and publishes one more pull, which nats-py buffers; on reconnect all the buffered "
-    "pulls reach the server at once, each asking for max_workers, so up to (outage / 3 heartbeats) x "
-    "max_workers handlers run at once",
-)
 async def test_a_long_outage_does_not_break_the_concurrency_bound(tmp_path: Path):
     store, port = tmp_path / "jetstream", free_port()
     server = NatsServer(port=port, store_dir=store).start()
@@ -355,13 +348,6 @@ async def test_stop_waits_for_work_in_hand_and_leaves_later_messages_to_other_re
     await eventually(lambda: bench.drained(stream, durable), what="all acked")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in shared/consumer.py: stop() unsubscribes at once, and nats-py then discards the messages "
-    "already on their way to (or queued in) the inbox subscription: they are neither handled nor nak'd, "
-    "and wait out ack_wait before another replica gets them (Subscription.drain() would hand them to "
-    "_on_message, which naks them while stopping)",
-)
 async def test_a_message_arriving_as_stop_begins_goes_to_another_replica_promptly(bench, nats_url):
     stream, durable, subject = await bench.stream(ack_wait_s=30.0)
     first = Recorder()
