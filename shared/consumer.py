@@ -13,8 +13,9 @@ the official Go and Java clients use:
 - a message is handed to its own task as soon as it arrives (no waiting for a batch to
   fill); when enough of the credit is used up, one more pull tops it up;
 - the server's status messages return unused credit (408 request expired, 409) or prove
-  the pull is alive (100 heartbeat); silence for a few heartbeats means the pulls were
-  lost (a server restart, a leader change): the credit is dropped and pulled again.
+  the pull is alive (100 heartbeat); a new consumer leader's advisory, or silence for a
+  few heartbeats, means the pulls were lost (a leader change, a server restart): the
+  credit is dropped and pulled again.
 
 Several replicas share one durable consumer: each asks only for as many messages as it
 has free workers, so JetStream spreads the work by who is free.
@@ -32,6 +33,8 @@ from contextlib import suppress
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import Header
+
+from shared.subjects import leader_elected
 
 Handler = Callable[[Msg], Awaitable[None]]
 log = logging.getLogger("baton.consumer")
@@ -61,6 +64,7 @@ class PullConsumer:
         self.heartbeat_s = heartbeat_s
         self.progress_every_s = progress_every_s
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.leader_subject = leader_elected(durable, stream)
         self.inbox = nc.new_inbox()  # under the connection's inbox prefix, where this service may listen
         self.credit = 0  # messages asked for and neither delivered nor returned
         self.busy = 0
@@ -69,11 +73,15 @@ class PullConsumer:
         self.last_heard = time.monotonic()
         self.stopping = False
         self._sub = None
+        self._leader_sub = None
         self._watchdog: asyncio.Task | None = None
         self._retry_after = 0.0
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
+        # In a cluster a killed consumer leader takes this replica's pulls with it; its
+        # successor announces itself, and pulling again then beats waiting for silence.
+        self._leader_sub = await self.nc.subscribe(self.leader_subject, cb=self._on_new_leader)
         await self._top_up()
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog-{self.durable}")
 
@@ -82,6 +90,9 @@ class PullConsumer:
         self.stopping = True
         if self._watchdog:
             self._watchdog.cancel()
+        if self._leader_sub is not None:
+            with suppress(Exception):
+                await self._leader_sub.unsubscribe()
         if self._sub is not None:
             # No interest on the inbox any more: the server drops this replica's pulls.
             # Drain, not unsubscribe: a message already on its way still reaches
@@ -133,6 +144,13 @@ class PullConsumer:
             log.warning("%s: pull ended with status %s %s; pulling again in 1 s", self.durable, status, msg.headers.get(Header.DESCRIPTION, ""))
             self.credit = 0
             self._retry_after = time.monotonic() + 1.0
+        await self._top_up()
+
+    async def _on_new_leader(self, msg: Msg) -> None:
+        log.info("%s: a new consumer leader was elected; pulling again", self.durable)
+        self.credit = 0
+        self._retry_after = 0.0
+        self.last_heard = time.monotonic()
         await self._top_up()
 
     async def _run(self, msg: Msg) -> None:

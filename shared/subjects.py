@@ -78,6 +78,11 @@ CLIENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*"
 
 
+def leader_elected(durable: str, stream: str = STREAM) -> str:
+    """Where a cluster announces a new leader for a consumer (its waiting pulls are gone)."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{stream}.{durable}"
+
+
 def durable(service: str) -> str:
     """One durable pull consumer per service, shared by all its replicas."""
     return service

@@ -234,7 +234,8 @@ def service(name: str) -> User:
         name=name,
         role="service",
         publish=tuple(dict.fromkeys([*publish, *extra_publish])),
-        subscribe=(own_inbox(name), *extra_subscribe),
+        # A new consumer leader in a cluster means this replica's pulls are gone: pull again at once.
+        subscribe=(own_inbox(name), subjects.leader_elected(durable), *extra_subscribe),
         why=f"pulls from {STREAM}/{durable}, forwards hops, stores and sends Replies, follows the live config",
     )
 
