@@ -558,7 +558,7 @@ class Harness:
                 continue  # idle on the happy path
             raw = out_dir / f"{service}.raw.txt"
             raw.unlink(missing_ok=True)
-            spy = profile.record(pids[0], seconds, raw)
+            spy = profile.record(pids[0], seconds, raw, gil_only=True)
             await asyncio.sleep(0.3)
             await self.measure(f"load while sampling {service}", load.call, mesh.cpu_groups(self.stub.pid), concurrency=concurrency, duration_s=seconds + 0.5)
             try:
