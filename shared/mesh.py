@@ -36,6 +36,7 @@ from shared import metrics, subjects, telemetry
 from shared.budgets import TenantLedger
 from shared.cache import CACHE_KEY, store as cache_store
 from shared.config import MeshConfig, load_config
+from shared.consumer import PullConsumer
 from shared.live_config import ConfigStore
 from shared.provision import provision
 from shared.replies import answer_reply, error_reply
@@ -93,7 +94,7 @@ class Mesh:
         metrics.serve(service)
         self._sessions: SessionStore | None = None
         self._handlers: list[Callable[[bytes], Awaitable[None]]] = []
-        self._consumers: list = []
+        self._consumers: list[PullConsumer] = []
         self.app.after_startup(self._start_consumers)  # after the config is followed: requests need it
         self.app.after_startup(settle_memory)
         self.app.on_shutdown(self._stop_consumers)  # before the connection drains: in-flight hops still publish
@@ -138,8 +139,6 @@ class Mesh:
         return self.broker.config.connection_state.stream
 
     async def _start_consumers(self) -> None:
-        from shared.consumer import PullConsumer
-
         for handler in self._handlers:
             try:
                 await self.js.consumer_info(subjects.STREAM, subjects.durable(self.service))

@@ -237,14 +237,15 @@ def resolve_spec(spec: ModelSpec, env: Mapping[str, str], name: str, default_bas
     return model, base_url, api_key
 
 
-# httpcore's pool polls every idle connection on every request and anyio wraps every
-# socket operation: with 64 calls in flight that cost more CPU than the HTTP itself
-# (`python -m bench.hotpath --profile generator`), so calls go through KeepAliveTransport,
-# which takes the most recently used idle connection and scans nothing. It speaks no proxy
-# protocol: with a proxy configured, httpx's own transport goes through it.
-
-
 def _new_client() -> httpx.AsyncClient:
+    """httpx with KeepAliveTransport, unless a proxy is configured.
+
+    httpcore's pool polls every idle connection on every request and anyio wraps every
+    socket operation: with 64 calls in flight that cost more CPU than the HTTP itself
+    (`python -m bench.hotpath --profile generator`). KeepAliveTransport takes the most
+    recently used idle connection and scans nothing; it speaks no proxy protocol, so
+    with a proxy configured httpx's own transport goes through it.
+    """
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
         return httpx.AsyncClient()
