@@ -404,3 +404,100 @@ async def test_a_failing_handler_does_not_stop_the_consumer(bench, caplog):
     assert seen[b"boom"] == 2
     await eventually(lambda: bench.drained(stream, durable), what="all acked")
     assert (await bench.info(stream, durable)).delivered.consumer_seq == 7  # 6 messages, one delivered twice
+
+
+# -- 9. a cluster elects a new consumer leader ----------------------------------------
+
+
+@pytest.mark.timeout(45)
+async def test_a_new_consumer_leader_is_pulled_from_at_once(tmp_path: Path, caplog, capsys):
+    """Kill the consumer's leader (its standing pulls die with it, silently): the new
+    leader's advisory makes the replica pull again at once, long before the silence
+    watchdog would: it needs 3 x heartbeat_s of silence, and the last heartbeat came at
+    most heartbeat_s before the kill, so never sooner than 2 x 10 s after it."""
+    from tests.chaos.test_cluster import node_config, wait_for_jetstream  # the chaos tests' 3-node cluster
+
+    caplog.set_level(logging.INFO, logger="baton.consumer")
+    client_ports = [free_port() for _ in range(3)]
+    cluster_ports = [free_port() for _ in range(3)]
+    nodes: dict[str, NatsServer] = {}
+    bench: Bench | None = None
+    try:
+        for i in range(3):
+            name = f"n{i + 1}"
+            config = tmp_path / f"{name}.conf"
+            config.write_text(node_config(name, client_ports[i], cluster_ports, i, tmp_path / name))
+            nodes[name] = NatsServer(port=client_ports[i], store_dir=tmp_path / name, config_file=config).start()
+        await wait_for_jetstream(",".join(node.url for node in nodes.values()), timeout_s=15.0)
+
+        # Stream and consumer, R3; then the consumer's leader decides which node the replica talks to.
+        tag = uuid.uuid4().hex[:10]
+        stream, durable, subject = f"CTEST_{tag}", f"worker_{tag}", f"ctest.{tag}"
+        setup = await nats.connect([node.url for node in nodes.values()])
+        try:
+            sjs = setup.jetstream()
+            await sjs.add_stream(StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE, num_replicas=3))
+            await sjs.add_consumer(stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0, num_replicas=3))
+
+            async def consumer_leader() -> str | None:
+                info = await sjs.consumer_info(stream, durable)
+                return info.cluster.leader if info.cluster and info.cluster.replicas and len(info.cluster.replicas) == 2 else None
+
+            await eventually(consumer_leader, timeout_s=10.0, every_s=0.1, what="an R3 consumer with a leader and two replicas")
+            leader = await consumer_leader()
+        finally:
+            await setup.close()
+        survivor = next(name for name in nodes if name != leader)
+
+        # Only the survivor's URL: the replica's connection never moves, only the consumer's leader does.
+        bench = Bench(await nats.connect(nodes[survivor].url, max_reconnect_attempts=-1, reconnect_time_wait=0.2))
+        bench.streams.append(stream)
+        handler = Recorder()
+        consumer = await bench.consumer(
+            stream, durable, handler, nc=await bench.connect(nodes[survivor].url, max_reconnect_attempts=-1, reconnect_time_wait=0.2),
+            max_workers=4, expires_s=30.0, heartbeat_s=10.0,
+        )
+        await bench.publish(subject, b"before")
+        await eventually(lambda: handler.finished[b"before"] == 1, what="message before the kill")
+        await eventually(lambda: bench.drained(stream, durable), what="acked")
+
+        async def standing_on_the_leader() -> bool:
+            info = await bench.info(stream, durable)
+            return info.cluster.leader == leader and info.num_waiting >= 1
+
+        await eventually(standing_on_the_leader, what=f"the replica's pull waiting on the consumer leader {leader}")
+        assert consumer.credit > 0
+
+        nodes[leader].kill()
+        killed_at = time.monotonic()
+
+        async def new_leader() -> str | None:
+            try:
+                info = await bench.js.consumer_info(stream, durable, timeout=1.0)
+            except Exception:  # no leader yet to answer
+                return None
+            return info.cluster.leader if info.cluster and info.cluster.leader not in (None, "", leader) else None
+
+        elected_s = await eventually(new_leader, timeout_s=12.0, every_s=0.1, what="a new consumer leader")
+        successor = await new_leader()
+        assert successor in nodes and nodes[successor].process.poll() is None
+
+        await eventually(lambda: _publish(bench.js, subject, b"after"), timeout_s=8.0, every_s=0.1, what="publish after the kill")
+        sent = time.monotonic()
+        await eventually(lambda: handler.finished[b"after"] == 1, timeout_s=5.0, every_s=0.005, what="message after the kill handled")
+        took = handler.handled_at[b"after"] - sent
+
+        messages = [r.getMessage() for r in caplog.records if r.name == "baton.consumer"]
+        with capsys.disabled():
+            print(f"\nconsumer leader {leader} killed; {successor} elected after {elected_s:.1f} s; "
+                  f"published {sent - killed_at:.1f} s after the kill, handled {took * 1000:.0f} ms later")
+        assert took < 2.0, f"handled {took:.1f} s after the publish"
+        assert handler.handled_at[b"after"] - killed_at < 2 * consumer.heartbeat_s  # too soon for the watchdog
+        assert any("a new consumer leader was elected" in m for m in messages), messages
+        assert not any("no heartbeat" in m for m in messages), messages
+        assert handler.seen[b"before"] == 1 and handler.seen[b"after"] == 1
+    finally:
+        if bench is not None:
+            await bench.close()
+        for node in nodes.values():
+            node.stop()
