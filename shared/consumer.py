@@ -40,6 +40,7 @@ Handler = Callable[[Msg], Awaitable[None]]
 log = logging.getLogger("baton.consumer")
 
 PENDING_MESSAGES = "Nats-Pending-Messages"
+AFRESH_WINDOW_S = 1.0  # one re-pull for one leader change, however many ways it is announced
 
 
 class PullConsumer:
@@ -76,6 +77,7 @@ class PullConsumer:
         self._leader_sub = None
         self._watchdog: asyncio.Task | None = None
         self._retry_after = 0.0
+        self._pulled_afresh_at = -AFRESH_WINDOW_S
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
@@ -136,8 +138,12 @@ class PullConsumer:
         if status == "100":
             return  # the pulls are alive, nothing to deliver
         pending = msg.headers.get(PENDING_MESSAGES)
+        description = msg.headers.get(Header.DESCRIPTION, "")
         if pending is not None and status in ("408", "409"):
             self.credit = max(0, self.credit - int(pending))  # that pull is over: its unused credit comes back
+        elif status == "409" and "leadership change" in description.lower():
+            await self._pull_afresh("the consumer's leadership changed")
+            return
         else:
             # The pull was refused or lost (no JetStream, consumer deleted, too many
             # waiting pulls): start over, after a pause so a broken setup does not spin.
@@ -147,10 +153,22 @@ class PullConsumer:
         await self._top_up()
 
     async def _on_new_leader(self, msg: Msg) -> None:
-        log.info("%s: a new consumer leader was elected; pulling again", self.durable)
+        await self._pull_afresh("a new consumer leader was elected")
+
+    async def _pull_afresh(self, why: str) -> None:
+        """The pulls are gone with the old leader: forget their credit and pull again.
+
+        The new leader's advisory and its `409 Leadership Change` arrive together, in
+        either order: the second must not pull once more, or this replica would be
+        handed more messages than it has workers."""
+        now = time.monotonic()
+        if now - self._pulled_afresh_at < AFRESH_WINDOW_S:
+            return
+        self._pulled_afresh_at = now
+        log.info("%s: %s; pulling again", self.durable, why)
         self.credit = 0
         self._retry_after = 0.0
-        self.last_heard = time.monotonic()
+        self.last_heard = now
         await self._top_up()
 
     async def _run(self, msg: Msg) -> None:

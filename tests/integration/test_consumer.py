@@ -496,6 +496,15 @@ async def test_a_new_consumer_leader_is_pulled_from_at_once(tmp_path: Path, capl
         assert any("a new consumer leader was elected" in m for m in messages), messages
         assert not any("no heartbeat" in m for m in messages), messages
         assert handler.seen[b"before"] == 1 and handler.seen[b"after"] == 1
+
+        # The new leader announced itself twice (advisory and a 409 to the pull): the
+        # replica pulled once, so a burst still runs on at most max_workers at a time.
+        handler.work_s, handler.peak = 0.2, 0
+        burst = [f"burst {i}".encode() for i in range(12)]
+        for payload in burst:
+            await bench.publish(subject, payload)
+        await eventually(lambda: all(handler.finished[p] == 1 for p in burst), timeout_s=10.0, what="the burst after the failover")
+        assert handler.peak <= 4, f"{handler.peak} handlers ran at once with max_workers=4"
     finally:
         if bench is not None:
             await bench.close()
