@@ -40,18 +40,24 @@ cluster {{
 """
 
 
+def start_nodes(tmp: Path, nodes: dict[str, NatsServer]) -> None:
+    """Three JetStream nodes n1..n3 on free loopback ports, added to `nodes` as they start
+    (so the caller's `finally` stops every one that did)."""
+    client_ports = [free_port() for _ in range(3)]
+    cluster_ports = [free_port() for _ in range(3)]
+    for i in range(3):
+        name = f"n{i + 1}"
+        config = tmp / f"{name}.conf"
+        config.write_text(node_config(name, client_ports[i], cluster_ports, i, tmp / name))
+        nodes[name] = NatsServer(port=client_ports[i], store_dir=tmp / name, config_file=config).start()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
-    client_ports = [free_port() for _ in range(3)]
-    cluster_ports = [free_port() for _ in range(3)]
     nodes: dict[str, NatsServer] = {}
     try:
-        for i in range(3):
-            name = f"n{i + 1}"
-            config = tmp / f"{name}.conf"
-            config.write_text(node_config(name, client_ports[i], cluster_ports, i, tmp / name))
-            nodes[name] = NatsServer(port=client_ports[i], store_dir=tmp / name, config_file=config).start()
+        start_nodes(tmp, nodes)
         url = ",".join(node.url for node in nodes.values())
         asyncio.run(wait_for_jetstream(url))
         yield url, nodes

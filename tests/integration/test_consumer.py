@@ -415,19 +415,13 @@ async def test_a_new_consumer_leader_is_pulled_from_at_once(tmp_path: Path, capl
     leader's advisory makes the replica pull again at once, long before the silence
     watchdog would: it needs 3 x heartbeat_s of silence, and the last heartbeat came at
     most heartbeat_s before the kill, so never sooner than 2 x 10 s after it."""
-    from tests.chaos.test_cluster import node_config, wait_for_jetstream  # the chaos tests' 3-node cluster
+    from tests.chaos.test_cluster import start_nodes, wait_for_jetstream  # the chaos tests' 3-node cluster
 
     caplog.set_level(logging.INFO, logger="baton.consumer")
-    client_ports = [free_port() for _ in range(3)]
-    cluster_ports = [free_port() for _ in range(3)]
     nodes: dict[str, NatsServer] = {}
     bench: Bench | None = None
     try:
-        for i in range(3):
-            name = f"n{i + 1}"
-            config = tmp_path / f"{name}.conf"
-            config.write_text(node_config(name, client_ports[i], cluster_ports, i, tmp_path / name))
-            nodes[name] = NatsServer(port=client_ports[i], store_dir=tmp_path / name, config_file=config).start()
+        start_nodes(tmp_path, nodes)
         await wait_for_jetstream(",".join(node.url for node in nodes.values()), timeout_s=15.0)
 
         # Stream and consumer, R3; then the consumer's leader decides which node the replica talks to.
