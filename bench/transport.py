@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 HOPS = 5
 STREAM = "FLOOR"
 PULL_BATCH = int(os.environ.get("BENCH_PULL_BATCH", "32"))  # the raw chain fetches in batches (Baton: one per fetch, max_workers at once)
-PULL_TIMEOUT_S = float(os.environ.get("BENCH_PULL_TIMEOUT_S", "1.0"))  # FastStream PullSub timeout, as Baton sets it
+PULL_TIMEOUT_S = float(os.environ.get("BENCH_PULL_TIMEOUT_S", "1.0"))  # the raw chain's fetch timeout (nats-py fetch)
 H_REPLY = "Floor-Reply-To"
 ROOT = Path(__file__).resolve().parent.parent
 
