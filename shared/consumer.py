@@ -68,9 +68,10 @@ class PullConsumer:
         self.leader_subject = leader_elected(durable, stream)
         self.inbox = nc.new_inbox()  # under the connection's inbox prefix, where this service may listen
         self.credit = 0  # messages asked for and neither delivered nor returned
-        self.busy = 0
         self.tasks: set[asyncio.Task] = set()
-        self.working: dict[int, tuple[Msg, float]] = {}  # id(message) -> (message, when JetStream last heard of it)
+        # Messages in hand, keyed by identity (a nats-py Msg is an unhashable dataclass):
+        # id(message) -> (message, when JetStream last heard of it).
+        self.working: dict[int, tuple[Msg, float]] = {}
         self.last_heard = time.monotonic()
         self.stopping = False
         self._sub = None
@@ -78,6 +79,11 @@ class PullConsumer:
         self._watchdog: asyncio.Task | None = None
         self._retry_after = 0.0
         self._pulled_afresh_at = -AFRESH_WINDOW_S
+
+    @property
+    def busy(self) -> int:
+        """Messages being handled now."""
+        return len(self.working)
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
@@ -130,7 +136,7 @@ class PullConsumer:
             if self.stopping:
                 await msg.nak()  # straight back to the queue, for another replica
                 return
-            self.busy += 1
+            self.working[id(msg)] = (msg, time.monotonic())
             task = asyncio.create_task(self._run(msg))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -172,15 +178,12 @@ class PullConsumer:
         await self._top_up()
 
     async def _run(self, msg: Msg) -> None:
-        # Keyed by identity: a nats-py Msg is an unhashable dataclass.
-        self.working[id(msg)] = (msg, time.monotonic())
         try:
             await self.handler(msg)
         except Exception:  # the handler decides ack or nak; this is the last line
             log.exception("%s: handler failed", self.durable)
         finally:
             del self.working[id(msg)]
-            self.busy -= 1
             await self._top_up()
 
     async def _watch(self) -> None:

@@ -93,11 +93,11 @@ class Mesh:
         self.app.after_shutdown(telemetry.shutdown_tracing)
         metrics.serve(service)
         self._sessions: SessionStore | None = None
-        self._handlers: list[Callable[[bytes], Awaitable[None]]] = []
-        self._consumers: list[PullConsumer] = []
-        self.app.after_startup(self._start_consumers)  # after the config is followed: requests need it
+        self._handler: Callable[[bytes], Awaitable[None]] | None = None
+        self._consumer: PullConsumer | None = None
+        self.app.after_startup(self._start_consumer)  # after the config is followed: requests need it
         self.app.after_startup(settle_memory)
-        self.app.on_shutdown(self._stop_consumers)  # before the connection drains: in-flight hops still publish
+        self.app.on_shutdown(self._stop_consumer)  # before the connection drains: in-flight hops still publish
         self.app.on_shutdown(self.configs.detach)
 
     async def _provision(self) -> None:
@@ -122,10 +122,13 @@ class Mesh:
         return await self.configs.get(env.config_version)
 
     def subscriber(self) -> Callable:
-        """Register a handler on this service's durable consumer, with redelivery that backs off."""
+        """Register the handler of this service's durable consumer, with redelivery that backs off."""
 
         def register(handler: Callable[[bytes], Awaitable[None]]) -> Callable[[bytes], Awaitable[None]]:
-            self._handlers.append(handler)
+            # One durable consumer per service: a second handler would take every other message.
+            if self._handler is not None:
+                raise RuntimeError(f"{self.service} already has a handler: {self._handler.__name__}")
+            self._handler = handler
             return handler
 
         return register
@@ -138,28 +141,30 @@ class Mesh:
     def js(self) -> JetStreamContext:
         return self.broker.config.connection_state.stream
 
-    async def _start_consumers(self) -> None:
-        for handler in self._handlers:
-            try:
-                await self.js.consumer_info(subjects.STREAM, subjects.durable(self.service))
-            except NotFoundError:
-                raise RuntimeError(
-                    f"{self.service}: the durable consumer {subjects.durable(self.service)} does not exist on stream "
-                    f"{subjects.STREAM}; start once with BATON_PROVISION=1 or provision it as an admin (deploy/README.md)"
-                ) from None
-            consumer = PullConsumer(
-                self.nc,
-                subjects.STREAM,
-                subjects.durable(self.service),
-                self._acked(handler),
-                max_workers=self.settings.max_workers,
-                progress_every_s=max(0.2, self.settings.ack_wait_s / 3),
-            )
-            await consumer.start()
-            self._consumers.append(consumer)
+    async def _start_consumer(self) -> None:
+        if self._handler is None:
+            return
+        durable = subjects.durable(self.service)
+        try:
+            await self.js.consumer_info(subjects.STREAM, durable)
+        except NotFoundError:
+            raise RuntimeError(
+                f"{self.service}: the durable consumer {durable} does not exist on stream {subjects.STREAM}; "
+                "start once with BATON_PROVISION=1 or provision it as an admin (deploy/README.md)"
+            ) from None
+        self._consumer = PullConsumer(
+            self.nc,
+            subjects.STREAM,
+            durable,
+            self._acked(self._handler),
+            max_workers=self.settings.max_workers,
+            progress_every_s=max(0.2, self.settings.ack_wait_s / 3),
+        )
+        await self._consumer.start()
 
-    async def _stop_consumers(self) -> None:
-        await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
+    async def _stop_consumer(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     def _acked(self, handler: Callable[[bytes], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         """Ack after the handler returned (its next hop is durably published by then).

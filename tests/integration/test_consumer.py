@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,12 +245,39 @@ async def test_a_handler_longer_than_ack_wait_is_not_redelivered(bench):
 # -- 6. server restart --------------------------------------------------------------
 
 
-async def test_pulls_resume_after_a_server_restart(tmp_path: Path):
-    store, port = tmp_path / "jetstream", free_port()
-    server = NatsServer(port=port, store_dir=store).start()
-    bench: Bench | None = None
+class RestartableServer:
+    """One nats-server with a file store that can stop and come back on the same port
+    and store: streams and consumers survive, pulls and connections do not."""
+
+    def __init__(self, tmp_path: Path):
+        self.store, self.port = tmp_path / "jetstream", free_port()
+        self.server = NatsServer(port=self.port, store_dir=self.store).start()
+
+    def restart(self) -> None:
+        self.server = NatsServer(port=self.port, store_dir=self.store).start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    async def __aenter__(self) -> Bench:
+        self.bench = Bench(await nats.connect(self.server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2))
+        return self.bench
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.bench.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RestartableServer]:
+    running = RestartableServer(tmp_path)
     try:
-        bench = Bench(await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2))
+        yield running
+    finally:
+        running.stop()
+
+
+async def test_pulls_resume_after_a_server_restart(server: RestartableServer):
+    async with server as bench:
         stream, durable, subject = await bench.stream(storage=StorageType.FILE)
         handler = Recorder()
         await bench.consumer(stream, durable, handler, max_workers=4, heartbeat_s=0.3)  # default 15 s pulls: only the watchdog can renew them in time
@@ -259,7 +286,7 @@ async def test_pulls_resume_after_a_server_restart(tmp_path: Path):
 
         server.stop()
         await eventually(lambda: not bench.nc.is_connected, what="client noticed the server went away")
-        server = NatsServer(port=port, store_dir=store).start()  # same port, same store: stream and consumer survive
+        server.restart()
         await eventually(lambda: bench.nc.is_connected, what="client reconnected")
 
         await eventually(lambda: _publish(bench.js, subject, b"after restart"), what="publish after the restart")
@@ -267,25 +294,17 @@ async def test_pulls_resume_after_a_server_restart(tmp_path: Path):
         await eventually(lambda: handler.finished[b"after restart"] == 1, timeout_s=5.0, what="message after the restart handled")
         assert handler.handled_at[b"after restart"] - sent < 3.0
         assert handler.seen[b"before restart"] == 1
-    finally:
-        if bench is not None:
-            await bench.close()
-        server.stop()
 
 
-async def test_a_long_outage_does_not_break_the_concurrency_bound(tmp_path: Path):
-    store, port = tmp_path / "jetstream", free_port()
-    server = NatsServer(port=port, store_dir=store).start()
-    bench: Bench | None = None
-    try:
-        bench = Bench(await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2))
+async def test_a_long_outage_does_not_break_the_concurrency_bound(server: RestartableServer):
+    async with server as bench:
         stream, durable, subject = await bench.stream(storage=StorageType.FILE)
         handler = Recorder(work_s=0.2)
         await bench.consumer(stream, durable, handler, max_workers=2, heartbeat_s=0.3)
 
         server.stop()
         await asyncio.sleep(3.0)  # the outage itself: about three watchdog rounds
-        server = NatsServer(port=port, store_dir=store).start()
+        server.restart()
         await eventually(lambda: bench.nc.is_connected, what="client reconnected")
         sent = payloads(20)
         for payload in sent:
@@ -293,10 +312,6 @@ async def test_a_long_outage_does_not_break_the_concurrency_bound(tmp_path: Path
 
         await eventually(lambda: len(handler.finished) == 20, timeout_s=8.0, what=f"20 handled, got {len(handler.finished)}")
         assert handler.peak <= 2, f"{handler.peak} handlers ran at once with max_workers=2"
-    finally:
-        if bench is not None:
-            await bench.close()
-        server.stop()
 
 
 async def _publish(js: JetStreamContext, subject: str, payload: bytes) -> bool:
