@@ -297,16 +297,25 @@ class Mesh:
     # -- tracing -----------------------------------------------------------------
 
     def hop(self, name: str, env: Envelope | None = None, **attributes: object):
-        """The span of this hop, parented on the publisher's span from the headers."""
+        """The span of this hop, parented on the publisher's span from the headers.
+
+        Messaging attributes name the JetStream record (`messaging.message.id` is its
+        Nats-Msg-Id) and the durable consumer; the OpenInference kind follows the step."""
         if isinstance(self.tracer, NoOpTracer):
             return nullcontext(INVALID_SPAN)  # tracing off: not even the attributes are built
         message = self.current_message()
-        base = telemetry.envelope_attributes(env) if env is not None else {}
-        return telemetry.hop_span(self.tracer, name, message.headers, message.subject, {**base, A.STEP: name, **attributes})
+        headers = message.headers or {}
+        server = getattr(self.nc.connected_url, "hostname", None) if self.nc is not None else None
+        base = telemetry.messaging_attributes("process", message.subject, headers.get(subjects.H_MSG_ID), len(message.data), server)
+        base[A.MESSAGING_CONSUMER_GROUP] = subjects.durable(self.service)
+        base[A.OI_KIND] = telemetry.step_kind(name)
+        if env is not None:
+            base.update(telemetry.envelope_attributes(env))
+        return telemetry.hop_span(self.tracer, name, headers, message.subject, {**base, A.STEP: name, **attributes})
 
     def observe(self, span: Span, env: Envelope, events: list[Event]) -> None:
         """Decisions taken in this hop: onto its span and into the metrics."""
-        telemetry.record_events(span, events)
+        telemetry.record_events(span, events, env)
         metrics.observe_events(env.route, events)
 
     # -- the hop ---------------------------------------------------------------
@@ -328,6 +337,7 @@ class Mesh:
                     self._close(record, "failed", span)
                     env.steps.append(record)
                     failure.error.step = env.current.name
+                    telemetry.mark_failed(span, failure.error)
                     self.observe(span, env, env.events[events_before:])
                     await self.fail(env, failure.error)
                     return
