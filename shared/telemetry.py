@@ -324,6 +324,24 @@ def mark_model_failed(span: Span, kind: str, message: str) -> None:
         span.set_status(Status(StatusCode.ERROR, message))
 
 
+def mark_refused(span: Span, reply: Reply) -> None:
+    """The mesh refused the request (an error Reply): an error on the span that received it."""
+    if span.is_recording() and reply.error is not None:
+        span.set_attributes({A.ERROR_TYPE: reply.error.code.value, A.REQUEST_ID: reply.request_id})
+        span.set_status(Status(StatusCode.ERROR, reply.error.message))
+
+
+def record_http_status(span: Span, status: int) -> None:
+    """HTTP semconv for a server span: 5xx is an error; a 4xx only when the mesh refused (set before)."""
+    if not span.is_recording():
+        return
+    span.set_attribute(A.HTTP_STATUS, status)
+    already = getattr(getattr(span, "status", None), "status_code", None) == StatusCode.ERROR
+    if status >= 500 and not already:
+        span.set_attribute(A.ERROR_TYPE, str(status))
+        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+
+
 def embedding_span(tracer: trace.Tracer, model: str, count: int):
     """The span of an embedding computation (OpenInference EMBEDDING), for any embedder.
 
