@@ -251,18 +251,23 @@ def record_reply(span: Span, reply: Reply) -> None:
 
 
 def record_request_outcome(span: Span, reply: Reply) -> None:
-    """On a request's root span: the outcome, and ERROR when it was refused or degraded.
+    """On a request's root span: ERROR when it was refused or degraded, and the answer
+    with content tracing on. (`baton.outcome` stays on the hop that replied: the
+    collector reads a flow as finished when that span arrives.)
 
     A degraded answer is an answer, but not the one the route promised: backends should
     count it among the failures, with the reason in the status."""
     if not span.is_recording():
         return
-    record_reply(span, reply)
-    span.set_attributes({A.REQUEST_ID: reply.request_id, A.ROUTE: reply.route or ""})
-    if reply.ok and reply.degraded:
-        span.set_status(Status(StatusCode.ERROR, f"degraded: {', '.join(reply.fallbacks) or 'fallback'}"))
+    span.set_attribute(A.REQUEST_ID, reply.request_id)
     if reply.error is not None:
         span.set_attribute(A.ERROR_TYPE, reply.error.code.value)
+        span.set_status(Status(StatusCode.ERROR, reply.error.message))
+    elif reply.degraded:
+        span.set_attribute(A.ERROR_TYPE, "degraded")
+        span.set_status(Status(StatusCode.ERROR, f"degraded: {', '.join(reply.fallbacks) or 'fallback'}"))
+    if content_tracing() and reply.answer:
+        span.set_attribute(A.OUTPUT_VALUE, reply.answer)
 
 
 def llm_request_attributes(*, provider: str, model: str, max_tokens: int, session_id: str | None, messages: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
