@@ -305,13 +305,24 @@ class Mesh:
             return nullcontext(INVALID_SPAN)  # tracing off: not even the attributes are built
         message = self.current_message()
         headers = message.headers or {}
-        server = getattr(self.nc.connected_url, "hostname", None) if self.nc is not None else None
-        base = telemetry.messaging_attributes("process", message.subject, headers.get(subjects.H_MSG_ID), len(message.data), server)
-        base[A.MESSAGING_CONSUMER_GROUP] = subjects.durable(self.service)
-        base[A.OI_KIND] = telemetry.step_kind(name)
+        base = {**self._hop_attributes(), A.MESSAGING_DESTINATION: message.subject, A.MESSAGING_BODY_SIZE: len(message.data), A.OI_KIND: telemetry.step_kind(name), A.STEP: name}
+        message_id = headers.get(subjects.H_MSG_ID)
+        if message_id:
+            base[A.MESSAGING_MESSAGE_ID] = message_id
         if env is not None:
             base.update(telemetry.envelope_attributes(env))
-        return telemetry.hop_span(self.tracer, name, headers, message.subject, {**base, A.STEP: name, **attributes})
+        return telemetry.hop_span(self.tracer, name, headers, message.subject, {**base, **attributes} if attributes else base)
+
+    def _hop_attributes(self) -> dict[str, object]:
+        """What every hop span of this service shares, built once per server connection."""
+        url = self.nc.connected_url if self.nc is not None else None
+        cached = getattr(self, "_hop_static", None)
+        if cached is None or cached[0] is not url:
+            static = telemetry.messaging_attributes("process", "", None, 0, getattr(url, "hostname", None))
+            del static[A.MESSAGING_DESTINATION], static[A.MESSAGING_BODY_SIZE]
+            static[A.MESSAGING_CONSUMER_GROUP] = subjects.durable(self.service)
+            cached = self._hop_static = (url, static)
+        return cached[1]
 
     def observe(self, span: Span, env: Envelope, events: list[Event]) -> None:
         """Decisions taken in this hop: onto its span and into the metrics."""

@@ -111,8 +111,14 @@ def extract(headers: Mapping[str, str] | None):
     return _extract(headers)
 
 
+_KINDS = {"route": A.CHAIN, "generate": A.CHAIN, "fallback": A.CHAIN, "retrieve": A.RETRIEVER}
+
+
 def step_kind(step: str) -> str:
     """The OpenInference kind of a hop's span, from its step name."""
+    kind = _KINDS.get(step)
+    if kind is not None:
+        return kind
     if step.startswith("guard"):
         return A.GUARDRAIL
     if step.startswith("retrieve"):
@@ -155,10 +161,10 @@ def trace_id_of(span: Span) -> str | None:
 
 
 def envelope_attributes(env: Envelope) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        A.REQUEST_ID: env.request_id,
-        A.ROUTE: env.route,
-    }  # the config version is on the route span; the cursor is in messaging.message.id
+    # Only what a reader needs on every hop: the route and config version are on the route
+    # span (and the root), the cursor is in messaging.message.id. Each attribute costs CPU
+    # per span (SDK checks, export encoding), so the messaging ones pay for themselves here.
+    attributes: dict[str, Any] = {A.REQUEST_ID: env.request_id}
     if env.request.session_id:  # Phoenix's sessions view; the GenAI conversation
         attributes[A.SESSION_ID] = attributes[A.GEN_AI_CONVERSATION_ID] = env.request.session_id
     return attributes
@@ -202,14 +208,14 @@ def gate_output(step: str, env: Envelope) -> str:
 
 
 def document_attributes(passages: Sequence[Passage], with_content: bool) -> dict[str, Any]:
-    """OpenInference `retrieval.documents`: id, score and source of each; text only when asked."""
+    """OpenInference `retrieval.documents`: id (= source) and score of each; text and title only when asked."""
     attributes: dict[str, Any] = {}
     for i, passage in enumerate(passages):
         prefix = f"{A.RETRIEVAL_DOCUMENTS}.{i}."
-        attributes[prefix + A.DOCUMENT_ID] = passage.source
+        attributes[prefix + A.DOCUMENT_ID] = passage.source  # the source file: where the passage came from
         attributes[prefix + A.DOCUMENT_SCORE] = passage.score
-        attributes[prefix + A.DOCUMENT_METADATA] = json.dumps({"source": passage.source, "title": passage.title, "corpus": passage.corpus})
         if with_content:
+            attributes[prefix + A.DOCUMENT_METADATA] = json.dumps({"title": passage.title, "corpus": passage.corpus})
             attributes[prefix + A.DOCUMENT_CONTENT] = passage.text
     return attributes
 
@@ -259,7 +265,7 @@ def record_request_outcome(span: Span, reply: Reply) -> None:
     count it among the failures, with the reason in the status."""
     if not span.is_recording():
         return
-    span.set_attribute(A.REQUEST_ID, reply.request_id)
+    span.set_attributes({A.REQUEST_ID: reply.request_id, A.ROUTE: reply.route or ""})
     if reply.error is not None:
         span.set_attribute(A.ERROR_TYPE, reply.error.code.value)
         span.set_status(Status(StatusCode.ERROR, reply.error.message))
@@ -271,7 +277,10 @@ def record_request_outcome(span: Span, reply: Reply) -> None:
 
 
 def llm_request_attributes(*, provider: str, model: str, max_tokens: int, session_id: str | None, messages: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
-    """A model call's span before the call: GenAI and OpenInference LLM attributes."""
+    """A model call's span before the call: GenAI and OpenInference LLM attributes.
+
+    Lean on purpose (each attribute costs CPU on every model call): one name per fact
+    unless the two vocabularies need it twice (model, provider, tokens)."""
     attributes: dict[str, Any] = {
         A.OI_KIND: A.LLM,
         A.GEN_AI_OPERATION: "chat",
@@ -280,7 +289,6 @@ def llm_request_attributes(*, provider: str, model: str, max_tokens: int, sessio
         A.GEN_AI_MAX_TOKENS: max_tokens,
         A.LLM_PROVIDER: provider,
         A.LLM_MODEL_NAME: model,
-        A.LLM_INVOCATION_PARAMETERS: json.dumps({"max_tokens": max_tokens}),
     }
     if session_id:
         attributes[A.SESSION_ID] = attributes[A.GEN_AI_CONVERSATION_ID] = session_id
@@ -298,19 +306,20 @@ def record_generation(span: Span, generation: Any, cost_usd: float, output_text:
     usage = generation.usage
     attributes: dict[str, Any] = {
         A.GEN_AI_RESPONSE_MODEL: generation.response_model,
-        A.GEN_AI_FINISH_REASONS: [generation.finish_reason],
+        A.GEN_AI_FINISH_REASONS: (generation.finish_reason,),
         A.GEN_AI_INPUT_TOKENS: usage.input_tokens,
         A.GEN_AI_OUTPUT_TOKENS: usage.output_tokens,
-        A.LLM_MODEL_NAME: generation.response_model,
         A.LLM_PROMPT_TOKENS: usage.input_tokens,
         A.LLM_COMPLETION_TOKENS: usage.output_tokens,
         A.LLM_TOTAL_TOKENS: usage.input_tokens + usage.output_tokens,
-        A.USAGE_ESTIMATED: usage.estimated,
         A.COST_USD: cost_usd,
-        A.LLM_COST_TOTAL: cost_usd,
     }
+    if usage.estimated:
+        attributes[A.USAGE_ESTIMATED] = True
     if generation.response_id:
         attributes[A.GEN_AI_RESPONSE_ID] = generation.response_id
+    if generation.response_model != generation.model:
+        attributes[A.LLM_MODEL_NAME] = generation.response_model  # OpenInference: the model that answered
     if output_text is not None:
         attributes[A.OUTPUT_VALUE] = output_text
         attributes.update(message_attributes(A.LLM_OUTPUT_MESSAGES, [{"role": "assistant", "content": output_text}]))
