@@ -2,8 +2,8 @@
 
 One span per hop, parented on the previous hop's span through the W3C `traceparent`
 header, so a request reads as one chain: client request (publish → Reply) → route →
-guard.input → retrieve → generate (→ its model call) → guard.output (→ fallback when
-one runs). That is deliberately leaner than one span per publish and per consume:
+guard.input → retrieve → guard.retrieval → generate (whose span is the model call's:
+LLM) → guard.output (→ fallback when one runs). That is deliberately leaner than one span per publish and per consume:
 span creation is a large share of a hop's CPU.
 
 Every span says what it is in OpenInference terms (CHAIN, GUARDRAIL, RETRIEVER, LLM,
@@ -125,7 +125,7 @@ def step_kind(step: str) -> str:
         return A.RETRIEVER
     if step.startswith("embed"):
         return A.EMBEDDING
-    return A.CHAIN  # route, generate (its model call is the LLM span), fallback
+    return A.CHAIN  # route, fallback; generate until its model call makes it LLM
 
 
 def messaging_attributes(operation: str, subject: str, message_id: str | None, body_size: int, server: str | None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 import time
 
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 
 from services.generator.models import TASK_PROMPTS, ModelPool, NoModelAvailable, ProviderError, model_call
 from shared import metrics, subjects, telemetry
@@ -64,20 +64,23 @@ async def generate(env: Envelope, record: StepRecord) -> None:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "skipped": choice.skipped}))
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
     call = model_call(env.context.question, env.context.passages, env.context.history, params)
-    with mesh.tracer.start_as_current_span(f"chat {choice.spec.model or choice.name}", kind=SpanKind.CLIENT, attributes=llm_attributes(choice, env, call)) as span:
-        try:
-            timeout_s = step_time_left(env, record)
-            if streams_live(env, pool):
-                generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
-            else:
-                generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name, span))
-        except ProviderError as exc:
-            env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
-            telemetry.mark_model_failed(span, exc.kind, str(exc))
-            raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
-        record.usage = generation.usage
-        record.cost_usd = pool.cost_usd(choice.spec, generation)
-        telemetry.record_generation(span, generation, record.cost_usd, traced_answer(generation.text, config))
+    # The generate hop's span is the model call's span (OpenInference LLM, GenAI attributes):
+    # one span less per request than a child span would cost, and nothing else runs in it.
+    span = trace.get_current_span()
+    span.set_attributes(llm_attributes(choice, env, call))
+    try:
+        timeout_s = step_time_left(env, record)
+        if streams_live(env, pool):
+            generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
+        else:
+            generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name, span))
+    except ProviderError as exc:
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
+        telemetry.mark_model_failed(span, exc.kind, str(exc))
+        raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
+    record.usage = generation.usage
+    record.cost_usd = pool.cost_usd(choice.spec, generation)
+    telemetry.record_generation(span, generation, record.cost_usd, traced_answer(generation.text, config))
     metrics.MODEL_TOKENS.labels(choice.name, "input").inc(generation.usage.input_tokens)
     metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
     env.context.outputs[ANSWER] = generation.text

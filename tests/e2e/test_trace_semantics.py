@@ -92,7 +92,7 @@ def steps(spans: list[dict]) -> dict[str, dict]:
 async def test_every_span_has_a_kind_every_hop_its_message_and_the_root_covers_the_request(client, mesh, provider):
     reply = await client.ask("How often should I replace my chain?", session_id="semantics-1")
     assert reply.ok
-    spans = await trace_spans(mesh, reply.trace_id, provider, expect=9)
+    spans = await trace_spans(mesh, reply.trace_id, provider, expect=8)
 
     root = one_root(spans)
     assert root["name"] == "baton ask" and root["service"] == "client"
@@ -102,7 +102,7 @@ async def test_every_span_has_a_kind_every_hop_its_message_and_the_root_covers_t
     by_step = steps(spans)
     assert set(by_step) >= set(HOP_STEPS)
     kinds = {step: by_step[step]["attributes"][A.OI_KIND] for step in HOP_STEPS}
-    assert kinds == {"route": "CHAIN", "guard.input": "GUARDRAIL", "retrieve": "RETRIEVER", "guard.retrieval": "GUARDRAIL", "generate": "CHAIN", "guard.output": "GUARDRAIL"}
+    assert kinds == {"route": "CHAIN", "guard.input": "GUARDRAIL", "retrieve": "RETRIEVER", "guard.retrieval": "GUARDRAIL", "generate": "LLM", "guard.output": "GUARDRAIL"}
     message_ids = [by_step[step]["attributes"][A.MESSAGING_MESSAGE_ID] for step in HOP_STEPS]
     assert message_ids[0] == reply.request_id  # the request's Nats-Msg-Id
     assert message_ids[1:] == [f"{reply.request_id}.0.{i}" for i in range(5)]  # each hop's Nats-Msg-Id
@@ -126,7 +126,7 @@ async def test_no_span_carries_the_pii_the_input_gate_redacted(client, mesh, pro
     question = f"How often should I replace my chain? Reply to {EMAIL} or {PHONE}."
     reply = await client.ask(question)
     assert reply.ok, reply.error
-    spans = await trace_spans(mesh, reply.trace_id, provider, expect=9)
+    spans = await trace_spans(mesh, reply.trace_id, provider, expect=8)
     stored = json.dumps(spans)
     assert EMAIL not in stored and "900123" not in stored and "7700" not in stored
     # Content tracing is on: the redacted question is what the spans show.
@@ -155,7 +155,7 @@ async def test_a_gateway_request_continues_the_callers_traceparent_with_a_server
             headers={"traceparent": f"00-{trace_id}-{caller}-01"},
         )
     assert response.status_code == 200, response.text
-    spans = await trace_spans(mesh, trace_id, None, expect=9)
+    spans = await trace_spans(mesh, trace_id, None, expect=8)
     [server] = [s for s in spans if s["service"] == "gateway" and s["kind"] == 2]  # SERVER
     assert server["parent_span_id"] == caller  # the caller's span, in the caller's trace
     assert server["attributes"][A.HTTP_ROUTE] == "/v1/chat/completions" and server["attributes"][A.HTTP_STATUS] == 200
