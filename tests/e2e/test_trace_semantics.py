@@ -163,3 +163,21 @@ async def test_a_gateway_request_continues_the_callers_traceparent_with_a_server
     ask = next(s for s in spans if s["span_id"] == publish["parent_span_id"])
     assert ask["parent_span_id"] == server["span_id"]  # server span -> request -> bus publish
     assert server["end_ns"] >= max(s["end_ns"] for s in spans)
+
+
+async def test_a_streamed_request_has_a_root_from_publish_to_the_last_chunk_and_submit_a_publish_root(client, mesh, provider):
+    items = [item async for item in client.stream("How do I fix a puncture?")]
+    reply = items[-1]
+    assert reply.ok
+    spans = await trace_spans(mesh, reply.trace_id, provider, expect=8)
+    root = one_root(spans)
+    assert root["name"] == "baton stream" and root["attributes"][A.OI_KIND] == "CHAIN"
+    assert root["end_ns"] >= max(s["end_ns"] for s in spans)
+
+    request_id = await client.submit("How do I clean my bike?")
+    for _ in range(100):
+        if (stored := await client.result(request_id)) is not None:
+            break
+        await asyncio.sleep(0.1)
+    spans = await trace_spans(mesh, stored.trace_id, provider, expect=7)
+    assert one_root(spans)["name"] == "publish baton.v1.request"  # submit ends at the PubAck: its publish is the root
