@@ -41,7 +41,7 @@ $(PHOENIX_VENV)/.installed: tests/backends/requirements-phoenix.txt
 phoenix-venv: $(PHOENIX_VENV)/.installed
 
 trace-check: install phoenix-venv  ## the traces as Phoenix stores them (tree, OpenInference kinds, gateway traceparent)
-	$(PY) -m pytest -q -p no:randomly tests/e2e/test_phoenix.py
+	BATON_TRACE_CHECK=1 $(PY) -m pytest -q -p no:randomly tests/e2e/test_phoenix.py
 
 phoenix: install phoenix-venv  ## Phoenix's UI on http://127.0.0.1:6006; then `BATON_COLLECTOR_FORWARD=http://127.0.0.1:6006 baton up`
 	$(PY) -m tests.backends.phoenix
