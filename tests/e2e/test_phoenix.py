@@ -121,8 +121,9 @@ async def test_a_request_is_one_tree_of_openinference_spans_in_phoenix(mesh, pho
     root = assert_one_tree(spans)
     assert root["name"] == "baton ask" and kind(root) == "CHAIN"
     assert all(kind(s) != "UNKNOWN" for s in spans), [(s["name"], kind(s)) for s in spans]
-    # The root covers the request: no span of the trace ends after it (beyond clock rounding).
-    assert duration_s(root) >= max(duration_s(s) for s in spans) - 0.002
+    # The root covers the request: from before every span to the Reply (the mesh's own latency figure).
+    assert root["start_time"] <= min(s["start_time"] for s in spans)
+    assert duration_s(root) * 1000 >= reply.latency_ms
 
     steps = by_step(spans)
     assert kind(steps["route"]) == "CHAIN"
