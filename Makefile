@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos bench docs up ingest clean
+.PHONY: install run test chaos bench docs up ingest clean phoenix-venv trace-check phoenix
 
 install: $(STAMP)
 
@@ -30,6 +30,22 @@ bench: install  ## benchmarks (not tests): Baton vs raw NATS chains vs LiteLLM; 
 docs: install  ## the AsyncAPI document of the wire contract, generated from shared/contract.py
 	$(VENV)/bin/faststream docs gen shared.contract:app --yaml --out docs/asyncapi.yaml
 
+# Arize Phoenix (an OTLP backend that reads OpenInference) in its own venv: its pins
+# (sqlalchemy, grpcio, pandas, ...) must not mix with the mesh's. ~80 s to install here.
+PHOENIX_VENV := .venv-phoenix
+$(PHOENIX_VENV)/.installed: tests/backends/requirements-phoenix.txt
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/backends/requirements-phoenix.txt
+	@touch $@
+
+phoenix-venv: $(PHOENIX_VENV)/.installed
+
+trace-check: install phoenix-venv  ## the traces as Phoenix stores them (tree, OpenInference kinds, gateway traceparent)
+	BATON_TRACE_CHECK=1 $(PY) -m pytest -q -p no:randomly tests/e2e/test_phoenix.py
+
+phoenix: install phoenix-venv  ## Phoenix's UI on http://127.0.0.1:6006; then `BATON_COLLECTOR_FORWARD=http://127.0.0.1:6006 baton up`
+	$(PY) -m tests.backends.phoenix
+
 up: install
 	$(VENV)/bin/baton up
 
@@ -37,4 +53,4 @@ ingest: install
 	$(VENV)/bin/baton ingest corpus
 
 clean:
-	rm -rf $(VENV) .baton .pytest_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) .baton .pytest_cache

@@ -170,7 +170,7 @@ def ask(
     meta = dict(item.split("=", 1) for item in metadata if "=" in item)
     fields = {"route": route, "session_id": session, "metadata": meta}
     if stream:
-        reply = _run(_stream(_nats_url(settings), prompt, fields, timeout))
+        reply = _run(_stream(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
     else:
         reply = _run(_ask(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
     shutdown_tracing()  # flush the client's span before we read the trace back
@@ -188,8 +188,8 @@ async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None)
         return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
 
 
-async def _stream(url: str, prompt: str, fields: dict, timeout: float):
-    async with _client(url, timeout_s=timeout) as client:
+async def _stream(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
+    async with _client(url, timeout_s=timeout, tracer=tracer) as client:
         async for item in client.stream(prompt, **{k: v for k, v in fields.items() if v}):
             if isinstance(item, str):
                 console.print(item, end="", highlight=False)
@@ -238,11 +238,16 @@ def stats(limit: int = typer.Option(1000, help="how many recent requests to incl
 def submit(prompt: str, route: Optional[str] = typer.Option(None)) -> None:
     """Queue a question and print its request id at once."""
 
+    from shared.telemetry import shutdown_tracing
+
+    settings = _settings()
+
     async def go() -> str:
-        async with _client(_nats_url(_settings())) as client:
+        async with _client(_nats_url(settings), tracer=_client_tracer(settings)) as client:
             return await client.submit(prompt, **({"route": route} if route else {}))
 
     print(_run(go()))
+    shutdown_tracing()  # the publish span is this request's root: send it before exiting
 
 
 @app.command()

@@ -23,7 +23,8 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import NotFoundError
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import attributes as A
 from shared import subjects, telemetry
@@ -93,23 +94,35 @@ class BatonClient:
         await self.close()
 
     async def submit(self, request: Request | str, *, request_id: str | None = None, **fields: Any) -> str:
-        """Queue a request; returns its id as soon as JetStream has accepted it."""
+        """Queue a request; returns its id as soon as JetStream has accepted it.
+
+        Its trace's root is the publish span, which ends at the PubAck: this client never
+        sees the Reply, so no span of its can cover the request (ask or stream do)."""
         request_id, _ = await self._publish(request, request_id, fields)
         return request_id
 
     async def ask(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> Reply:
-        """Queue a request and wait for its Reply."""
+        """Queue a request and wait for its Reply.
+
+        The root span of the request's trace covers it from publish to Reply, so a
+        backend's root latency is the request's; a refused or degraded Reply is an error."""
         timeout_s = timeout_s or self.timeout_s
-        request_id, future = await self._publish(request, None, fields)
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            stored = await self.result(request_id)
-            if stored is not None:
-                return stored
-            raise ReplyTimeout(request_id, timeout_s) from None
-        finally:
-            self._pending.pop(request_id, None)
+        if isinstance(request, str):
+            request = Request(prompt=request, **fields)
+        with self.tracer.start_as_current_span("baton ask", kind=SpanKind.CLIENT, attributes=_root_attributes(request)) as root:
+            request_id, future = await self._publish(request, None, {})
+            try:
+                reply = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                reply = await self.result(request_id)
+                if reply is None:
+                    root.set_status(Status(StatusCode.ERROR, f"no reply within {timeout_s:.1f}s"))
+                    root.set_attribute(A.ERROR_TYPE, "reply_timeout")
+                    raise ReplyTimeout(request_id, timeout_s) from None
+            finally:
+                self._pending.pop(request_id, None)
+            telemetry.record_request_outcome(root, reply)
+            return reply
 
     async def stream(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> AsyncIterator[str | Reply]:
         """Yield the answer's text as it is generated, then the final Reply.
@@ -128,13 +141,17 @@ class BatonClient:
         async def on_chunk(msg: Any) -> None:
             chunks.put_nowait(msg.data.decode())
 
+        # The root span covers the whole stream; not made current: a generator's context
+        # must not leak into its consumer's between items.
+        root = self.tracer.start_span("baton stream", kind=SpanKind.CLIENT, attributes=_root_attributes(request))
         sub = await self.nc.subscribe(subjects.chunk_address(self.reply_to(request_id)), cb=on_chunk)
         try:
-            _, future = await self._publish(request, request_id, {})
+            _, future = await self._publish(request, request_id, {}, parent=trace.set_span_in_context(root))
             deadline = asyncio.get_running_loop().time() + timeout_s
             while not future.done():
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
+                    root.set_status(Status(StatusCode.ERROR, f"no reply within {timeout_s:.1f}s"))
                     raise ReplyTimeout(request_id, timeout_s)
                 getter = asyncio.ensure_future(chunks.get())
                 await asyncio.wait({getter, future}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -144,8 +161,16 @@ class BatonClient:
                     getter.cancel()
             while not chunks.empty():
                 yield chunks.get_nowait()
-            yield future.result()
+            reply = future.result()
+            telemetry.record_request_outcome(root, reply)
+            root.end()  # before the last item: a caller may stop iterating once it has the Reply
+            yield reply
+        except Exception as exc:
+            root.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
+            if root.is_recording():
+                root.end()
             self._pending.pop(request_id, None)
             await sub.unsubscribe()
 
@@ -172,12 +197,12 @@ class BatonClient:
     def reply_to(self, request_id: str) -> str:
         return f"{self.inbox_prefix}.reply.{request_id}"
 
-    async def _publish(self, request: Request | str, request_id: str | None, fields: dict[str, Any]) -> tuple[str, asyncio.Future[Reply]]:
+    async def _publish(self, request: Request | str, request_id: str | None, fields: dict[str, Any], parent: Context | None = None) -> tuple[str, asyncio.Future[Reply]]:
         if isinstance(request, str):
             request = Request(prompt=request, **fields)
         request_id = request_id or uuid.uuid4().hex
         future = self._expect(request_id)
-        await self._js_publish(request.model_dump_json(exclude_defaults=True).encode(), request_id, {})
+        await self._js_publish(request.model_dump_json(exclude_defaults=True).encode(), request_id, {}, parent)
         return request_id, future
 
     def _expect(self, request_id: str) -> asyncio.Future[Reply]:
@@ -185,7 +210,7 @@ class BatonClient:
         self._pending[request_id] = future
         return future
 
-    async def _js_publish(self, body: bytes, request_id: str, extra_headers: dict[str, str]) -> None:
+    async def _js_publish(self, body: bytes, request_id: str, extra_headers: dict[str, str], parent: Context | None = None) -> None:
         assert self.nc is not None, "call connect() first"
         if len(body) > self.nc.max_payload:
             self._pending.pop(request_id, None)
@@ -196,9 +221,10 @@ class BatonClient:
             subjects.H_REPLY_TO: self.reply_to(request_id),
             **extra_headers,
         }
-        attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: self.subject, A.MESSAGING_OPERATION: "publish", A.REQUEST_ID: request_id}
-        # The root of the request's trace: every hop nests under this span.
-        with self.tracer.start_as_current_span(f"publish {subjects.REQUEST_PREFIX}", kind=SpanKind.PRODUCER, attributes=attributes):
+        server = getattr(self.nc.connected_url, "hostname", None)
+        attributes = {**telemetry.messaging_attributes("publish", self.subject, request_id, len(body), server), A.OI_KIND: A.CHAIN, A.REQUEST_ID: request_id}
+        # Every hop nests under this span (the root for `submit`, under the request's root for ask/stream).
+        with self.tracer.start_as_current_span(f"publish {subjects.REQUEST_PREFIX}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes):
             telemetry.inject(headers)
             give_up = asyncio.get_running_loop().time() + ACCEPT_TIMEOUT_S
             pause = 0.25
@@ -227,6 +253,14 @@ class BatonClient:
             return
         with contextlib.suppress(Exception):
             future.set_result(Reply.model_validate_json(msg.data))
+
+
+def _root_attributes(request: Request) -> dict[str, Any]:
+    """The request's root span: a CHAIN in OpenInference terms. No prompt text: it is not redacted yet."""
+    attributes: dict[str, Any] = {A.OI_KIND: A.CHAIN}
+    if request.session_id:
+        attributes[A.SESSION_ID] = attributes[A.GEN_AI_CONVERSATION_ID] = request.session_id
+    return attributes
 
 
 async def _quiet(exc: Exception) -> None:

@@ -297,16 +297,36 @@ class Mesh:
     # -- tracing -----------------------------------------------------------------
 
     def hop(self, name: str, env: Envelope | None = None, **attributes: object):
-        """The span of this hop, parented on the publisher's span from the headers."""
+        """The span of this hop, parented on the publisher's span from the headers.
+
+        Messaging attributes name the JetStream record (`messaging.message.id` is its
+        Nats-Msg-Id) and the durable consumer; the OpenInference kind follows the step."""
         if isinstance(self.tracer, NoOpTracer):
             return nullcontext(INVALID_SPAN)  # tracing off: not even the attributes are built
         message = self.current_message()
-        base = telemetry.envelope_attributes(env) if env is not None else {}
-        return telemetry.hop_span(self.tracer, name, message.headers, message.subject, {**base, A.STEP: name, **attributes})
+        headers = message.headers or {}
+        base = {**self._hop_attributes(), A.MESSAGING_DESTINATION: message.subject, A.MESSAGING_BODY_SIZE: len(message.data), A.OI_KIND: telemetry.step_kind(name), A.STEP: name}
+        message_id = headers.get(subjects.H_MSG_ID)
+        if message_id:
+            base[A.MESSAGING_MESSAGE_ID] = message_id
+        if env is not None:
+            base.update(telemetry.envelope_attributes(env))
+        return telemetry.hop_span(self.tracer, name, headers, message.subject, {**base, **attributes} if attributes else base)
+
+    def _hop_attributes(self) -> dict[str, object]:
+        """What every hop span of this service shares, built once per server connection."""
+        url = self.nc.connected_url if self.nc is not None else None
+        cached = getattr(self, "_hop_static", None)
+        if cached is None or cached[0] is not url:
+            static = telemetry.messaging_attributes("process", "", None, 0, getattr(url, "hostname", None))
+            del static[A.MESSAGING_DESTINATION], static[A.MESSAGING_BODY_SIZE]
+            static[A.MESSAGING_CONSUMER_GROUP] = subjects.durable(self.service)
+            cached = self._hop_static = (url, static)
+        return cached[1]
 
     def observe(self, span: Span, env: Envelope, events: list[Event]) -> None:
         """Decisions taken in this hop: onto its span and into the metrics."""
-        telemetry.record_events(span, events)
+        telemetry.record_events(span, events, env)
         metrics.observe_events(env.route, events)
 
     # -- the hop ---------------------------------------------------------------
@@ -328,6 +348,7 @@ class Mesh:
                     self._close(record, "failed", span)
                     env.steps.append(record)
                     failure.error.step = env.current.name
+                    telemetry.mark_failed(span, failure.error)
                     self.observe(span, env, env.events[events_before:])
                     await self.fail(env, failure.error)
                     return

@@ -4,7 +4,12 @@ Ingestion must never wait on the downstream: `submit` only appends to a bounded
 in-memory queue; one background task drains it through a single shared
 httpx.AsyncClient. When the queue is full the *oldest* body is dropped (and counted),
 because fresh telemetry is worth more than stale telemetry during an outage.
-No retries: a failed post is counted and logged, and the body is gone.
+
+A post that fails in a way that can pass (connection refused while Jaeger boots, a
+timeout, 408/429/5xx) is retried with exponential backoff, up to `retries` times; the
+body waits at the head of the queue meanwhile, so retries never exceed the queue bound
+(a full queue still drops its oldest body, which may be the one being retried). A body
+refused for good (other 4xx) or out of retries is counted as failed and logged.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -24,12 +29,20 @@ log = logging.getLogger("baton.collector.forward")
 class Outgoing:
     body: bytes  # exactly as received (still compressed if it came compressed)
     headers: dict[str, str]  # content-type and, if any, content-encoding
+    attempts: int = 0  # failed posts so far
+
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Forwarder:
-    def __init__(self, base_url: str, *, max_queue: int = 1000, timeout_s: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, max_queue: int = 1000, timeout_s: float = 10.0, retries: int = 5, backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.retried = 0
         self.endpoint = base_url.rstrip("/") + "/v1/traces"
         self.max_queue = max_queue
         self._timeout_s = timeout_s
@@ -62,6 +75,7 @@ class Forwarder:
             "forwarded": self.forwarded,
             "dropped": self.dropped,
             "failed": self.failed,
+            "retried": self.retried,
         }
 
     async def start(self) -> None:
@@ -93,17 +107,39 @@ class Forwarder:
             item = self._queue.popleft()
             self._busy = True
             try:
-                resp = await self._client.post(self.endpoint, content=item.body, headers=item.headers)
-                if resp.status_code >= 300:
-                    self.failed += 1
-                    log.warning("forward to %s: HTTP %s", self.endpoint, resp.status_code)
-                else:
-                    self.forwarded += 1
-            except httpx.HTTPError as exc:
-                self.failed += 1
-                log.warning("forward to %s failed: %s", self.endpoint, exc)
-            except Exception:  # the loop must survive anything, or forwarding silently stops
-                self.failed += 1
-                log.exception("forward to %s failed", self.endpoint)
+                retry = await self._post(item)
             finally:
                 self._busy = False
+            if retry:
+                await self._back_off(item)
+
+    async def _post(self, item: Outgoing) -> bool:
+        """Post one body; True when it failed in a way worth another try."""
+        assert self._client is not None
+        try:
+            resp = await self._client.post(self.endpoint, content=item.body, headers=item.headers)
+        except httpx.HTTPError as exc:
+            return self._failed(item, f"{type(exc).__name__}: {exc}", retryable=True)
+        except Exception:  # the loop must survive anything, or forwarding silently stops
+            log.exception("forward to %s failed", self.endpoint)
+            return self._failed(item, "unexpected error", retryable=False)
+        if resp.status_code >= 300:
+            return self._failed(item, f"HTTP {resp.status_code}", retryable=resp.status_code in RETRYABLE_STATUS)
+        self.forwarded += 1
+        return False
+
+    def _failed(self, item: Outgoing, why: str, *, retryable: bool) -> bool:
+        if retryable and item.attempts < self.retries:
+            return True
+        self.failed += 1
+        log.warning("forward to %s failed (%s) after %d attempt(s); body dropped", self.endpoint, why, item.attempts + 1)
+        return False
+
+    async def _back_off(self, item: Outgoing) -> None:
+        """Wait, then put the body back at the head of the queue, unless the queue filled meanwhile."""
+        await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2**item.attempts))
+        if len(self._queue) >= self.max_queue:
+            self.dropped += 1  # the oldest body: the queue's bound wins over the retry
+            return
+        self.retried += 1
+        self._queue.appendleft(replace(item, attempts=item.attempts + 1))

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
@@ -48,7 +49,8 @@ from starlette.routing import Route
 from baton.client import BatonClient, NotAccepted
 from services.gateway import errors, mapping
 from services.gateway.auth import KEYS_ENV, Authenticator, parse_keys
-from shared import subjects
+from shared import attributes as A
+from shared import subjects, telemetry
 from shared.config import ConfigError, MeshConfig, load_config
 from shared.schema import Reply
 
@@ -74,6 +76,7 @@ def create_app(
     `nats.connect` (e.g. user/password); by default the connection reconnects forever.
     """
     holder = _ConfigHolder(load_config(config_path))
+    server_span = functools.partial(_server_span, tracer or trace.get_tracer("baton.gateway"))
     auth = Authenticator(api_keys)
     started = int(time.time())
     state: dict[str, BatonClient] = {}
@@ -130,6 +133,7 @@ def create_app(
             return await _stream(client, call, timeout_s)
         reply = await client.ask(call.request, timeout_s=timeout_s)
         if not reply.ok:
+            telemetry.mark_refused(trace.get_current_span(), reply)
             raise errors.from_reply(reply)
         return JSONResponse(mapping.completion(reply, model=call.model, created=int(time.time())), headers=mapping.reply_headers(reply))
 
@@ -164,7 +168,7 @@ def create_app(
 
     return Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/chat/completions", server_span("/v1/chat/completions", chat_completions), methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
@@ -262,6 +266,57 @@ def _openai_errors(endpoint: Callable[[HttpRequest], Awaitable[Response]]) -> Ca
     return wrapped
 
 
+def _server_span(tracer: trace.Tracer, route: str, endpoint: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
+    """An HTTP server span around `endpoint` (HTTP semconv), continuing the caller's W3C
+    `traceparent`; the request's bus publish is its child. A streamed response's span
+    ends when the stream does, so its duration is the request's."""
+
+    @functools.wraps(endpoint)
+    async def traced(request: HttpRequest) -> Response:
+        span = tracer.start_span(f"{request.method} {route}", context=telemetry.extract(request.headers), kind=SpanKind.SERVER, attributes=_http_attributes(request, route))
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                response = await endpoint(request)
+        except BaseException:
+            span.end()  # use_span recorded the exception and the error status
+            raise
+        telemetry.record_http_status(span, response.status_code)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _ending(response.body_iterator, span)
+        else:
+            span.end()
+        return response
+
+    return traced
+
+
+async def _ending(body: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
+    try:
+        async for part in body:
+            yield part
+    finally:
+        span.end()
+
+
+def _http_attributes(request: HttpRequest, route: str) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        A.OI_KIND: A.CHAIN,
+        A.HTTP_METHOD: request.method,
+        A.HTTP_ROUTE: route,
+        A.URL_PATH: request.url.path,
+        A.URL_SCHEME: request.url.scheme,
+    }
+    if request.url.hostname:
+        attributes[A.SERVER_ADDRESS] = request.url.hostname
+    if request.url.port:
+        attributes[A.SERVER_PORT] = request.url.port
+    if request.client is not None:
+        attributes[A.CLIENT_ADDRESS] = request.client.host
+    if request.headers.get("user-agent"):
+        attributes[A.USER_AGENT] = request.headers["user-agent"]
+    return attributes
+
+
 def _error_response(error: errors.GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
@@ -294,6 +349,7 @@ async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float)
         raise
     if isinstance(first, Reply) and not first.ok:
         await items.aclose()
+        telemetry.mark_refused(trace.get_current_span(), first)
         raise errors.from_reply(first)
 
     chunk_id = f"chatcmpl-{request_id}"  # the mesh's request id, as for plain completions

@@ -174,6 +174,7 @@ class _StreamState:
     input_tokens: int | None = None
     output_tokens: int | None = None
     stop_reason: str | None = None
+    response_id: str | None = None
     started: bool = False  # saw message_start
     done: bool = False  # saw message_stop
 
@@ -334,6 +335,7 @@ class AnthropicMessages(HTTPProvider):
             usage=usage,
             citations=citations_in(text),
             finish_reason=_finish_reason(body.get("stop_reason")),
+            response_id=str(body["id"]) if body.get("id") else None,
         )
 
     def _in_band_error(self, body: Any) -> ProviderError:
@@ -388,6 +390,7 @@ class AnthropicMessages(HTTPProvider):
             usage=_usage(state.input_tokens, state.output_tokens, system, turns, text),
             citations=citations_in(text),
             finish_reason=_finish_reason(state.stop_reason),
+            response_id=state.response_id,
         )
 
     def _apply_event(self, state: _StreamState, data: str) -> str:
@@ -406,6 +409,8 @@ class AnthropicMessages(HTTPProvider):
             message = event.get("message") if isinstance(event.get("message"), Mapping) else {}
             if message.get("model"):
                 state.model = str(message["model"])
+            if message.get("id"):
+                state.response_id = str(message["id"])
             usage = message.get("usage") if isinstance(message.get("usage"), Mapping) else {}
             state.input_tokens = _input_tokens(usage)
             state.output_tokens = _int(usage.get("output_tokens"))

@@ -2,13 +2,13 @@
 
 import time
 
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 
-from services.generator.models import ModelPool, NoModelAvailable, ProviderError, model_call
-from shared import attributes as A
-from shared import metrics, subjects
-from services.generator.providers import estimate_tokens
+from services.generator.models import TASK_PROMPTS, ModelPool, NoModelAvailable, ProviderError, model_call
+from shared import metrics, subjects, telemetry
+from services.generator.providers import build_messages, estimate_tokens
 from services.generator.shadow import ShadowRunner
+from services.guardrail.pii import redact
 from shared.breakers import Breakers
 from shared.budgets import TenantLedger, request_budget_left
 from shared.experiments import stable_fraction
@@ -64,26 +64,23 @@ async def generate(env: Envelope, record: StepRecord) -> None:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "skipped": choice.skipped}))
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
     call = model_call(env.context.question, env.context.passages, env.context.history, params)
-    model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
-    with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
-        try:
-            timeout_s = step_time_left(env, record)
-            if streams_live(env, pool):
-                generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
-            else:
-                generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name))
-        except ProviderError as exc:
-            env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
-            raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
-        record.usage = generation.usage
-        record.cost_usd = pool.cost_usd(choice.spec, generation)
-        span.set_attributes({
-            A.GEN_AI_RESPONSE_MODEL: generation.model,
-            A.GEN_AI_INPUT_TOKENS: generation.usage.input_tokens,
-            A.GEN_AI_OUTPUT_TOKENS: generation.usage.output_tokens,
-            A.USAGE_ESTIMATED: generation.usage.estimated,
-            A.COST_USD: record.cost_usd,
-        })
+    # The generate hop's span is the model call's span (OpenInference LLM, GenAI attributes):
+    # one span less per request than a child span would cost, and nothing else runs in it.
+    span = trace.get_current_span()
+    span.set_attributes(llm_attributes(choice, env, call))
+    try:
+        timeout_s = step_time_left(env, record)
+        if streams_live(env, pool):
+            generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
+        else:
+            generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name, span))
+    except ProviderError as exc:
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
+        telemetry.mark_model_failed(span, exc.kind, str(exc))
+        raise StepFailed(ErrorCode.MODEL_ERROR, f"{choice.name}: {exc}", retryable=exc.retryable) from exc
+    record.usage = generation.usage
+    record.cost_usd = pool.cost_usd(choice.spec, generation)
+    telemetry.record_generation(span, generation, record.cost_usd, traced_answer(generation.text, config))
     metrics.MODEL_TOKENS.labels(choice.name, "input").inc(generation.usage.input_tokens)
     metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
     env.context.outputs[ANSWER] = generation.text
@@ -94,6 +91,27 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     if shadow is not None and shadow.model != choice.name and stable_fraction(f"shadow:{env.request_id}") < shadow.share:
         env.events.append(Event(kind="model", step=env.current.name, data={"shadow": shadow.model}))
         shadows.start(env, shadow.model, call, pool, primary=choice.name)
+
+
+def llm_attributes(choice, env: Envelope, call) -> dict:
+    """The model span's request side; the prompt messages only with content tracing on."""
+    messages = None
+    if telemetry.content_tracing():
+        messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
+    return telemetry.llm_request_attributes(
+        provider=choice.spec.provider,
+        model=choice.spec.model or choice.name,
+        max_tokens=choice.spec.max_output_tokens,
+        session_id=env.request.session_id,
+        messages=messages,
+    )
+
+
+def traced_answer(text: str, config) -> str | None:
+    """The answer for the span, with content tracing on: redacted as the output gate would."""
+    if not telemetry.content_tracing():
+        return None
+    return redact(text, list(config.guard.redact) + ["secret"])[0]
 
 
 async def budget_left(env: Envelope, config) -> float | None:
@@ -121,10 +139,13 @@ def step_time_left(env: Envelope, record: StepRecord) -> float:
     return max(0.05, left)
 
 
-def retry_noter(env: Envelope, model: str):
+def retry_noter(env: Envelope, model: str, span=None):
     def note(attempt: int, exc: Exception, wait_s: float) -> None:
-        env.events.append(Event(kind="model", step=env.current.name, data={"model": model, "retry": attempt, "error": getattr(exc, "kind", type(exc).__name__), "wait_s": round(wait_s, 3)}))
+        error = getattr(exc, "kind", type(exc).__name__)
+        env.events.append(Event(kind="model", step=env.current.name, data={"model": model, "retry": attempt, "error": error, "wait_s": round(wait_s, 3)}))
         metrics.MODEL_RETRIES.labels(model).inc()
+        if span is not None:  # one span event per attempt that failed and is tried again
+            telemetry.record_retry(span, attempt, error, wait_s)
 
     return note
 

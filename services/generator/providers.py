@@ -51,6 +51,11 @@ class Generation:
     citations: list[int] = field(default_factory=list)  # 1-based passage numbers cited in `text`
     finish_reason: str = "stop"
     grounded: bool = True  # False when the answer is not backed by any passage
+    response_id: str | None = None  # the provider's id of this answer
+    response_model: str = ""  # the model the provider says answered; `model` may become the catalog alias
+
+    def __post_init__(self) -> None:
+        self.response_model = self.response_model or self.model
 
 
 class ProviderError(Exception):
@@ -415,6 +420,7 @@ class OpenAICompatible(HTTPProvider):
             usage=usage,
             citations=citations_in(text),
             finish_reason=str(choices[0].get("finish_reason") or "stop"),
+            response_id=str(body["id"]) if body.get("id") else None,
         )
 
     async def stream(
@@ -464,6 +470,7 @@ class OpenAICompatible(HTTPProvider):
             usage=state.usage or _estimated_usage(wire, text),
             citations=citations_in(text),
             finish_reason=state.finish_reason or "stop",
+            response_id=state.response_id,
         )
 
     def _apply_chunk(self, state: _StreamState, data: str) -> str:
@@ -480,6 +487,8 @@ class OpenAICompatible(HTTPProvider):
             raise self._error("server_error", f"error inside the stream: {str(detail)[:_ERROR_DETAIL_CHARS]}")
         if chunk.get("model"):
             state.model = str(chunk["model"])
+        if chunk.get("id"):
+            state.response_id = str(chunk["id"])
         usage = _parse_usage(chunk.get("usage"))
         if usage is not None:
             state.usage = usage
@@ -503,4 +512,5 @@ class _StreamState:
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     finish_reason: str | None = None
+    response_id: str | None = None
     done: bool = False

@@ -52,9 +52,9 @@ async def route(body: bytes) -> None:
         env = router.envelope(request_id, request, decision, reply_to)
         if request.session_id:
             env.context.history = await (await mesh.sessions()).history(request.session_id) + env.context.history
-        span.set_attributes(telemetry.envelope_attributes(env))
-        if telemetry.content_tracing():
-            span.set_attribute(A.CONTENT_PROMPT, request.text)
+        # No prompt text here, even with content tracing on: routing runs before the
+        # input gate redacts, so the first text on any span is the gate's output.
+        span.set_attributes({**telemetry.envelope_attributes(env), A.CONFIG_VERSION: env.config_version})
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
             cached = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)

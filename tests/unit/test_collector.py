@@ -7,6 +7,7 @@ dict (standing in for NATS headers), explicit timestamps so offsets are exact.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import gzip
@@ -494,7 +495,7 @@ def test_dead_forward_target_never_blocks_ingest() -> None:
         with TestClient(create_app(":memory:", forward_url=dead)) as client:
             resp = client.post("/v1/traces", content=b"", headers={"content-type": "application/x-protobuf"})
             assert resp.status_code == 200
-            wait_for(lambda: client.get("/healthz").json()["forward"]["failed"] == 1)
+            wait_for(lambda: client.get("/healthz").json()["forward"]["failed"] == 1, timeout=15.0)  # after its retries
 
 
 # ---------------------------------------------------------------- store
@@ -681,3 +682,65 @@ def test_stats_count_ab_arms_shadow_calls_and_cache_hits():
     stats = flow_stats([flow(1, "small", True, False), flow(2, "small", False, False), flow(3, "local", False, True), flow(4, None, False, False)])
     assert stats.variants == {"factual/local": 1, "factual/small": 2}
     assert stats.shadowed == 1 and stats.cache_hits == 1
+
+
+# ---------------------------------------------------------------- forwarder retries
+
+
+async def _http_answering(sock: socket.socket, status: int, received: list[bytes]) -> asyncio.AbstractServer:
+    """A minimal OTLP/HTTP receiver on an already bound socket: records each body, answers `status`."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        received.append(await reader.readexactly(length))
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, sock=sock)
+
+
+async def test_forwarder_retries_until_the_receiver_comes_up() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening yet: connection refused, as while Jaeger boots
+    forwarder = Forwarder(f"http://127.0.0.1:{sock.getsockname()[1]}", backoff_s=0.05)
+    await forwarder.start()
+    received: list[bytes] = []
+    try:
+        forwarder.submit(b"spans", {"content-type": "application/x-protobuf"})
+        for _ in range(100):
+            if forwarder.retried >= 1:
+                break
+            await asyncio.sleep(0.02)
+        assert forwarder.retried >= 1 and forwarder.forwarded == 0
+        server = await _http_answering(sock, 200, received)
+        for _ in range(200):
+            if forwarder.forwarded:
+                break
+            await asyncio.sleep(0.02)
+        assert received == [b"spans"] and (forwarder.forwarded, forwarder.failed, forwarder.dropped) == (1, 0, 0)
+        server.close()
+    finally:
+        await forwarder.stop()
+        sock.close()
+
+
+async def test_forwarder_does_not_retry_a_body_the_receiver_refuses() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    received: list[bytes] = []
+    server = await _http_answering(sock, 400, received)
+    forwarder = Forwarder(f"http://127.0.0.1:{sock.getsockname()[1]}", backoff_s=0.05)
+    await forwarder.start()
+    try:
+        forwarder.submit(b"bad", {"content-type": "application/x-protobuf"})
+        for _ in range(200):
+            if forwarder.failed:
+                break
+            await asyncio.sleep(0.02)
+        assert (forwarder.failed, forwarder.retried, len(received)) == (1, 0, 1)
+    finally:
+        await forwarder.stop()
+        server.close()
+        sock.close()

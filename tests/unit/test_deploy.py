@@ -496,3 +496,17 @@ def test_manifests_validate_against_the_kubernetes_schemas(where):
         kv.validate(obj, version, strict=True)
         checked += 1
     assert checked >= 10
+
+
+def test_the_base_runs_jaeger_v2_and_the_collector_forwards_to_it():
+    objects = base_objects()
+    jaeger = container(objects[("Deployment", "jaeger")])
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert {p["containerPort"] for p in jaeger["ports"]} >= {4317, 4318, 16686}
+    assert jaeger["securityContext"]["readOnlyRootFilesystem"] is True and jaeger["resources"]["limits"]["memory"]
+    service = objects[("Service", "jaeger")]
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports["otlp-http"] == 4318 and ports["ui"] == 16686
+    assert service["spec"]["selector"].items() <= objects[("Deployment", "jaeger")]["spec"]["template"]["metadata"]["labels"].items()
+    forward = env_of(container(objects[("Deployment", "collector")]))["BATON_COLLECTOR_FORWARD"]["value"]
+    assert forward == f"http://jaeger:{ports['otlp-http']}"

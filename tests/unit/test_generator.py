@@ -496,3 +496,13 @@ def _swallow(call) -> None:
         call()
     except httpx.HTTPError:
         pass
+
+
+@pytest.mark.asyncio
+async def test_the_answer_keeps_the_providers_model_and_id_for_the_trace(provider: OpenAICompatible) -> None:
+    result = await provider.generate(QUESTION, max_tokens=64)
+    assert result.response_id and result.response_id.startswith("chatcmpl-")
+    result.model = "gpt-small"  # the pool names the catalog alias that served the step
+    assert result.response_model == "fake-model"  # gen_ai.response.model: what the provider said
+    deltas, streamed = await collect(provider, QUESTION)
+    assert streamed.response_id and streamed.response_model == "fake-model"
