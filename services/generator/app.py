@@ -63,7 +63,7 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     if choice.skipped:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "skipped": choice.skipped}))
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
-    call = model_call(env.context.question, env.context.passages, env.context.history, params)
+    call = model_call(env.context.question, env.context.passages, env.context.history, params, env.request)
     model_attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_PROVIDER: choice.spec.provider, A.GEN_AI_REQUEST_MODEL: choice.spec.model or choice.name}
     with mesh.tracer.start_as_current_span(f"chat {choice.name}", kind=SpanKind.CLIENT, attributes=model_attributes) as span:
         try:

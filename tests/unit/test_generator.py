@@ -496,3 +496,15 @@ def _swallow(call) -> None:
         call()
     except httpx.HTTPError:
         pass
+
+
+@pytest.mark.asyncio
+async def test_the_clients_sampling_settings_reach_the_provider_capped_by_the_model(fake: FakeOpenAI) -> None:
+    from services.generator.models import ModelCall
+
+    spec = ModelSpec(provider="openai", max_output_tokens=100)
+    call = ModelCall(question="q", passages=[], history=[], max_tokens=500, temperature=0.9, top_p=0.5)
+    async with OpenAICompatible(fake.base_url, None, "fake-model") as client:
+        await client.generate(QUESTION, **call.sampling(spec))
+    sent = fake.calls[-1]["body"]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (100, 0.9, 0.5)
