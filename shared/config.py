@@ -67,15 +67,30 @@ class ModelSpec(_Strict):
 
 
 class MatchRule(_Strict):
-    keywords: list[str] = Field(default_factory=list)
+    """Rules that route a request on their own, before the classifier is asked."""
+
+    words: list[str] = Field(default_factory=list)  # any of these whole words (case-insensitive) picks the route
     patterns: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
 
     _patterns_compile = field_validator("patterns")(lambda cls, patterns: _compiled(patterns))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keywords_renamed(cls, raw: Any) -> Any:
+        # `keywords` used to be a classifier hint while the classifier was on and a rule when
+        # it was off: a custom route keyed on it silently never fired. Refuse the old name.
+        if isinstance(raw, dict) and "keywords" in raw:
+            raise ValueError(
+                "match.keywords was renamed, because it never routed while the classifier was on: "
+                "move the words to the route's `hints` (the classifier learns from them, as before) "
+                "or to `match.words` (any of them routes the request, whatever the classifier says)"
+            )
+        return raw
+
     @property
     def empty(self) -> bool:
-        return not (self.keywords or self.patterns or self.metadata)
+        return not (self.words or self.patterns or self.metadata)
 
 
 class FallbackPolicy(_Strict):
@@ -116,6 +131,7 @@ class RouteSpec(_Strict):
     description: str = ""
     match: MatchRule = Field(default_factory=MatchRule)
     examples: list[str] = Field(default_factory=list)  # labeled utterances the classifier learns from
+    hints: list[str] = Field(default_factory=list)  # words the classifier learns from too (weakly); they never route on their own
     escalate_to: str | None = None  # the route that takes this route's requests when they are complex
     # How a streamed request's partial text reaches the client: "live" as the model writes it
     # (the output gate then applies to the final Reply only), or "after_gate": nothing
