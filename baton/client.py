@@ -88,7 +88,10 @@ class BatonClient:
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> BatonClient:
         options = {"connect_timeout": 2, "error_cb": _quiet, **self._connect_options}
-        if not await _any_listening(server_list(self.nats_url)):  # one quick attempt, not nats-py's retry loop
+        # One quick attempt, not nats-py's retry loop, unless the caller asked to wait for the
+        # server (max_reconnect_attempts=-1, as the gateway does when started before NATS).
+        wait_for_server = options.get("max_reconnect_attempts") == -1
+        if not wait_for_server and not await _any_listening(server_list(self.nats_url)):
             raise Unreachable(f"cannot reach NATS at {self.nats_url} (nothing listens there); start the mesh with `baton up` or set NATS_URL")
         try:
             self.nc = await asyncio.wait_for(nats.connect(server_list(self.nats_url), inbox_prefix=self.inbox_prefix.encode(), **options), timeout_s)
