@@ -10,9 +10,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Baton needs Python 3.11+"'
+	@echo "installing Baton and its dependencies into $(VENV) (a few minutes on a fresh machine; pip reports each package)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# Not --quiet: a line per package, so minutes of work do not look like a hang.
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
 	@touch $(STAMP)
+	@echo "installed: .venv/bin/baton"
 
 run: install  ## ingest the sample corpus, start the mesh, ask the sample questions, stop
 	$(VENV)/bin/baton demo

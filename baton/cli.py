@@ -13,16 +13,25 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from baton import render
-from baton.client import BatonClient, BatonError
+from baton.client import BatonClient, BatonError, InvalidRequest, Unreachable
 from baton.processes import MESH_SERVICES, MeshProcesses, MeshStartError
 from shared.config import ConfigError, load_config
-from shared.natsd import NatsServerError
-from shared.settings import ROOT, Settings, nats_credentials
+from shared.mesh_file import read_mesh_file, remove_mesh_file, write_mesh_file
+from shared.natsd import NatsServerError, port_taken
+from shared.settings import DEFAULT_NATS_PORT, ROOT, Settings, nats_credentials
 
-app = typer.Typer(help="Baton: an AI orchestration mesh on NATS.", no_args_is_help=True, add_completion=False)
+# Exit codes, the same for every command (README "Exit codes").
+OK, UNREACHABLE, BAD_INPUT, FAILED, NOT_FOUND = 0, 1, 2, 3, 4
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 the mesh (NATS) cannot be reached; 2 bad input (arguments, request, config file); "
+    "3 the request failed (an error Reply, not accepted, no reply in time); 4 not found (no stored result or trace yet)."
+)
+
+app = typer.Typer(help="Baton: an AI orchestration mesh on NATS.", epilog=EXIT_CODES, no_args_is_help=True, add_completion=False)
 # Piped output (make, CI logs) gets room for the waterfall instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
@@ -35,20 +44,13 @@ def _settings() -> Settings:
     return Settings()
 
 
-def _state_file(settings: Settings) -> Path:
-    return settings.state_dir / "mesh.json"
-
-
 def _mesh_state(settings: Settings) -> dict:
-    state = _state_file(settings)
-    return json.loads(state.read_text()) if state.exists() else {}
+    return read_mesh_file(settings.state_dir)
 
 
 def _nats_url(settings: Settings) -> str:
-    """NATS_URL when set, else the URL of the mesh `baton up` started."""
-    if "NATS_URL" in os.environ:
-        return settings.nats_url
-    return _mesh_state(settings).get("nats_url", settings.nats_url)
+    """NATS_URL when set, else the URL of the mesh `baton up` started (Settings finds it)."""
+    return settings.nats_url
 
 
 def _client(url: str, **options) -> BatonClient:
@@ -78,8 +80,9 @@ def _client_tracer(settings: Settings):
     return setup_tracing("client")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+def _fail(message: str, code: int = UNREACHABLE) -> None:
+    # Escaped: a message quoting YAML or a list ("[1, 2]") must not be read as rich markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -100,23 +103,28 @@ def up(
     collector: bool = typer.Option(True, help="start the trace collector and send every span to it"),
     gateway: bool = typer.Option(True, help="start the OpenAI-compatible HTTP gateway"),
     gateway_port: int = typer.Option(8080, help="the gateway's port on 127.0.0.1"),
+    nats_port: int = typer.Option(DEFAULT_NATS_PORT, help="the NATS port on 127.0.0.1 (ignored when NATS_URL is set)"),
 ) -> None:
     """Start NATS (unless NATS_URL is set), the collector and every service; Ctrl-C stops them all."""
     settings = _settings()
     counts = parse_replicas(replicas)
     _check_ready_to_start(settings)
+    own_nats = "NATS_URL" not in os.environ
+    if own_nats and port_taken(nats_port):
+        _fail(f"port {nats_port} is taken (another `baton up` or nats-server?): stop it, or start with --nats-port N", BAD_INPUT)
+    if gateway and port_taken(gateway_port):
+        _fail(f"port {gateway_port} is taken: start with --gateway-port N (or --no-gateway)", BAD_INPUT)
     mesh = MeshProcesses(settings)
     try:
-        if "NATS_URL" not in os.environ:
-            mesh.start_nats(settings.state_dir / "nats")
+        if own_nats:
+            mesh.start_nats(settings.state_dir / "nats", port=nats_port)
         with console.status("starting the mesh..."):
             if collector:
                 mesh.start_collector()
             mesh.start(counts)
             if gateway:
                 mesh.start_gateway(gateway_port)
-        state = {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "gateway_url": mesh.gateway_url, "pid": os.getpid()}
-        _state_file(settings).write_text(json.dumps(state))
+        write_mesh_file(settings.state_dir, {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "gateway_url": mesh.gateway_url})
         console.print(f"[green]mesh up[/] on {mesh.nats_url}: " + ", ".join(f"{s}×{n}" for s, n in counts.items()))
         if mesh.collector_url:
             console.print(f"traces: {mesh.collector_url}  (baton trace ID, baton stats)")
@@ -139,7 +147,7 @@ def up(
         _fail(str(exc))
     finally:
         mesh.stop()
-        _state_file(settings).unlink(missing_ok=True)
+        remove_mesh_file(settings.state_dir)
         console.print("mesh stopped")
 
 
@@ -147,7 +155,7 @@ def _check_ready_to_start(settings: Settings) -> None:
     try:
         load_config(settings.config)
     except ConfigError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), BAD_INPUT)
     if not (settings.index_dir / "manifest.json").exists():
         _fail(f"no retrieval index in {settings.index_dir}: run `baton ingest {SAMPLE_CORPUS.relative_to(Path.cwd()) if SAMPLE_CORPUS.is_relative_to(Path.cwd()) else SAMPLE_CORPUS}` first", 2)
 
@@ -167,20 +175,33 @@ def ask(
     from shared.telemetry import shutdown_tracing
 
     settings = _settings()
-    meta = dict(item.split("=", 1) for item in metadata if "=" in item)
-    fields = {"route": route, "session_id": session, "metadata": meta}
+    fields = {"route": route, "session_id": session, "metadata": parse_meta(metadata)}
+    streamed = None
     if stream:
-        reply = _run(_stream(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
+        reply, streamed = _run(_stream(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings), quiet=as_json))
     else:
         reply = _run(_ask(_nats_url(settings), prompt, fields, timeout, _client_tracer(settings)))
     shutdown_tracing()  # flush the client's span before we read the trace back
     if as_json:
         print(reply.model_dump_json(indent=2))
     else:
-        render.reply(console, prompt, reply)
+        # The streamed text is already on screen: show the answer again only when the
+        # output gate changed it (e.g. redacted), since the Reply's answer is the one that counts.
+        render.reply(console, prompt, reply, answer_shown=streamed is not None and streamed.strip() == (reply.answer or "").strip())
     if show_trace:
         _show_trace(settings, reply.request_id)
-    raise typer.Exit(0 if reply.ok else 3)
+    raise typer.Exit(OK if reply.ok else FAILED)
+
+
+def parse_meta(items: list[str]) -> dict[str, str]:
+    """`--meta key=value` pairs; anything else is refused rather than dropped."""
+    meta = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--meta {item!r}: use key=value, e.g. --meta risk=high", BAD_INPUT)
+        meta[key.strip()] = value
+    return meta
 
 
 async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
@@ -188,14 +209,23 @@ async def _ask(url: str, prompt: str, fields: dict, timeout: float, tracer=None)
         return await client.ask(prompt, **{k: v for k, v in fields.items() if v})
 
 
-async def _stream(url: str, prompt: str, fields: dict, timeout: float, tracer=None):
+async def _stream(url: str, prompt: str, fields: dict, timeout: float, tracer=None, quiet: bool = False):
+    """The final Reply and the text streamed before it (printed as it came unless quiet)."""
+    import contextlib
+
+    pieces = []
     async with _client(url, timeout_s=timeout, tracer=tracer) as client:
-        async for item in client.stream(prompt, **{k: v for k, v in fields.items() if v}):
-            if isinstance(item, str):
-                console.print(item, end="", highlight=False)
-            else:
-                console.print()
-                return item
+        # Closed before the client drains: its subscription ends while the connection is up.
+        async with contextlib.aclosing(client.stream(prompt, **{k: v for k, v in fields.items() if v})) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    pieces.append(item)
+                    if not quiet:
+                        console.print(item, end="", markup=False, highlight=False)
+                else:
+                    if pieces and not quiet:
+                        console.print()
+                    return item, "".join(pieces)
 
 
 @app.command("trace")
@@ -218,7 +248,7 @@ def _show_trace(settings: Settings, request_id: str, wait_s: float = 5.0) -> Non
     except CollectorUnavailable as exc:
         _fail(str(exc))
     if flow is None:
-        _fail(f"the collector has no spans of request {request_id} (was tracing on when it ran?)", 4)
+        _fail(f"the collector has no spans of request {request_id} (was tracing on when it ran?)", NOT_FOUND)
     console.print(waterfall(flow))
 
 
@@ -260,7 +290,7 @@ def result(request_id: str, as_json: bool = typer.Option(False, "--json")) -> No
 
     reply = _run(go())
     if reply is None:
-        _fail(f"no result for {request_id} yet (still running, expired, or unknown)", 4)
+        _fail(f"no result for {request_id} yet (still running, expired, or asked by another client id: set BATON_CLIENT_ID)", NOT_FOUND)
     if as_json:
         print(reply.model_dump_json(indent=2))
     else:
@@ -303,10 +333,14 @@ def demo(
 def _run(coro):
     try:
         return asyncio.run(coro)
+    except Unreachable as exc:
+        _fail(str(exc), UNREACHABLE)
+    except InvalidRequest as exc:
+        _fail(str(exc), BAD_INPUT)
     except BatonError as exc:
-        _fail(str(exc), 3)
+        _fail(str(exc), FAILED)
     except OSError as exc:
-        _fail(f"cannot reach NATS ({exc}); start the mesh with `baton up` or set NATS_URL")
+        _fail(f"cannot reach NATS ({exc}); start the mesh with `baton up` or set NATS_URL", UNREACHABLE)
 
 
 @app.command()
@@ -406,9 +440,15 @@ def status() -> None:
         table.add_column(column, justify="right" if column != "service" else "left")
     for service, info in zip(MESH_SERVICES, _run(go())):
         color = "yellow" if (info.num_pending or 0) > 100 else "white"
-        table.add_row(service, str(info.num_waiting or 0), f"[{color}]{info.num_pending or 0}[/]", str(info.num_ack_pending or 0), str(info.num_redelivered or 0), str(info.ack_floor.stream_seq if info.ack_floor else 0))
+        table.add_row(service, str(info.num_waiting or 0), f"[{color}]{info.num_pending or 0}[/]", str(info.num_ack_pending or 0), str(info.num_redelivered or 0), str(acked_count(info)))
     console.print(table)
-    console.print("[dim]pulling ≈ replicas waiting for work; pending = backlog (what KEDA scales on)[/]")
+    console.print("[dim]pulling ≈ replicas waiting for work; pending = backlog (what KEDA scales on); acked = deliveries this consumer acknowledged[/]")
+
+
+def acked_count(info) -> int:
+    """How many deliveries the consumer has acknowledged: its own sequence, not the stream's
+    (the stream's counts every service's messages)."""
+    return info.ack_floor.consumer_seq if info.ack_floor and info.ack_floor.consumer_seq else 0
 
 
 config_app = typer.Typer(help="Live configuration: validate, apply, show.", no_args_is_help=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +23,8 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -29,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from shared import attributes as A
 from shared import subjects, telemetry
 from shared.schema import Reply, Request
-from shared.settings import server_list
+from shared.settings import Settings, server_list
 
 
 log = logging.getLogger("baton.client")
@@ -44,6 +48,10 @@ class BatonError(Exception):
 
 class Unreachable(BatonError):
     """No NATS server answered."""
+
+
+class InvalidRequest(BatonError):
+    """The request cannot be sent as given (empty prompt, text that is not valid Unicode, a bad id)."""
 
 
 class NotAccepted(BatonError):
@@ -61,10 +69,16 @@ class ReplyTimeout(BatonError):
 
 
 class BatonClient:
-    def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, tracer: trace.Tracer | None = None, **connect_options: Any):
-        self.nats_url = nats_url
+    def __init__(self, nats_url: str | None = None, *, client_id: str | None = None, timeout_s: float = 30.0, tracer: trace.Tracer | None = None, **connect_options: Any):
+        """`nats_url` defaults to NATS_URL, else the mesh `baton up` is running. `client_id`
+        defaults to BATON_CLIENT_ID, else a fresh one: only a client with the same id can
+        fetch a request's stored Reply later, so pass one (or set it) to use `result()`
+        from another process."""
+        self.nats_url = nats_url or Settings().nats_url
         self.tracer = tracer or trace.get_tracer("baton.client")
-        self.client_id = client_id or uuid.uuid4().hex[:12]
+        self.client_id = client_id or os.environ.get("BATON_CLIENT_ID") or uuid.uuid4().hex[:12]
+        if not _CLIENT_ID.match(self.client_id):
+            raise InvalidRequest(f"client id {self.client_id!r} must be 1-64 letters, digits, '-' or '_'")
         self.timeout_s = timeout_s
         self.inbox_prefix = subjects.inbox_prefix(self.client_id)
         self.subject = subjects.request(self.client_id)
@@ -75,6 +89,11 @@ class BatonClient:
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> BatonClient:
         options = {"connect_timeout": 2, "error_cb": _quiet, **self._connect_options}
+        # One quick attempt, not nats-py's retry loop, unless the caller asked to wait for the
+        # server (max_reconnect_attempts=-1, as the gateway does when started before NATS).
+        wait_for_server = options.get("max_reconnect_attempts") == -1
+        if not wait_for_server and not await _any_listening(server_list(self.nats_url)):
+            raise Unreachable(f"cannot reach NATS at {self.nats_url} (nothing listens there); start the mesh with `baton up` or set NATS_URL")
         try:
             self.nc = await asyncio.wait_for(nats.connect(server_list(self.nats_url), inbox_prefix=self.inbox_prefix.encode(), **options), timeout_s)
         except (TimeoutError, OSError, NatsError) as exc:
@@ -131,9 +150,7 @@ class BatonClient:
         partial text may differ from the final answer (e.g. redacted), so a UI
         should replace the streamed text with `reply.answer` at the end.
         """
-        if isinstance(request, str):
-            request = Request(prompt=request, **fields)
-        request = request.model_copy(update={"stream": True})
+        request = _as_request(request, fields).model_copy(update={"stream": True})
         timeout_s = timeout_s or self.timeout_s
         request_id = request_id or uuid.uuid4().hex
         chunks: asyncio.Queue[str] = asyncio.Queue()
@@ -172,7 +189,8 @@ class BatonClient:
             if root.is_recording():
                 root.end()
             self._pending.pop(request_id, None)
-            await sub.unsubscribe()
+            if not (self.nc.is_closed or self.nc.is_draining):  # a drain already ends every subscription
+                await sub.unsubscribe()
 
     async def send_raw(self, body: bytes, *, request_id: str | None = None, headers: dict[str, str] | None = None) -> asyncio.Future[Reply]:
         """Publish arbitrary bytes as a request (for tests of hostile input)."""
@@ -187,6 +205,8 @@ class BatonClient:
         A direct get of this client's own key, without binding to the bucket: binding
         needs stream info, which would list every client's keys.
         """
+        if not _REQUEST_ID.match(request_id):
+            raise InvalidRequest(f"{request_id!r} is not a request id: ids are 1-128 letters, digits, '-', '_' or '='")
         key = subjects.result_key(self.client_id, request_id)
         try:
             message = await self.js.get_msg(f"KV_{subjects.RESULTS_BUCKET}", subject=f"$KV.{subjects.RESULTS_BUCKET}.{key}", direct=True)
@@ -198,11 +218,16 @@ class BatonClient:
         return f"{self.inbox_prefix}.reply.{request_id}"
 
     async def _publish(self, request: Request | str, request_id: str | None, fields: dict[str, Any], parent: Context | None = None) -> tuple[str, asyncio.Future[Reply]]:
-        if isinstance(request, str):
-            request = Request(prompt=request, **fields)
+        request = _as_request(request, fields)
         request_id = request_id or uuid.uuid4().hex
+        if not _REQUEST_ID.match(request_id):
+            raise InvalidRequest(f"{request_id!r} is not a valid request id: use 1-128 letters, digits, '-', '_' or '='")
+        try:
+            body = request.model_dump_json(exclude_defaults=True).encode()
+        except PydanticSerializationError as exc:  # e.g. a lone surrogate, which no UTF-8 can carry
+            raise InvalidRequest(f"the request's text cannot be encoded as UTF-8 ({exc})") from None
         future = self._expect(request_id)
-        await self._js_publish(request.model_dump_json(exclude_defaults=True).encode(), request_id, {}, parent)
+        await self._js_publish(body, request_id, {}, parent)
         return request_id, future
 
     def _expect(self, request_id: str) -> asyncio.Future[Reply]:
@@ -261,6 +286,40 @@ def _root_attributes(request: Request) -> dict[str, Any]:
     if request.session_id:
         attributes[A.SESSION_ID] = attributes[A.GEN_AI_CONVERSATION_ID] = request.session_id
     return attributes
+
+
+_REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
+_CLIENT_ID = re.compile(subjects.CLIENT_ID_PATTERN)
+
+
+def _as_request(request: Request | str, fields: dict[str, Any]) -> Request:
+    """A Request from a prompt and fields, or InvalidRequest naming what is wrong."""
+    if isinstance(request, Request):
+        return request
+    try:
+        return Request(prompt=request, **fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise InvalidRequest(f"invalid request: {problems}") from None
+
+
+async def _any_listening(servers: list[str], timeout_s: float = 1.0) -> bool:
+    """Whether any server accepts a TCP connection (websocket URLs are left to nats-py)."""
+    from urllib.parse import urlsplit
+
+    for server in servers:
+        url = urlsplit(server if "://" in server else f"nats://{server}")
+        if url.scheme in ("ws", "wss"):
+            return True
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), timeout_s)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
+    return False
 
 
 async def _quiet(exc: Exception) -> None:

@@ -68,8 +68,8 @@ class MeshProcesses:
     def nats_url(self) -> str:
         return self.nats_server.url if self.nats_server else self.settings.nats_url
 
-    def start_nats(self, store_dir: Path | None = None) -> str:
-        self.nats_server = NatsServer(store_dir=store_dir).start()
+    def start_nats(self, store_dir: Path | None = None, port: int = 0) -> str:
+        self.nats_server = NatsServer(port=port, store_dir=store_dir).start()
         return self.nats_server.url
 
     def child_env(self) -> dict[str, str]:

@@ -10,12 +10,13 @@ from rich.text import Text
 from shared.schema import Reply
 
 
-def reply(console: Console, question: str | None, reply: Reply) -> None:
+def reply(console: Console, question: str | None, reply: Reply, answer_shown: bool = False) -> None:
+    """The Reply in a panel; `answer_shown`: the answer was streamed already, show the rest only."""
     title = Text(question or reply.request_id, style="bold")
     if reply.ok:
-        body = Text(reply.answer or "")
+        body = Text("" if answer_shown else reply.answer or "")
         if reply.citations:
-            body.append("\n\nsources: ", style="dim")
+            body.append("sources: " if answer_shown else "\n\nsources: ", style="dim")
             body.append(", ".join(f"[{c.index}] {c.source}" for c in reply.citations), style="cyan")
         style = "yellow" if reply.degraded else "green"
     else:
@@ -28,7 +29,7 @@ def summary(reply: Reply) -> Table:
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim")
     facts.add_column()
-    flags = [flag for flag, on in (("degraded", reply.degraded), ("fallbacks: " + ", ".join(reply.fallbacks), bool(reply.fallbacks))) if on]
+    flags = [flag for flag, on in (("cached", reply.cached), ("degraded", reply.degraded), ("fallbacks: " + ", ".join(reply.fallbacks), bool(reply.fallbacks))) if on]
     facts.add_row("route", f"{reply.route or '-'}" + (f"  [yellow]{' '.join(flags)}[/]" if flags else ""))
     facts.add_row("model", ", ".join(reply.models) or "-")
     gates = [e.data for e in reply.events if e.kind == "gate"]

@@ -22,7 +22,7 @@ _DONE = object()
 
 
 class SyncBatonClient:
-    def __init__(self, nats_url: str, **options: Any):
+    def __init__(self, nats_url: str | None = None, **options: Any):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="baton-client", daemon=True)
         self._thread.start()

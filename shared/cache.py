@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import NamedTuple
 
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -40,7 +41,14 @@ def cache_key(env: Envelope) -> str | None:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:48]
 
 
-async def lookup(kv: KeyValue, key: str, now: float | None = None) -> Reply | None:
+class Hit(NamedTuple):
+    reply: Reply
+    # The question as the input gate left it (redacted) when the answer was cached: what a
+    # session records as the turn, since a hit skips the gates. None in older entries.
+    question: str | None
+
+
+async def lookup(kv: KeyValue, key: str, now: float | None = None) -> Hit | None:
     try:
         entry = await kv.get(key)
     except NotFoundError:
@@ -50,11 +58,11 @@ async def lookup(kv: KeyValue, key: str, now: float | None = None) -> Reply | No
     stored = json.loads(entry.value)
     if stored["expires_at"] < (now or time.time()):
         return None
-    return Reply.model_validate(stored["reply"])
+    return Hit(Reply.model_validate(stored["reply"]), stored.get("question"))
 
 
-async def store(kv: KeyValue, key: str, reply: Reply, ttl_s: float) -> None:
-    body = {"expires_at": time.time() + ttl_s, "reply": reply.model_dump(mode="json")}
+async def store(kv: KeyValue, key: str, reply: Reply, ttl_s: float, question: str | None = None) -> None:
+    body = {"expires_at": time.time() + ttl_s, "reply": reply.model_dump(mode="json"), "question": question}
     await kv.put(key, json.dumps(body).encode())
 
 

@@ -67,15 +67,30 @@ class ModelSpec(_Strict):
 
 
 class MatchRule(_Strict):
-    keywords: list[str] = Field(default_factory=list)
+    """Rules that route a request on their own, before the classifier is asked."""
+
+    words: list[str] = Field(default_factory=list)  # any of these whole words (case-insensitive) picks the route
     patterns: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
 
     _patterns_compile = field_validator("patterns")(lambda cls, patterns: _compiled(patterns))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keywords_renamed(cls, raw: Any) -> Any:
+        # `keywords` used to be a classifier hint while the classifier was on and a rule when
+        # it was off: a custom route keyed on it silently never fired. Refuse the old name.
+        if isinstance(raw, dict) and "keywords" in raw:
+            raise ValueError(
+                "match.keywords was renamed, because it never routed while the classifier was on: "
+                "move the words to the route's `hints` (the classifier learns from them, as before) "
+                "or to `match.words` (any of them routes the request, whatever the classifier says)"
+            )
+        return raw
+
     @property
     def empty(self) -> bool:
-        return not (self.keywords or self.patterns or self.metadata)
+        return not (self.words or self.patterns or self.metadata)
 
 
 class FallbackPolicy(_Strict):
@@ -116,6 +131,7 @@ class RouteSpec(_Strict):
     description: str = ""
     match: MatchRule = Field(default_factory=MatchRule)
     examples: list[str] = Field(default_factory=list)  # labeled utterances the classifier learns from
+    hints: list[str] = Field(default_factory=list)  # words the classifier learns from too (weakly); they never route on their own
     escalate_to: str | None = None  # the route that takes this route's requests when they are complex
     # How a streamed request's partial text reaches the client: "live" as the model writes it
     # (the output gate then applies to the final Reply only), or "after_gate": nothing
@@ -135,7 +151,19 @@ class RouteSpec(_Strict):
     def _expand_steps(cls, raw: Any) -> list[dict[str, Any]]:
         if not isinstance(raw, list) or not raw:
             raise ValueError("steps must be a non-empty list")
-        return [_expand_step(item) for item in raw]
+        steps, problems = [], []
+        for index, item in enumerate(raw):
+            try:
+                step = _expand_step(item)
+            except ValueError as exc:
+                problems.append(f"{index}: {exc}")
+                continue
+            step["params"], bad = _checked_params(step["name"], step["params"])
+            problems += [f"{index}.{problem}" for problem in bad]
+            steps.append(step)
+        if problems:
+            raise ValueError(_MANY.join(problems))
+        return steps
 
 
 class GuardSpec(_Strict):
@@ -187,6 +215,55 @@ class RetrievalSpec(_Strict):
     default_top_k: int = Field(default=4, gt=0, le=50)
 
 
+# -- step parameters: each kind of step says what it takes, so a typo or a wrong type is
+# refused when the file is loaded or applied, not on the first request of the route.
+
+
+class RetrieveParams(_Strict):
+    top_k: int | None = Field(default=None, gt=0, le=50)  # None: retrieval.default_top_k
+    corpora: list[str] | None = None  # None: every corpus
+
+
+class GenerateParams(_Strict):
+    models: list[str] = Field(default_factory=list)  # tried in order; empty: the route's models
+    task: Literal["answer", "chat", "summarize", "rewrite", "classify"] = "answer"
+    max_sentences: int = Field(default=3, gt=0)
+    labels: list[str] | None = None  # for task: classify
+
+
+class InputGateParams(_Strict):
+    threshold: float | None = Field(default=None, gt=0, le=1)  # None: guard.injection_threshold
+
+
+class RetrievalGateParams(_Strict):
+    min_score: float = Field(default=0.0, ge=0)
+    min_passages: int = Field(default=1, ge=0)
+    min_overlap: float = Field(default=0.0, ge=0, le=1)
+    neutralize: bool = True
+
+
+class OutputGateParams(_Strict):
+    min_grounded: float | None = Field(default=None, ge=0, le=1)
+
+
+STEP_PARAMS: dict[str, type[_Strict]] = {
+    "retrieve": RetrieveParams,
+    "generate": GenerateParams,
+    "guard.input": InputGateParams,
+    "guard.retrieval": RetrievalGateParams,
+    "guard.output": OutputGateParams,
+}
+
+
+def _checked_params(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The step's parameters, typed, or the problem with each bad one."""
+    model = STEP_PARAMS.get(name) or STEP_PARAMS[name.split(".", 1)[0]]
+    try:
+        return model.model_validate(params).model_dump(exclude_unset=True), []
+    except ValidationError as exc:
+        return params, [_describe(error, prefix=name) for error in exc.errors()]
+
+
 class MeshConfig(_Strict):
     version: str = "1"
     default_route: str
@@ -202,32 +279,75 @@ class MeshConfig(_Strict):
 
     @model_validator(mode="after")
     def _references_exist(self) -> MeshConfig:
-        problems = []
-        if self.default_route not in self.routes:
-            problems.append(f"default_route: {self.default_route!r} is not one of the routes {sorted(self.routes)}")
-        for name, route in self.routes.items():
-            if route.escalate_to is not None and route.escalate_to not in self.routes:
-                problems.append(f"routes.{name}.escalate_to: {route.escalate_to!r} is not one of the routes")
-            candidates = [m for v in route.variants for m in v.models] + ([route.shadow.model] if route.shadow else [])
-            for model in route.models + route.fallback.models + candidates:
-                if model not in self.models:
-                    problems.append(f"routes.{name}: model {model!r} is not in the models catalog")
-            for index, step in enumerate(route.steps):
-                model = step.params.get("model")
-                if model is not None and model not in self.models:
-                    problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the models catalog")
-                elif model is not None and route.models and model not in route.models:
-                    problems.append(f"routes.{name}.steps.{index}.model: {model!r} is not in the route's allow-list")
-        for name, tenant in self.tenants.items():
-            for model in tenant.models:
-                if model not in self.models:
-                    problems.append(f"tenants.{name}.models: {model!r} is not in the models catalog")
+        problems = reference_problems(self.model_dump())
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(_MANY.join(problems))
         return self
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
+
+
+_MANY = "\n"  # joins several problems found by one validator; _describe splits them again
+
+
+def reference_problems(raw: Any) -> list[str]:
+    """Names that point nowhere: routes, and models missing from the catalog or the route's allow-list.
+
+    Works on the raw file too, so these are reported alongside type errors elsewhere
+    (pydantic skips a model's own checks once a field has failed).
+    """
+    if not isinstance(raw, dict):
+        return []
+    models = _mapping(raw.get("models"))
+    routes = _mapping(raw.get("routes"))
+    problems = []
+    default_route = raw.get("default_route")
+    if isinstance(default_route, str) and routes and default_route not in routes:
+        problems.append(f"default_route: {default_route!r} is not one of the routes {sorted(routes)}")
+    for name, route in routes.items():
+        if not isinstance(route, dict):
+            continue
+        escalate_to = route.get("escalate_to")
+        if isinstance(escalate_to, str) and escalate_to not in routes:
+            problems.append(f"routes.{name}.escalate_to: {escalate_to!r} is not one of the routes")
+        allowed = _names(route.get("models"))
+        variants = [m for v in _list(route.get("variants")) if isinstance(v, dict) for m in _names(v.get("models"))]
+        shadow = _mapping(route.get("shadow")).get("model")
+        named = allowed + _names(_mapping(route.get("fallback")).get("models")) + variants + ([shadow] if isinstance(shadow, str) else [])
+        problems += [f"routes.{name}: model {model!r} is not in the models catalog" for model in dict.fromkeys(named) if model not in models]
+        for index, item in enumerate(_list(route.get("steps"))):
+            for model in _names(_step_params(item).get("models")):
+                if model not in models:
+                    problems.append(f"routes.{name}.steps.{index}.models: {model!r} is not in the models catalog")
+                elif allowed and model not in allowed:
+                    problems.append(f"routes.{name}.steps.{index}.models: {model!r} is not in the route's allow-list {allowed}")
+    for name, tenant in _mapping(raw.get("tenants")).items():
+        for model in _names(_mapping(tenant).get("models")):
+            if model not in models:
+                problems.append(f"tenants.{name}.models: {model!r} is not in the models catalog")
+    return problems
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _names(value: Any) -> list[str]:
+    return [item for item in _list(value) if isinstance(item, str)]
+
+
+def _step_params(item: Any) -> dict:
+    """A step's parameters, whether written in the file (`{retrieve: {...}}`) or expanded."""
+    if isinstance(item, dict) and "params" in item and "name" in item:
+        return _mapping(item["params"])
+    if isinstance(item, dict) and len(item) == 1:
+        return _mapping(next(iter(item.values())))
+    return {}
 
 
 def _expand_step(item: Any) -> dict[str, Any]:
@@ -255,13 +375,15 @@ def parse_config(text: str, source: str = "<text>") -> MeshConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+        raise ConfigError(source, [_yaml_problem(exc)]) from exc
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must be a mapping at the top level"])
     try:
         config = MeshConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from exc
+        problems = [line for error in exc.errors() for line in _describe(error).split(_MANY)]
+        problems += [p for p in reference_problems(raw) if p not in problems]  # found even past a type error
+        raise ConfigError(source, list(dict.fromkeys(problems))) from exc
     config.digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return config
 
@@ -275,9 +397,25 @@ def load_config(path: Path | str) -> MeshConfig:
     return parse_config(text, str(path))
 
 
-def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: not valid YAML: <problem>` (yaml's own text names a "<unicode string>")."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)])) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}not valid YAML: {problem}"
+
+
+def _describe(error: dict[str, Any], prefix: str = "") -> str:
+    """`where: why` for one pydantic error; a message holding several problems (one validator
+    checking a list) gives each its own line, under the same `where`."""
+    where = ".".join(str(part) for part in ([prefix] if prefix else []) + list(error["loc"])) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (misspelled?)"
-    return f"{where}: {message}"
+    return _MANY.join(f"{where}.{line}" if prefix == "" and _is_located(line) else f"{where}: {line}" for line in message.split(_MANY))
+
+
+def _is_located(line: str) -> bool:
+    """A problem that already starts with its own place (`3.retrieve.top_k: ...`)."""
+    head = line.split(":", 1)[0]
+    return ":" in line and " " not in head and head[:1].isdigit()

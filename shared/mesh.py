@@ -244,7 +244,7 @@ class Mesh:
             key = env.context.outputs.get(CACHE_KEY)
             if key and reply.ok and not reply.degraded:
                 bucket = await self.broker.key_value(subjects.CACHE_BUCKET, declare=False)
-                await cache_store(bucket, key, reply, config.routes[env.route].cache.ttl_s)
+                await cache_store(bucket, key, reply, config.routes[env.route].cache.ttl_s, env.context.question)
             tenant = env.request.metadata.get("tenant")
             if tenant in config.tenants and reply.cost_usd > 0:
                 ledger = TenantLedger(await self.broker.key_value(subjects.BUDGETS_BUCKET, declare=False))

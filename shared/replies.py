@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from shared.schema import Citation, Envelope, Error, Reply, Usage
@@ -15,14 +16,14 @@ DISCLAIMER = "disclaimer"  # a note the client must see before the answer
 
 def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
     outputs = env.context.outputs
-    answer = outputs.get(ANSWER, "")
+    answer, citations = renumber_citations(outputs.get(ANSWER, ""), _citations(env))
     if outputs.get(DISCLAIMER):
         answer = f"{outputs[DISCLAIMER]}\n\n{answer}"
     return Reply(
         request_id=env.request_id,
         ok=True,
         answer=answer,
-        citations=_citations(env),
+        citations=citations,
         degraded=bool(outputs.get(DEGRADED, False)),
         **_accounting(env, trace_id),
     )
@@ -41,6 +42,39 @@ def _citations(env: Envelope) -> list[Citation]:
         for index in cited
         if 0 < index <= len(passages)
     ]
+
+
+_MARKER = re.compile(r"\[(\d+)\]")
+
+
+def renumber_citations(answer: str, citations: list[Citation]) -> tuple[str, list[Citation]]:
+    """Number the cited sources 1, 2, ... in the order the answer first cites them.
+
+    Models cite passages by their place in the retrieved list, so an answer built from
+    the second and fifth passages would read [2] and [5] with no [1]; the reader gets
+    [1] and [2], in the text and the list alike. Markers that cite no passage are left alone.
+    """
+    by_passage = {c.index: c for c in citations}
+    order = [int(n) for n in _MARKER.findall(answer) if int(n) in by_passage]
+    order = list(dict.fromkeys(order + [c.index for c in citations]))
+    new = {old: position for position, old in enumerate(order, start=1)}
+    text = _MARKER.sub(lambda m: f"[{new[int(m.group(1))]}]" if int(m.group(1)) in new else m.group(0), answer)
+    return text, [by_passage[old].model_copy(update={"index": new[old]}) for old in order]
+
+
+def cited_first(text: str, cited: list[int], passages: list) -> tuple[str, list[int], list]:
+    """Reorder the passages so the ones the answer cites come first, in the order it cites
+    them, and renumber the answer's markers to match: what a model wrote as [2] and [5]
+    reads [1] and [2], and the passages still line up with the numbers (later gates check
+    groundedness against them)."""
+    order = [int(n) for n in _MARKER.findall(text) if 0 < int(n) <= len(passages)]
+    order = list(dict.fromkeys(order + [n for n in cited if 0 < n <= len(passages)]))
+    if order == list(range(1, len(order) + 1)):
+        return text, cited, passages
+    new = {old: position for position, old in enumerate(order, start=1)}
+    rest = [p for number, p in enumerate(passages, start=1) if number not in new]
+    text = _MARKER.sub(lambda m: f"[{new[int(m.group(1))]}]" if int(m.group(1)) in new else m.group(0), text)
+    return text, [new[n] for n in cited if n in new], [passages[old - 1] for old in order] + rest
 
 
 def _accounting(env: Envelope, trace_id: str | None) -> dict:

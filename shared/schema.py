@@ -65,9 +65,16 @@ class Request(_Wire):
     response_schema: dict[str, Any] | None = None
     stream: bool = False
     cache: bool = True  # False: never answer this request from the reply cache
+    # Sampling, forwarded to provider models (the gateway maps OpenAI's max_tokens,
+    # temperature and top_p here); the model's own max_output_tokens stays the ceiling.
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _has_text(self) -> Request:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give either 'prompt' or 'messages', not both: which one is the question would be a guess")
         if not self.text.strip():
             raise ValueError("the request needs a non-empty 'prompt' or a user message in 'messages'")
         return self
@@ -81,6 +88,24 @@ class Request(_Wire):
             if message.role == "user":
                 return message.content
         return ""
+
+
+def unknown_request_fields(data: Any) -> list[str]:
+    """The fields of a Request body that this version does not know, as dotted paths.
+
+    The router refuses them rather than ignore them: a client that sets a field expects
+    it to act (a newer client on an older mesh learns at once that it cannot). Envelopes
+    between services stay lenient (`_Wire`), so services of mixed versions interoperate.
+    """
+    if not isinstance(data, dict):
+        return []
+    unknown = [name for name in data if name not in Request.model_fields]
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for index, message in enumerate(messages):
+            if isinstance(message, dict):
+                unknown += [f"messages.{index}.{name}" for name in message if name not in ChatMessage.model_fields]
+    return unknown
 
 
 class Step(_Wire):

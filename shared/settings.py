@@ -3,16 +3,17 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_NATS_PORT = 4222  # where `baton up` starts NATS unless told --nats-port
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
 
-    nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    nats_url: str = Field(default=f"nats://127.0.0.1:{DEFAULT_NATS_PORT}", validation_alias="NATS_URL")
     # Each service connects as its own NATS user when these are set (deploy/nats holds the users).
     nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
     nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
@@ -35,6 +36,15 @@ class Settings(BaseSettings):
     default_timeout_s: float = 30.0
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+
+    @model_validator(mode="after")
+    def _find_running_mesh(self) -> "Settings":
+        """Without NATS_URL, the mesh `baton up` started (its state folder says where)."""
+        if "nats_url" not in self.model_fields_set:
+            from shared.mesh_file import read_mesh_file
+
+            self.nats_url = read_mesh_file(self.state_dir).get("nats_url") or self.nats_url
+        return self
 
 
 @lru_cache

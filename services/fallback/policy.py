@@ -8,6 +8,8 @@ Every failure ends in exactly one of these actions, chosen from the route's poli
 - degrade: answer extractively from the passages already retrieved, marked degraded
   (or, when retrieval found nothing, say plainly that the corpus has no answer);
 - refuse: a clear error the client can act on.
+A request that asks for JSON (`response_schema`) is never degraded: an extractive answer
+is prose, and prose with ok: true would break the caller's parser. It is refused instead.
 A bound on fallback depth keeps a request from looping.
 """
 
@@ -47,10 +49,15 @@ def decide(env: Envelope, config: MeshConfig, now: float | None = None) -> Decis
         model = _next_model(env, policy.models)
         if model and can_retry:
             return Decision("retry_model", f"{failed_step} failed ({error.code.value}); trying {model}", model)
+    wants_json = env.request.response_schema is not None
     if error.code == ErrorCode.NO_CONTEXT:
         if policy.no_context == "answer_without" and can_retry:
             return Decision("answer_without_context", "retrieval found nothing relevant; answering without the knowledge base, with a disclaimer")
+        if wants_json:
+            return Decision("refuse", "retrieval found nothing relevant, and a JSON answer cannot say so")
         return Decision("degrade", "retrieval found nothing relevant; saying so")
+    if wants_json:
+        return Decision("refuse", f"{failed_step or 'a step'} failed ({error.code.value}); the request asks for JSON, which a degraded extractive answer is not")
     if policy.degrade and env.context.passages:
         return Decision("degrade", f"{failed_step or 'a step'} failed ({error.code.value}); answering from retrieved passages")
     return Decision("refuse", f"{failed_step or 'a step'} failed ({error.code.value}) and the route has no fallback left")

@@ -25,6 +25,12 @@ AUTO = "baton/auto"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SESSION_ID = re.compile(r"^[A-Za-z0-9_\-=]{1,128}$")
 MAX_USER_CHARS = 256
+# Every body field the gateway acts on (or refuses with a reason below); any other is a
+# 400 naming it, never silently ignored. The last three are Baton's extensions.
+FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "n", "tools", "functions", "user", "metadata", "response_format", "max_latency_ms", "max_cost_usd", "cache",
+})
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
     if not isinstance(data, dict):
         raise errors.bad_request(None, "the request body must be a JSON object")
 
+    unsupported = sorted(set(data) - FIELDS)
+    if unsupported:
+        raise errors.bad_request(unsupported[0], f"{', '.join(map(repr, unsupported))}: not supported by Baton, so refused rather than ignored; supported: {', '.join(sorted(FIELDS))}")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise errors.bad_request("model", f"'model' is required and must be a string, e.g. {AUTO!r}")
@@ -103,12 +112,17 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise errors.bad_request("stream_options.include_usage", "'stream_options.include_usage' must be a boolean")
+    max_tokens = None
     for name in ("max_tokens", "max_completion_tokens"):
         value = _optional(data, name, int)
         if value is not None and value < 1:
             raise errors.bad_request(name, f"'{name}' must be at least 1")
-    _number_in(data, "temperature", 0, 2)
-    _number_in(data, "top_p", 0, 1)
+        max_tokens = value if max_tokens is None else max_tokens
+    sampling = {
+        "max_output_tokens": max_tokens,
+        "temperature": _number_in(data, "temperature", 0, 2),
+        "top_p": _number_in(data, "top_p", 0, 1),
+    }
     n = _optional(data, "n", int)
     if n not in (None, 1):
         raise errors.bad_request("n", "Baton returns one choice per request; 'n' must be 1")
@@ -138,6 +152,7 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
             max_latency_ms=max_latency_ms,
             max_cost_usd=max_cost_usd,
             stream=stream,
+            **{name: value for name, value in sampling.items() if value is not None},
             **extensions,
         )
     except ValidationError as exc:

@@ -232,7 +232,7 @@ class AnthropicMessages(HTTPProvider):
             headers["x-api-key"] = self._api_key
         return headers
 
-    def _payload(self, system: str, turns: list[dict[str, str]], max_tokens: int, temperature: float, stream: bool) -> dict[str, Any]:
+    def _payload(self, system: str, turns: list[dict[str, str]], max_tokens: int, temperature: float, stream: bool, top_p: float | None = None) -> dict[str, Any]:
         if not turns:
             raise self._error("bad_request", "there is no user or assistant message to send")
         payload: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens}
@@ -240,6 +240,8 @@ class AnthropicMessages(HTTPProvider):
             payload["system"] = system
         payload["messages"] = turns
         payload["temperature"] = min(max(float(temperature), 0.0), _MAX_TEMPERATURE)
+        if top_p is not None:
+            payload["top_p"] = top_p
         payload["stream"] = stream
         return payload
 
@@ -285,12 +287,13 @@ class AnthropicMessages(HTTPProvider):
         *,
         max_tokens: int = 512,
         temperature: float = 0.2,
+        top_p: float | None = None,
         timeout_s: float | None = None,
     ) -> Generation:
         """One message; `timeout_s` bounds the whole call, not just each network wait."""
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         system, turns = split_messages(messages)
-        payload = self._payload(system, turns, max_tokens, temperature, stream=False)
+        payload = self._payload(system, turns, max_tokens, temperature, stream=False, top_p=top_p)
         try:
             # httpx timeouts bound each phase; asyncio.timeout bounds a server that trickles bytes.
             async with asyncio.timeout(timeout):
@@ -350,6 +353,7 @@ class AnthropicMessages(HTTPProvider):
         *,
         max_tokens: int = 512,
         temperature: float = 0.2,
+        top_p: float | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[str | Generation]:
         """Text deltas as they arrive, then one `Generation` with the full text and usage.
@@ -359,7 +363,7 @@ class AnthropicMessages(HTTPProvider):
         """
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         system, turns = split_messages(messages)
-        payload = self._payload(system, turns, max_tokens, temperature, stream=True)
+        payload = self._payload(system, turns, max_tokens, temperature, stream=True, top_p=top_p)
         state = _StreamState(model=self.model)
         started = False
         try:

@@ -13,7 +13,8 @@ from shared.breakers import Breakers
 from shared.budgets import TenantLedger, request_budget_left
 from shared.experiments import stable_fraction
 from shared.mesh import Mesh, StepFailed
-from shared.replies import ANSWER, CITATIONS
+from services.generator.local import split_sentences
+from shared.replies import ANSWER, CITATIONS, cited_first
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
@@ -63,17 +64,22 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     if choice.skipped:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "skipped": choice.skipped}))
     record.model = choice.name  # recorded even if the call fails: the fallback skips it
-    call = model_call(env.context.question, env.context.passages, env.context.history, params)
+    call = model_call(env.context.question, env.context.passages, env.context.history, params, env.request)
     # The generate hop's span is the model call's span (OpenInference LLM, GenAI attributes):
     # one span less per request than a child span would cost, and nothing else runs in it.
     span = trace.get_current_span()
     span.set_attributes(llm_attributes(choice, env, call))
     try:
         timeout_s = step_time_left(env, record)
-        if streams_live(env, pool):
+        live = streams_live(env, pool)
+        if live and choice.spec.provider != "local":
             generation = await pool.stream(choice, call, timeout_s, on_delta=chunk_sender(env))
         else:
             generation = await pool.generate(choice, call, timeout_s, on_retry=retry_noter(env, choice.name, span))
+            # Sources numbered from [1] before any text leaves (a remote stream is already out).
+            generation.text, generation.citations, env.context.passages = cited_first(generation.text, generation.citations, env.context.passages)
+            if live:
+                await send_sentences(generation.text, chunk_sender(env))
     except ProviderError as exc:
         env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "error": exc.kind}))
         telemetry.mark_model_failed(span, exc.kind, str(exc))
@@ -152,6 +158,12 @@ def retry_noter(env: Envelope, model: str, span=None):
 
 def streams_live(env: Envelope, pool: ModelPool) -> bool:
     return env.request.stream and env.reply_to is not None and pool.config.routes[env.route].stream == "live"
+
+
+async def send_sentences(text: str, send) -> None:
+    """The local model answers at once: stream it a sentence at a time."""
+    for sentence in split_sentences(text):
+        await send(sentence + " ")
 
 
 def chunk_sender(env: Envelope):

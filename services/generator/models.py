@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.generator.local import LocalExtractive, split_sentences
-from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages
+from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages, estimate_tokens
 from shared.breakers import Breakers
 from shared.budgets import estimate_cost
 from shared.config import MeshConfig, ModelSpec
 from shared.retry import retrying
-from shared.schema import ChatMessage, Passage
+from shared.schema import ChatMessage, Passage, Request
 
 TASK_PROMPTS = {
     "chat": "You are Spoke & Chain's friendly bike-shop assistant. Reply briefly.",
@@ -56,6 +56,15 @@ class ModelCall:
     task: str = "answer"
     max_sentences: int = 3
     labels: list[str] | None = None
+    # The client's sampling settings (the gateway's max_tokens, temperature, top_p), forwarded
+    # to provider models; the model's own max_output_tokens stays the ceiling.
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+    def sampling(self, spec: ModelSpec) -> dict[str, Any]:
+        limit = spec.max_output_tokens if self.max_tokens is None else min(self.max_tokens, spec.max_output_tokens)
+        return {"max_tokens": limit, "temperature": 0.2 if self.temperature is None else self.temperature, "top_p": self.top_p}
 
 
 class ModelPool:
@@ -100,14 +109,15 @@ class ModelPool:
     async def generate(self, choice: Choice, call: ModelCall, timeout_s: float, on_retry: Callable[[int, Exception, float], None] | None = None) -> Generation:
         """One answer from `choice`, retried on errors that can succeed, within `timeout_s`."""
         if choice.spec.provider == "local":
-            return self.local.generate(
+            generation = self.local.generate(
                 call.question, call.passages, task=call.task, history=call.history, max_sentences=call.max_sentences, labels=call.labels
             )
+            return cut_to_tokens(generation, call.max_tokens)
         client = self._client(choice)
         messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
 
         async def attempt(remaining_s: float) -> Generation:
-            return await client.generate(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=min(remaining_s, choice.spec.timeout_s))
+            return await client.generate(messages, **call.sampling(choice.spec), timeout_s=min(remaining_s, choice.spec.timeout_s))
 
         try:
             generation = await retrying(
@@ -135,7 +145,7 @@ class ModelPool:
         client = self._client(choice)
         messages = build_messages(call.question, call.passages if call.task == "answer" else [], call.history, TASK_PROMPTS.get(call.task))
         final = None
-        async for piece in client.stream(messages, max_tokens=choice.spec.max_output_tokens, timeout_s=timeout_s):
+        async for piece in client.stream(messages, **call.sampling(choice.spec), timeout_s=timeout_s):
             if isinstance(piece, str):
                 await on_delta(piece)
             else:
@@ -162,8 +172,22 @@ class ModelPool:
             await client.aclose()
 
 
-def model_call(question: str, passages: list[Passage], history: list[ChatMessage], params: Mapping[str, Any]) -> ModelCall:
+def cut_to_tokens(generation: Generation, max_tokens: int | None) -> Generation:
+    """The local model writes whole sentences; a client's max_tokens still bounds them
+    (at a word boundary, about 4 characters a token), as a provider would."""
+    if max_tokens is None or estimate_tokens(generation.text) <= max_tokens:
+        return generation
+    cut = generation.text[: max_tokens * 4].rsplit(" ", 1)[0] if max_tokens * 4 < len(generation.text) else generation.text
+    generation.text = cut
+    generation.finish_reason = "length"
+    generation.usage = generation.usage.model_copy(update={"output_tokens": min(generation.usage.output_tokens, max_tokens)})
+    return generation
+
+
+def model_call(question: str, passages: list[Passage], history: list[ChatMessage], params: Mapping[str, Any], request: Request | None = None) -> ModelCall:
+    sampling = {"max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p} if request else {}
     return ModelCall(
+        **sampling,
         question=question,
         passages=passages,
         history=history,

@@ -333,13 +333,15 @@ class OpenAICompatible(HTTPProvider):
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
 
-    def _payload(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, temperature: float, stream: bool) -> dict[str, Any]:
+    def _payload(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, temperature: float, stream: bool, top_p: float | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
+        if top_p is not None:
+            payload["top_p"] = top_p
         if stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
@@ -376,12 +378,13 @@ class OpenAICompatible(HTTPProvider):
         *,
         max_tokens: int = 512,
         temperature: float = 0.2,
+        top_p: float | None = None,
         timeout_s: float | None = None,
     ) -> Generation:
         """One chat completion; `timeout_s` bounds the whole call, not just each network wait."""
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         wire = [_as_dict(message) for message in messages]
-        payload = self._payload(wire, max_tokens, temperature, stream=False)
+        payload = self._payload(wire, max_tokens, temperature, stream=False, top_p=top_p)
         try:
             # httpx timeouts bound each phase; asyncio.timeout bounds a server that trickles bytes.
             async with asyncio.timeout(timeout):
@@ -429,6 +432,7 @@ class OpenAICompatible(HTTPProvider):
         *,
         max_tokens: int = 512,
         temperature: float = 0.2,
+        top_p: float | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[str | Generation]:
         """Text deltas as they arrive, then one `Generation` with the full text and usage.
@@ -438,7 +442,7 @@ class OpenAICompatible(HTTPProvider):
         """
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         wire = [_as_dict(message) for message in messages]
-        payload = self._payload(wire, max_tokens, temperature, stream=True)
+        payload = self._payload(wire, max_tokens, temperature, stream=True, top_p=top_p)
         state = _StreamState(model=self.model)
         started = False
         try:

@@ -1,5 +1,6 @@
 """router: validates each Request, picks its route, writes the slip, passes the baton."""
 
+import json
 import logging
 import re
 import uuid
@@ -12,7 +13,7 @@ from shared import metrics, subjects, telemetry
 from shared.mesh import Mesh, validation_details
 from shared import cache
 from shared.cache import cache_key
-from shared.schema import Error, ErrorCode, Event, Request
+from shared.schema import Error, ErrorCode, Event, Request, unknown_request_fields
 
 mesh = Mesh("router")
 app = mesh.app
@@ -57,13 +58,18 @@ async def route(body: bytes) -> None:
         span.set_attributes({**telemetry.envelope_attributes(env), A.CONFIG_VERSION: env.config_version})
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
-            cached = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)
-            metrics.CACHE_HITS.labels(env.route, "hit" if cached else "miss").inc()
-            if cached is not None:
+            hit = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)
+            if hit is not None and request.session_id and hit.question is None:
+                hit = None  # no gated question to record as the session's turn: answer afresh
+            metrics.CACHE_HITS.labels(env.route, "hit" if hit else "miss").inc()
+            if hit is not None:
                 env.events.append(Event(kind="cache", step="route", data={"hit": True}))
                 mesh.observe(span, env, env.events)
-                reply = cache.served_from_cache(cached, env, telemetry.trace_id_of(span))
+                reply = cache.served_from_cache(hit.reply, env, telemetry.trace_id_of(span))
                 telemetry.record_reply(span, reply)
+                if request.session_id:  # a hit is a turn too: the follow-up needs it
+                    env.context.question = hit.question
+                    await mesh.remember_turn(env, reply)
                 await mesh.deliver(reply, reply_to, client)
                 return
             env.context.outputs[cache.CACHE_KEY] = key
@@ -94,11 +100,17 @@ def check_request(request_id: str, body: bytes) -> Request | Error:
     except UnicodeDecodeError as exc:
         return Error(code=ErrorCode.INVALID_REQUEST, message=f"the request body is not UTF-8 JSON (bad byte at position {exc.start})")
     try:
-        return Request.model_validate_json(body)
+        request = Request.model_validate_json(body)
     except ValidationError as exc:
         details = validation_details(exc)
         message = "invalid request: " + "; ".join(f"{d['field']}: {d['problem']}" for d in details)
         return Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details)
+    unknown = unknown_request_fields(json.loads(body))
+    if unknown:
+        details = [{"field": name, "problem": "unknown field"} for name in unknown]
+        message = f"invalid request: unknown field {', '.join(map(repr, unknown))}; this mesh's Request (schema v{request.schema_version}) has {', '.join(Request.model_fields)}"
+        return Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details)
+    return request
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Plain Python, no NATS. Two questions are answered here:
 
 * `RouteClassifier` learns routes from the labeled `examples` each route carries in
-  the config (plus its `match.keywords`, as weak hints) and returns a probability
+  the config (plus its `hints`, as weak hints) and returns a probability
   for every route. The default backend is TF-IDF (word 1-2 grams and char_wb 2-5
   grams) with a logistic regression: deterministic, trains in well under a second
   on a few hundred examples and predicts in well under a millisecond.
@@ -299,9 +299,9 @@ class RouteClassifier:
 
     @classmethod
     def from_config(cls, config: MeshConfig, *, backend: str | None = None) -> RouteClassifier:
-        """Train on the routes' `examples` and `match.keywords`; the backend defaults to `routing.classifier`."""
+        """Train on the routes' `examples` and `hints`; the backend defaults to `routing.classifier`."""
         examples = {name: list(route.examples) for name, route in config.routes.items()}
-        keywords = {name: list(route.match.keywords) for name, route in config.routes.items()}
+        keywords = {name: list(route.hints) for name, route in config.routes.items()}
         chosen = backend or config.routing.classifier
         if chosen == "off":
             raise ValueError("routing.classifier is 'off': the router uses its rules only")

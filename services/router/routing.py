@@ -3,9 +3,9 @@
 Order of precedence, first match wins:
 1. an explicit route hint (an unknown one is an error);
 2. metadata rules (risk level, tenant tier: the Stripe pattern);
-3. pattern rules, which are written for their route;
-4. the classifier trained from the routes' example utterances, when confident enough;
-   with the classifier off, keyword rules take its place;
+3. pattern rules, then word rules (`match.words`), which are written for their route;
+4. the classifier trained from the routes' example utterances (and `hints`), when
+   confident enough;
 5. the configured default route.
 Then a complex request on a route that names `escalate_to` moves to that route (the
 frontier tier with more context). The decision, its reason and confidence travel
@@ -39,8 +39,8 @@ class RouteDecision:
 class Router:
     def __init__(self, config: MeshConfig):
         self.config = config
-        self._keyword_res = {
-            name: [re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE) for word in spec.match.keywords]
+        self._word_res = {
+            name: [re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE) for word in spec.match.words]
             for name, spec in config.routes.items()
         }
         self._pattern_res = {
@@ -69,16 +69,16 @@ class Router:
         if by_pattern is not None:
             name, matched = by_pattern
             return RouteDecision(name, f"pattern {_readable(matched[0])}", 1.0)
+        by_words = self._best_rule(self._word_res, text)
+        if by_words is not None:
+            name, matched = by_words
+            return RouteDecision(name, "words " + ", ".join(_readable(p) for p in matched[:3]), 1.0)
         if self.classifier is not None:
             route, probability = self.classifier.best(text)
             if probability >= self.config.routing.min_confidence:
                 return RouteDecision(route, f"classifier {probability:.2f}", round(probability, 4))
             fallback_reason = f"classifier unsure ({route} {probability:.2f} < {self.config.routing.min_confidence})"
         else:
-            by_keyword = self._best_rule(self._keyword_res, text)
-            if by_keyword is not None:
-                name, matched = by_keyword
-                return RouteDecision(name, "keywords " + ", ".join(_readable(p) for p in matched[:3]), min(1.0, 0.5 + 0.25 * len(matched)))
             fallback_reason = "no rule matched"
         return RouteDecision(self.config.default_route, f"{fallback_reason}: default route", 0.3)
 
@@ -158,5 +158,5 @@ def _route_event(decision: RouteDecision) -> Event:
 
 
 def _readable(pattern: str) -> str:
-    # Keyword regexes are r"\bword\b": show just the word.
+    # Word-rule regexes are r"\bword\b": show just the word.
     return re.sub(r"\\b|\\", "", pattern) if pattern.startswith(r"\b") else pattern

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 import subprocess
@@ -94,3 +95,92 @@ def test_the_sync_client_asks_submits_fetches_and_streams(mesh):
         assert all(isinstance(i, str) for i in items[:-1]) and items[-1].ok
     with pytest.raises(Unreachable):
         SyncBatonClient("nats://127.0.0.1:1")
+
+
+# -- the first hour (issue 17): one line with a next step, documented exit codes -------------
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr and "Error:" not in done.stderr.replace("error:", ""), done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (("ask", ""), 2, "non-empty 'prompt'"),
+        (("ask", "hi", "--meta", "risk"), 2, "key=value"),
+        (("result", "bad id!"), 2, "not a request id"),
+        (("result", "never-asked-1"), 4, "BATON_CLIENT_ID"),
+    ],
+    ids=["empty-prompt", "meta-without-equals", "bad-request-id", "unknown-result"],
+)
+def test_cli_mistakes_get_one_line_and_their_exit_code(mesh, args, code, says):
+    done = baton(mesh, *args)
+    assert done.returncode == code, done.stderr
+    assert says in one_line_error(done)
+
+
+def test_the_exit_codes_are_in_the_help():
+    done = subprocess.run([sys.executable, "-m", "baton", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    text = " ".join(done.stdout.split())
+    for meaning in ("0 done", "1 the mesh (NATS) cannot be reached", "2 bad input", "3 the request failed", "4 not found"):
+        assert meaning in text
+
+
+def test_ask_stream_prints_the_answer_once_and_ends_cleanly(mesh):
+    done = baton(mesh, "ask", "How do I bleed Shimano brakes?", "--stream")
+    assert done.returncode == 0, done.stderr
+    assert "Draining" not in done.stderr and "Traceback" not in done.stderr and done.stderr.strip() == ""
+    assert done.stdout.lower().count("mineral oil") == 1
+
+
+def test_a_cached_answer_says_so_in_the_panel(mesh):
+    first = baton(mesh, "ask", "How do I index my rear derailleur?")
+    again = baton(mesh, "ask", "How do I index my rear derailleur?")
+    assert first.returncode == 0 and again.returncode == 0
+    route_line = lambda out: next(line for line in out.splitlines() if " route " in line)
+    assert "cached" not in route_line(first.stdout) and "cached" in route_line(again.stdout)
+
+
+def test_status_acked_is_the_consumers_count_not_a_stream_sequence(mesh):
+    import asyncio
+
+    from baton.client import BatonClient
+    from shared import subjects
+
+    done = baton(mesh, "status")
+    assert done.returncode == 0
+
+    async def infos():
+        async with BatonClient(mesh.nats_url) as client:
+            return await client.js.consumer_info(subjects.STREAM, subjects.durable("router"))
+
+    info = asyncio.run(infos())
+    row = next(line for line in done.stdout.splitlines() if "router" in line)
+    acked = int(re.findall(r"\d+", row)[-1])
+    assert info.ack_floor.stream_seq > info.ack_floor.consumer_seq  # the stream also holds every other hop
+    assert info.ack_floor.consumer_seq - 2 <= acked <= info.ack_floor.consumer_seq  # read a moment apart
+
+
+def test_config_apply_refuses_a_bad_step_parameter_and_an_unknown_model_naming_each(mesh, tmp_path):
+    text = (ROOT / "shared" / "default_config.yaml").read_text()
+    text = text.replace("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {top_k: many, corpora: [handbook]", 1)
+    text = text.replace("generate: {models: [gpt-small, local-extractive], budget_ms: 15000}", "generate: {models: [gpt-smal, local-extractive], budget_ms: 15000}", 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    done = baton(mesh, "config", "apply", str(bad))
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and "retrieve.top_k" in done.stderr and "'gpt-smal'" in done.stderr
+    assert "unchanged" in done.stderr
+
+
+def test_a_yaml_syntax_error_is_shown_intact_with_file_and_line(mesh, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nroutes: [unclosed\nfoo: 1\n")
+    done = baton(mesh, "config", "apply", str(broken))
+    assert done.returncode == 2
+    text = " ".join(done.stderr.split())
+    assert str(broken) in text and "line 3, column 4" in text and "expected ',' or ']'" in text

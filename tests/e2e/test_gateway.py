@@ -301,3 +301,36 @@ async def test_the_gateway_adds_little_latency_over_the_bus_client(sdk, gateway,
                 assert http_ms < bus_ms * 3 + 100  # a sanity bound, not a benchmark
     with capsys.disabled():
         print(f"\n[gateway latency, medians of {runs} interleaved sequential requests]\n  " + "\n  ".join(lines))
+
+
+# -- issue 17: JSON mode never answers prose; parameters are forwarded or refused ------------
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"fluid": {"type": "string"}}, "required": ["fluid"]}}}],
+    ids=["json_object", "json_schema"],
+)
+def test_json_mode_never_gets_200_with_prose(sdk, response_format):
+    import json as json_module
+
+    from openai import APIStatusError
+
+    try:
+        completion = ask(sdk, QUESTION, response_format=response_format, extra_body={"cache": False})
+    except APIStatusError as refused:
+        assert refused.status_code == 400 and "json" in refused.message.lower()
+    else:
+        json_module.loads(completion.choices[0].message.content)  # 200 only with JSON
+
+
+def test_max_tokens_reaches_the_model_and_an_unsupported_parameter_is_refused(sdk, gateway):
+    short = ask(sdk, QUESTION, max_tokens=12, extra_body={"cache": False})
+    full = ask(sdk, QUESTION, extra_body={"cache": False})
+    assert len(short.choices[0].message.content) < len(full.choices[0].message.content)
+    response = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        json={"model": "baton/auto", "messages": [{"role": "user", "content": QUESTION}], "presence_penalty": 0.5},
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "presence_penalty"

@@ -248,3 +248,71 @@ async def test_every_service_serves_prometheus_metrics_with_batons_measures(clie
     assert "baton_step_duration_seconds_bucket" in texts["retriever"]
     assert 'baton_model_tokens_total{direction="input",model="local-extractive"}' in texts["generator"]
     assert 'baton_replies_total{outcome="answered",route="factual"}' in texts["guardrail"]
+
+
+# -- the first hour (issue 17) ----------------------------------------------------------
+
+
+async def test_a_cache_hit_still_records_the_sessions_turn(client):
+    question = "How do I check whether my brake pads are worn?"
+    filled = await client.ask(question)  # no session: fills the cache
+    assert filled.ok and not filled.cached
+    first = await client.ask(question, session_id="cached-start")
+    assert first.cached
+    turns = json.loads((await (await client.js.key_value("baton_sessions")).get("cached-start")).value)["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[0]["content"] == question and turns[1]["content"] == first.answer
+    follow_up = await client.ask("And on disc brakes?", session_id="cached-start")
+    assert follow_up.ok and not follow_up.cached
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (b'{"prompt": "How do I fix a puncture?", "deadline_ms": 100}', "deadline_ms"),
+        (b'{"prompt": "hi", "messages": [{"role": "user", "content": "hello"}]}', "not both"),
+        (b'{"messages": [{"role": "user", "content": "hello", "name": "bob"}]}', "messages.0.name"),
+    ],
+    ids=["unknown-field", "prompt-and-messages", "unknown-message-field"],
+)
+async def test_a_request_field_the_mesh_cannot_honour_is_refused_by_name(client, body, names):
+    reply = await asyncio.wait_for(await client.send_raw(body), 5)
+    assert not reply.ok and reply.error.code == ErrorCode.INVALID_REQUEST
+    assert names in reply.error.message
+
+
+async def test_citations_are_numbered_from_one_in_the_answer_and_the_list(client):
+    replies = await asyncio.gather(*(client.ask(s["question"], cache=False) for s in SAMPLES if s["source"]))
+    for reply in replies:
+        numbers = [c.index for c in reply.citations]
+        assert numbers == list(range(1, len(numbers) + 1)), (reply.answer, numbers)
+        assert set(int(n) for n in re.findall(r"\[(\d+)\]", reply.answer)) == set(numbers)
+
+
+async def test_the_python_client_raises_its_own_errors_for_input_it_cannot_send(client):
+    from baton.client import BatonError, InvalidRequest
+
+    for bad in ("", "   ", "lone \ud800 surrogate"):
+        with pytest.raises(InvalidRequest):
+            await client.ask(bad)
+    with pytest.raises(BatonError):
+        await client.result("bad id!")
+
+
+async def test_a_second_client_with_the_same_client_id_fetches_the_first_ones_result(mesh, monkeypatch):
+    monkeypatch.setenv("BATON_CLIENT_ID", "shared-id")
+    async with BatonClient(mesh.nats_url) as first:
+        reply = await first.ask("How do I clean my chain?")
+    async with BatonClient(mesh.nats_url) as second:
+        assert second.client_id == "shared-id"
+        stored = await second.result(reply.request_id)
+    assert stored is not None and stored.answer == reply.answer
+
+
+async def test_json_mode_on_the_bus_never_answers_ok_with_text_that_is_not_json(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    reply = await client.ask("What fluid do Shimano hydraulic disc brakes use?", response_schema=schema, cache=False)
+    if reply.ok:
+        assert json.loads(reply.answer)["answer"]
+    else:
+        assert reply.error.code == ErrorCode.OUTPUT_REJECTED and "json" in reply.error.message.lower()

@@ -60,6 +60,56 @@ def test_a_missing_file_says_what_to_set(tmp_path):
 
 def test_a_step_model_outside_the_route_allow_list_is_refused():
     text = _with(("generate: {models: [gpt-small, local-extractive], budget_ms: 15000}\n      - guard.output\n    latency_budget_ms: 20000\n    models: [gpt-small, local-extractive]\n    fallback",
-                  "generate: {model: gpt-frontier, budget_ms: 15000}\n      - guard.output\n    latency_budget_ms: 20000\n    models: [gpt-small, local-extractive]\n    fallback"))
+                  "generate: {models: [gpt-frontier], budget_ms: 15000}\n      - guard.output\n    latency_budget_ms: 20000\n    models: [gpt-small, local-extractive]\n    fallback"))
     with pytest.raises(ConfigError, match="allow-list"):
         parse_config(text)
+
+
+# -- issue 17: step parameters and model names checked on load, every mistake named ---------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {top_k: many, corpora: [handbook]"), "routes.factual.steps.1.retrieve.top_k"),
+        (("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {top_k: 0, corpora: [handbook]"), "routes.factual.steps.1.retrieve.top_k"),
+        (("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {topk: 4, corpora: [handbook]"), "routes.factual.steps.1.retrieve.topk"),
+        (("guard.retrieval: {min_overlap: 0.6}", "guard.retrieval: {min_overlap: lots}"), "guard.retrieval.min_overlap"),
+        (("generate: {task: chat,", "generate: {task: chatter,"), "generate.task"),
+        (("generate: {task: chat, models: [local-extractive]", "generate: {task: chat, models: [local-extractiv]"), "'local-extractiv' is not in the models catalog"),
+    ],
+)
+def test_a_bad_step_parameter_or_unknown_model_is_refused_on_load(change, named):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_with(change), "test.yaml")
+    assert named in str(caught.value)
+
+
+def test_every_mistake_in_a_file_is_named_not_only_the_first():
+    text = DEFAULT.read_text()
+    for old, new in [
+        ("provider: local", "provider: lokal"),
+        ("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {top_k: many, corpora: [handbook]"),
+        ("generate: {models: [gpt-small, local-extractive], budget_ms: 15000}", "generate: {models: [gpt-smal, local-extractive], budget_ms: 15000}"),
+        ("      - guard.output\n    latency_budget_ms: 5000", "      - guard.outptu\n    latency_budget_ms: 5000"),
+    ]:
+        text = text.replace(old, new, 1)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "test.yaml")
+    message = str(caught.value)
+    for named in ("models.local-extractive.provider", "retrieve.top_k", "'gpt-smal'", "guard.outptu"):
+        assert named in message
+    assert len(caught.value.problems) >= 4
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column():
+    with pytest.raises(ConfigError) as caught:
+        parse_config("version: 1\nroutes: [unclosed\nfoo: 1\n", "mine.yaml")
+    message = str(caught.value)
+    assert "mine.yaml" in message and "line 3, column 4" in message and "<unicode string>" not in message
+
+
+def test_validated_step_parameters_reach_the_services_typed():
+    text = _with(("retrieve: {top_k: 4, corpora: [handbook]", "retrieve: {top_k: '6', corpora: [handbook]"))
+    retrieve = parse_config(text).routes["factual"].steps[1]
+    assert retrieve.params == {"top_k": 6, "corpora": ["handbook"]}

@@ -61,3 +61,11 @@ def test_fallback_depth_is_bounded(config):
     env = failed(config, ErrorCode.MODEL_ERROR)
     env.attempt = config.routes["factual"].fallback.max_depth
     assert decide(env, config).action == "degrade"
+
+
+@pytest.mark.parametrize(("code", "step"), [(ErrorCode.OUTPUT_REJECTED, "guard.output"), (ErrorCode.MODEL_ERROR, "generate"), (ErrorCode.NO_CONTEXT, "guard.retrieval")])
+def test_a_json_request_is_refused_never_degraded_to_prose(config, code, step):
+    env = failed(config, code, step=step, tried=("gpt-small", "local-extractive"))
+    env.request = env.request.model_copy(update={"response_schema": {"type": "object"}})
+    decision = decide(env, config)
+    assert decision.action == "refuse" and "JSON" in decision.reason

@@ -404,3 +404,18 @@ def test_main_refuses_a_bad_key_list_without_printing_it():
     done = subprocess.run([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "BATON_GATEWAY_KEYS" in done.stderr and "sk-very-secret" not in done.stderr + done.stdout
+
+
+# -- sampling parameters: forwarded, and nothing silently ignored (issue 17) -------------
+
+
+def test_max_tokens_temperature_and_top_p_are_forwarded_on_the_request():
+    request = parse(body(max_tokens=50, temperature=0.7, top_p=0.9)).request
+    assert (request.max_output_tokens, request.temperature, request.top_p) == (50, 0.7, 0.9)
+    assert parse(body(max_completion_tokens=40)).request.max_output_tokens == 40
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "stop", "seed", "logit_bias"])
+def test_an_openai_parameter_baton_does_not_act_on_is_refused_by_name(field):
+    error = bad(body(**{field: 1}))
+    assert error.status == 400 and field in error.message

@@ -506,3 +506,15 @@ async def test_the_answer_keeps_the_providers_model_and_id_for_the_trace(provide
     assert result.response_model == "fake-model"  # gen_ai.response.model: what the provider said
     deltas, streamed = await collect(provider, QUESTION)
     assert streamed.response_id and streamed.response_model == "fake-model"
+
+
+@pytest.mark.asyncio
+async def test_the_clients_sampling_settings_reach_the_provider_capped_by_the_model(fake: FakeOpenAI) -> None:
+    from services.generator.models import ModelCall
+
+    spec = ModelSpec(provider="openai", max_output_tokens=100)
+    call = ModelCall(question="q", passages=[], history=[], max_tokens=500, temperature=0.9, top_p=0.5)
+    async with OpenAICompatible(fake.base_url, None, "fake-model") as client:
+        await client.generate(QUESTION, **call.sampling(spec))
+    sent = fake.calls[-1]["body"]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (100, 0.9, 0.5)

@@ -88,3 +88,62 @@ def test_eval_routing_accuracy_on_the_labeled_set_stays_high(router):
     items = load_labeled(ROOT / "tests" / "data" / "routing_eval.jsonl")
     report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
     assert len(items) >= 60 and report.accuracy >= 0.9
+
+
+def test_citations_are_renumbered_from_one_in_the_order_the_answer_cites_them():
+    from shared.replies import renumber_citations
+    from shared.schema import Citation
+
+    answer = "Use mineral oil [3]. Bleed yearly [5]. Mineral oil again [3]; see step [9]."
+    text, citations = renumber_citations(answer, [Citation(index=5, source="b.md"), Citation(index=3, source="a.md")])
+    assert text == "Use mineral oil [1]. Bleed yearly [2]. Mineral oil again [1]; see step [9]."
+    assert [(c.index, c.source) for c in citations] == [(1, "a.md"), (2, "b.md")]
+
+
+def test_the_generator_reorders_passages_so_cited_sources_read_from_one():
+    from shared.replies import cited_first
+
+    passages = ["p1", "p2", "p3", "p4"]
+    text, cited, reordered = cited_first("Oil [3]. Bleed [2]. Oil [3].", [2, 3], passages)
+    assert text == "Oil [1]. Bleed [2]. Oil [1]."
+    assert cited == [2, 1] and reordered == ["p3", "p2", "p1", "p4"]
+    assert cited_first("A [1]. B [2].", [1, 2], passages) == ("A [1]. B [2].", [1, 2], passages)
+
+
+# -- issue 17: what `match` means is explicit -----------------------------------------------
+
+TYRES = """
+  tyres:
+    description: Tyre questions.
+    match:
+      words: [tubeless, tyre, tyres]
+    steps: [guard.input, generate]
+"""
+
+
+def _config_with(route_yaml: str):
+    from shared.config import parse_config
+
+    text = Settings().config.read_text().replace("\nroutes:\n", "\nroutes:\n" + route_yaml, 1)
+    return parse_config(text, "custom.yaml")
+
+
+def test_a_custom_route_matched_by_words_fires_while_the_classifier_is_on():
+    router = Router(_config_with(TYRES))
+    assert router.classifier is not None
+    decision = router.decide(Request(prompt="Is tubeless worth it?"))
+    assert decision.route == "tyres" and decision.reason == "words tubeless"
+
+
+def test_the_old_match_keywords_is_refused_with_the_way_to_migrate():
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        _config_with(TYRES.replace("words:", "keywords:"))
+    message = str(caught.value)
+    assert "routes.tyres.match" in message and "hints" in message and "match.words" in message
+
+
+def test_hints_teach_the_classifier_but_never_route_on_their_own():
+    router = Router(_config_with(TYRES.replace("    match:\n      words: [tubeless, tyre, tyres]\n", "    hints: [tubeless]\n    examples: [\"which tyres for winter\"]\n")))
+    assert router.decide(Request(prompt="Is tubeless worth it?")).reason != "words tubeless"
