@@ -126,8 +126,7 @@ class BatonClient:
         The root span of the request's trace covers it from publish to Reply, so a
         backend's root latency is the request's; a refused or degraded Reply is an error."""
         timeout_s = timeout_s or self.timeout_s
-        if isinstance(request, str):
-            request = Request(prompt=request, **fields)
+        request = _as_request(request, fields)
         with self.tracer.start_as_current_span("baton ask", kind=SpanKind.CLIENT, attributes=_root_attributes(request)) as root:
             request_id, future = await self._publish(request, None, {})
             try:
