@@ -13,9 +13,9 @@ split off, greedy longest match with "##" continuations), written out here becau
 
 from __future__ import annotations
 
+import re
 import threading
 import unicodedata
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 MODEL_PATH = Path(__file__).with_name("models") / "minilm_static.npz"
 _MAX_WORD_CHARS = 100  # BERT's limit: longer "words" are [UNK]
 _MAX_TOKENS = 512  # a long prompt is embedded from its first 512 tokens
+_CACHE_WORDS = 100_000  # memoized words per process (a few MB at most)
 
 
 class StaticEmbedder:
@@ -34,12 +35,12 @@ class StaticEmbedder:
         self.index = {token: i for i, token in enumerate(tokens)}
         self.unknown = self.index.get("[UNK]")
         self.dims = self.vectors.shape[1]
-        self._pieces = lru_cache(maxsize=65536)(self._wordpiece)
+        self._cache: dict[str, tuple[int, ...]] = {}
 
     def tokens(self, text: str) -> list[int]:
         ids: list[int] = []
         for word in _basic_words(text):
-            ids.extend(self._pieces(word))
+            ids.extend(self.pieces(word))
             if len(ids) >= _MAX_TOKENS:
                 return ids[:_MAX_TOKENS]
         return ids
@@ -55,6 +56,15 @@ class StaticEmbedder:
 
     def embed_many(self, texts: list[str]) -> np.ndarray:
         return np.stack([self.embed(text) for text in texts]) if texts else np.zeros((0, self.dims), np.float32)
+
+    def pieces(self, word: str) -> tuple[int, ...]:
+        """The word's WordPiece ids, memoized (a plain dict: cheaper per call than lru_cache)."""
+        found = self._cache.get(word)
+        if found is None:
+            found = self._wordpiece(word)
+            if len(self._cache) < _CACHE_WORDS:
+                self._cache[word] = found
+        return found
 
     def _wordpiece(self, word: str) -> tuple[int, ...]:
         if len(word) > _MAX_WORD_CHARS:
@@ -74,11 +84,9 @@ class StaticEmbedder:
         return tuple(pieces)
 
 
-def _is_punctuation(char: str) -> bool:
-    code = ord(char)
-    if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
-        return True
-    return unicodedata.category(char).startswith("P")
+_ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+_UNICODE_WORD = re.compile(r"[^\W_]+|[^\w\s]|_")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
 def _basic_words(text: str) -> list[str]:
@@ -86,25 +94,11 @@ def _basic_words(text: str) -> list[str]:
     text = text.lower()
     if not text.isascii():
         text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-        # CJK characters are words of their own in BERT's vocabulary.
-        text = "".join(f" {c} " if 0x4E00 <= ord(c) <= 0x9FFF or 0x3400 <= ord(c) <= 0x4DBF else c for c in text)
-    words = []
-    for chunk in text.split():
-        if chunk.isalnum():
-            words.append(chunk)
-            continue
-        current = ""
-        for char in chunk:
-            if _is_punctuation(char):
-                if current:
-                    words.append(current)
-                words.append(char)
-                current = ""
-            else:
-                current += char
-        if current:
-            words.append(current)
-    return words
+    if text.isascii():
+        return _ASCII_WORD.findall(text)  # the common case: one regex pass
+    # CJK characters are words of their own in BERT's vocabulary.
+    text = _CJK.sub(r" \g<0> ", text)
+    return _UNICODE_WORD.findall(text)
 
 
 _lock = threading.Lock()
@@ -118,3 +112,11 @@ def shared_embedder() -> StaticEmbedder:
         if _shared is None:
             _shared = StaticEmbedder()
         return _shared
+
+
+def pieces_per_word(text: str) -> float:
+    """WordPiece tokens per word (punctuation left out): about 1.0-1.3 for English, 2 or
+    more for a language the English vocabulary does not know (it breaks those words up)."""
+    embedder = shared_embedder()
+    words = [word for word in _basic_words(text) if word.isalnum()]
+    return sum(len(embedder.pieces(word)) for word in words) / len(words) if words else 0.0
