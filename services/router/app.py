@@ -12,6 +12,7 @@ from shared import metrics, subjects, telemetry
 from shared.mesh import Mesh, validation_details
 from shared import cache
 from shared.cache import cache_key
+from shared.embedder import shared_embedder
 from shared.schema import Error, ErrorCode, Event, Request
 
 mesh = Mesh("router")
@@ -57,16 +58,20 @@ async def route(body: bytes) -> None:
             span.set_attribute(A.CONTENT_PROMPT, request.text)
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
-            cached = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)
+            bucket = await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False)
+            cached, hit = await cache.lookup(bucket, key), {"hit": True}
+            if cached is None and (found := await cache.semantic_lookup(bucket, env)) is not None:
+                cached, hit = found[0], {"hit": True, "semantic": True, "paraphrase_of": found[1]}
             metrics.CACHE_HITS.labels(env.route, "hit" if cached else "miss").inc()
             if cached is not None:
-                env.events.append(Event(kind="cache", step="route", data={"hit": True}))
+                env.events.append(Event(kind="cache", step="route", data=hit))
                 mesh.observe(span, env, env.events)
                 reply = cache.served_from_cache(cached, env, telemetry.trace_id_of(span))
                 telemetry.record_reply(span, reply)
                 await mesh.deliver(reply, reply_to, client)
                 return
             env.context.outputs[cache.CACHE_KEY] = key
+            await cache.remember(bucket, env, key)
         mesh.observe(span, env, env.events)
         await mesh.forward(env)
 
@@ -74,6 +79,7 @@ async def route(body: bytes) -> None:
 @app.on_startup  # before the subscriber starts pulling: no request waits for this
 async def warm_up() -> None:
     router_for(mesh.config)  # train the classifier now, not on the first request
+    shared_embedder()  # and load the semantic cache's embedder
 
 
 def router_for(config) -> Router:

@@ -146,6 +146,17 @@ async def test_the_reply_cache_hits_misses_expires_and_can_be_skipped(client, fa
     assert not expired.cached and len(fake.calls) == 3
 
 
+async def test_a_paraphrase_is_answered_from_the_semantic_cache_and_a_near_miss_is_not(client, fake):
+    first = await client.ask("What is the warranty on the Metro 8?", route="priced")
+    paraphrase = await client.ask("What warranty does the Metro 8 come with?", route="priced")
+    other_product = await client.ask("What is the warranty on the Tempo SL?", route="priced")
+    assert not first.cached and paraphrase.cached and not other_product.cached
+    assert paraphrase.answer == first.answer and paraphrase.cost_usd == 0
+    assert len(fake.calls) == 2  # the paraphrase reached no model; the other product did
+    (hit,) = [event for event in paraphrase.events if event.kind == "cache"]
+    assert hit.data == {"hit": True, "semantic": True, "paraphrase_of": "What is the warranty on the Metro 8?"}
+
+
 async def test_the_ab_split_is_stable_per_session_and_within_tolerance(client):
     sessions = [f"ab-{i}" for i in range(120)]
     replies = await asyncio.gather(*(client.ask(QUESTION, route="ab", session_id=s) for s in sessions))
