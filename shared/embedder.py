@@ -114,9 +114,15 @@ def shared_embedder() -> StaticEmbedder:
         return _shared
 
 
+def language_words(text: str) -> list[str]:
+    """The words that tell a language: lower-case letters only (no names, codes, keys or numbers)."""
+    stripped = (raw.strip(".,;:!?()[]\"'«»“”") for raw in text.split())
+    return [word for word in stripped if word.isalpha() and word.islower()]
+
+
 def pieces_per_word(text: str) -> float:
-    """WordPiece tokens per word (punctuation left out): about 1.0-1.3 for English, 2 or
-    more for a language the English vocabulary does not know (it breaks those words up)."""
+    """WordPiece tokens per lower-case word: about 1.0-1.3 for English, 2 or more for a
+    language the English vocabulary does not know (it breaks those words up)."""
     embedder = shared_embedder()
-    words = [word for word in _basic_words(text) if word.isalnum()]
+    words = [piece for word in language_words(text) for piece in _basic_words(word)]
     return sum(len(embedder.pieces(word)) for word in words) / len(words) if words else 0.0

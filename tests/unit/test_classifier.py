@@ -279,7 +279,8 @@ def test_render_shows_the_headline_and_both_tables():
 def test_load_labeled_reads_prompts_routes_and_metadata(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"prompt": "hi", "route": "smalltalk"}\n\n{"prompt": "fork snapped", "route": "high_risk", "metadata": {"risk": "high"}}\n')
-    assert load_labeled(path) == [LabeledPrompt("hi", "smalltalk"), LabeledPrompt("fork snapped", "high_risk", {"risk": "high"})]
+    # Lines without a "source" are credited to the file, for the per-source figures.
+    assert load_labeled(path) == [LabeledPrompt("hi", "smalltalk", source="set"), LabeledPrompt("fork snapped", "high_risk", {"risk": "high"}, source="set")]
 
 
 @pytest.mark.parametrize(
