@@ -27,7 +27,7 @@ from shared.embedder import language_words
 
 _B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
-_URL_ESCAPE = re.compile(r"(?:%[0-9a-fA-F]{2}){3,}")
+_URL_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 _LEET_TABLE = str.maketrans("4@8(3910!|5$7+", "aabcegioilsstt")
 # A word of 3-15 characters mixing letters with leet digits or symbols; not a unit or a size
 # ("28mm", "10km", "2x"), which is digits then a short suffix.
@@ -75,7 +75,7 @@ def decode_hex(text: str) -> list[str]:
 
 
 def decode_url(text: str) -> list[str]:
-    if "%" not in text or not _URL_ESCAPE.search(text):
+    if "%" not in text or len(_URL_ESCAPE.findall(text)) < 3:
         return []
     decoded = unquote(text.replace("+", " "))
     return [decoded] if decoded != text else []
