@@ -26,7 +26,6 @@ import io
 import json
 import random
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path

@@ -19,6 +19,7 @@ import base64
 import binascii
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -125,7 +126,7 @@ class ForeignSegment:
     reason: str  # "script CYRILLIC in LATIN text", "not English (fragmentation 2.4)"
 
 
-def foreign_segments(text: str, pieces_per_word: callable | None = None) -> list[ForeignSegment]:
+def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None = None) -> list[ForeignSegment]:
     """Sentences in a different script, or (with `pieces_per_word`) a different language,
     from the bulk of the text. Needs at least two sentences: a prompt wholly in one other
     language is a customer writing in their own language, not a smuggled instruction."""

@@ -14,7 +14,7 @@ from services.guardrail.evaluate import (
     main,
     render,
 )
-from services.guardrail.gates import injection_layer, input_gate
+from services.guardrail.gates import injection_layer
 from shared.config import GuardSpec
 from shared.settings import ROOT
 
