@@ -163,9 +163,13 @@ async def semantic_lookup(kv: KeyValue, env: Envelope, now: float | None = None)
 async def remember(kv: KeyValue, env: Envelope, key: str) -> None:
     """Index this question under its exact key, so paraphrases can find its reply later.
     Best effort: a concurrent writer wins and this question is simply not indexed."""
+    question = env.context.question
+    from services.guardrail.pii import find_pii
+
+    if find_pii(question):
+        return  # the router runs before the input gate redacts: personal data is never indexed
     scope = scope_key(env)
     entries, revision = await _index(kv, scope)
-    question = env.context.question
     vector = base64.b64encode(_vector(question).astype(np.float16).tobytes()).decode()
     entries = [e for e in entries if e["key"] != key][-(SEMANTIC_INDEX_SIZE - 1):] + [{"key": key, "q": question, "v": vector}]
     body = json.dumps(entries).encode()

@@ -41,3 +41,16 @@ def test_the_same_question_about_another_product_place_or_size_never_hits(a, b):
     cosine = float(embedder.embed(a) @ embedder.embed(b))
     assert not similar(a, b, cosine)
     assert not similar(a, b, 1.0)  # not even if the embedding called them identical
+
+
+async def test_a_question_with_personal_data_is_never_indexed():
+    from shared.cache import remember
+    from shared.schema import Envelope, Request
+
+    class NoKV:  # any KV call would be a write of the question
+        def __getattr__(self, name):
+            raise AssertionError(f"the index was touched ({name})")
+
+    env = Envelope(request_id="r1", request=Request(prompt="x"), route="factual", slip=[], deadline=0.0)
+    env.context.question = "My email is jane.doe@example.com, how do I bleed Shimano brakes?"
+    await remember(NoKV(), env, "key")
