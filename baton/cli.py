@@ -390,37 +390,52 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("routing")
 def eval_routing(
-    path: Path = typer.Argument(ROOT / "tests" / "data" / "routing_eval.jsonl", help="JSONL: {prompt, route, metadata?} per line"),
+    paths: Optional[list[Path]] = typer.Argument(None, help="JSONL: {prompt, route, metadata?, source?} per line (default: the team's set and the fresh set)"),
     config: Optional[Path] = typer.Option(None, help="config file (default: BATON_CONFIG)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Route every labeled prompt with the real router; print accuracy and a confusion table."""
+    """Route every labeled prompt with the real router: accuracy per source, per-route recall, confusion."""
     from services.router.evaluate import LabeledDataError, evaluate, load_labeled, render as render_eval
     from services.router.routing import Router
     from shared.schema import Request
 
+    data = ROOT / "tests" / "data"
     try:
-        items = load_labeled(path)
+        items = [item for path in (paths or [data / "routing_eval.jsonl", data / "routing_fresh.jsonl"]) for item in load_labeled(path)]
         router = Router(load_config(config or _settings().config))
     except (LabeledDataError, ConfigError, OSError) as exc:
         _fail(str(exc), 2)
     report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
-    console.print(render_eval(report))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(render_eval(report))
 
 
 @eval_app.command("guard")
 def eval_guard(
     path: Path = typer.Argument(ROOT / "tests" / "data" / "guard_eval.jsonl", help="JSONL: {text, labels: [injection, pii]} per line"),
     config: Optional[Path] = typer.Option(None, help="config file whose guard section to use (default: BATON_CONFIG)"),
+    loso: bool = typer.Option(False, "--loso", help="leave-one-source-out on the injection corpus instead (tests/data/injection_corpus.jsonl)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Precision, recall and false-positive rate of each gate on labeled examples."""
-    from services.guardrail.evaluate import LabeledDataError, evaluate_guard, load_labeled, render as render_eval
+    """Precision, recall and false-positive rate of each gate; with --loso, injection recall and
+    false-positive rate per left-out source of the public corpus, worst fold first in the summary."""
+    from services.guardrail.evaluate import (CORPUS, LabeledDataError, evaluate_guard, leave_one_source_out, load_corpus,
+                                             load_labeled, render as render_eval, render_loso)
 
     try:
-        items = load_labeled(path)
         spec = load_config(config or _settings().config).guard
+        if loso:
+            report = leave_one_source_out(load_corpus(CORPUS if path.name == "guard_eval.jsonl" else path), spec)
+        else:
+            report = evaluate_guard(load_labeled(path), spec)
     except (LabeledDataError, ConfigError, OSError) as exc:
         _fail(str(exc), 2)
-    console.print(render_eval(evaluate_guard(items, spec)))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(render_loso(report) if loso else render_eval(report))
 
 
 @app.command()

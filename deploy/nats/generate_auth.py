@@ -16,8 +16,9 @@ see deploy/README.md for how each was found):
   hop to any step subject (the slip decides which), the results bucket (read any key + create),
   the live config bucket (read + watch), replies to any client's reply inbox, and its
   own inbox prefix `_INBOX.<service>`. Services that can end a request also read and
-  write the sessions, cache and budgets buckets; the router only reads sessions and
-  cache. The generator also shares circuit breakers (KV), stores shadow answers and
+  write the sessions, cache and budgets buckets; the router reads sessions and
+  cache (and writes the semantic index to the cache bucket); the guardrail and the
+  generator share circuit breakers (KV); the generator also stores shadow answers and
   sends streamed chunks; the fallback also handles the max-deliveries advisory (reads
   and deletes the exhausted hop, writes the dead-letter bucket).
   No service may publish a request (that would be impersonating a client), and no
@@ -150,8 +151,9 @@ ANY_CLIENT_CHUNK = "_INBOX.*.chunk.*"
 
 # Services that can end a request (Mesh.finish: the last step of a slip, or the
 # fallback) record the session turn, fill the answer cache and add the cost to the
-# tenant's daily budget. The router never finishes: it only reads the session history
-# and the cache (a hit is answered at once), and stores error Replies.
+# tenant's daily budget. The router never finishes: it reads the session history and
+# the cache (a hit is answered at once), indexes questions for the semantic cache, and
+# stores error Replies.
 FINISHERS = frozenset(subjects.SERVICES) - {"router"}
 FINISHER_BUCKETS = (SESSIONS, CACHE, BUDGETS)
 ROUTER_READS = (SESSIONS, CACHE)
@@ -160,7 +162,12 @@ ROUTER_READS = (SESSIONS, CACHE)
 def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
     if name == "router":
-        return [p for bucket in ROUTER_READS for p in kv_read(bucket)], []
+        # The semantic cache's per-scope index of questions lives in the cache bucket:
+        # the router adds each new question to it (compare-and-set writes).
+        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], []
+    if name == "guardrail":
+        # The judge layer's circuit breakers, shared with the generator's in one bucket.
+        return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS)], []
     if name == "generator":
         # Circuit breakers shared by the replicas: watch all keys, compare-and-set writes;
         # shadow answers stored for comparison (write only); the tenant's budget is read

@@ -1,7 +1,13 @@
 """guardrail: the quality gates between steps (input, retrieval, output)."""
 
+import os
+
+import httpx
+
 from services.guardrail.gates import input_gate, output_gate, retrieval_gate
-from services.guardrail import injection_model
+from services.guardrail import injection_model, judge
+from shared import subjects
+from shared.breakers import Breakers
 from services.guardrail.pii import redact
 from shared.mesh import Mesh, StepFailed
 from shared.replies import ANSWER
@@ -9,11 +15,24 @@ from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("guardrail")
 app = mesh.app
+breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)  # the judge's, shared in KV
+http = httpx.AsyncClient()
 
 @app.on_startup  # before the subscriber starts pulling: no request waits for this
 async def warm_up() -> None:
     if mesh.config.guard.injection_model and injection_model.available():
-        injection_model.warm()  # fit the offline detector now, not on the first request
+        injection_model.warm()  # load the offline detector now, not on the first request
+
+
+@app.after_startup
+async def share_breakers() -> None:
+    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
+
+
+@app.after_shutdown
+async def close_judge() -> None:
+    await breakers.detach()
+    await http.aclose()
 
 
 FAILURE_CODES = {
@@ -31,6 +50,8 @@ async def guard(env: Envelope, record: StepRecord) -> None:
         result = input_gate(env.context.question, spec, threshold=optional_float(params, "threshold"))
         if result.verdict == "fixed":
             scrub_request(env, result.text, spec)
+        if params.get("judge") and result.verdict != "fail":
+            await ask_the_judge(env, params["judge"])
     elif name == "guard.retrieval":
         result = retrieval_gate(
             env.context.question,
@@ -55,6 +76,19 @@ async def guard(env: Envelope, record: StepRecord) -> None:
     env.events.append(Event(kind="gate", step=name, data=result.to_event_data()))
     if result.verdict == "fail":
         raise StepFailed(FAILURE_CODES[name], f"{name} refused: {result.reason}", details=[{"gate": name, "score": result.score}])
+
+
+async def ask_the_judge(env: Envelope, params: dict) -> None:
+    """The route's optional guard model; its verdict (or why it had none) goes on an event."""
+    try:
+        spec = judge.spec_from(params, (await mesh.config_for(env)).models, dict(os.environ))
+    except ValueError as exc:
+        raise StepFailed(ErrorCode.INTERNAL, f"guard.input judge misconfigured: {exc}") from exc
+    result = await judge.judge(env.context.question, spec, http, breakers)
+    env.events.append(Event(kind="gate", step="guard.input.judge", data=result.to_event_data()))
+    if result.blocks(spec):
+        raise StepFailed(ErrorCode.INPUT_REJECTED, f"guard.input refused by the judge: {result.reason}",
+                         details=[{"gate": "guard.input.judge", "verdict": result.verdict}])
 
 
 def optional_float(params: dict, key: str) -> float | None:

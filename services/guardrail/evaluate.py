@@ -9,6 +9,11 @@ subset of LABELS. Each label is scored by the detector that decides it in the me
   detector can find, not only the kinds spec.redact asks the gates to remove.
 
     python -m services.guardrail.evaluate tests/data/guard_eval.jsonl [--model]
+
+The injection corpus (tests/data/injection_corpus.jsonl: text, label, source, license,
+split) is judged across sources instead: `leave_one_source_out` trains the model on
+every source but one and tests on the held-out split of the one left out, for each
+source; the figure to quote is the worst fold (`baton eval guard --loso`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from services.guardrail.pii import KINDS, find_pii
 from shared.config import GuardSpec
 
 LABELS: tuple[str, ...] = ("injection", "pii")
+CORPUS = Path(__file__).resolve().parents[2] / "tests/data/injection_corpus.jsonl"
 GATES = {"injection": "input.injection", "pii": "pii.detect"}
 
 
@@ -221,6 +227,134 @@ def render(report: GuardReport, *, show_misses: bool = True) -> Any:
             misses.add_row(item.label, str(miss.line or miss.index), miss.kind, f"{miss.score:.2f}", text,
                            "; ".join(miss.why))  # fmt: skip
     return Group(table, misses)
+
+
+# --- the injection corpus, leave-one-source-out ------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    text: str
+    label: int  # 1 = injection or jailbreak, 0 = benign
+    source: str
+    license: str
+    split: str  # "train" or "test", frozen when the corpus was built
+
+
+def load_corpus(path: Path | str = CORPUS) -> list[CorpusRow]:
+    path = Path(path)
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: texts hold U+2028
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabeledDataError(str(path), None, f"cannot read the file: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            row = CorpusRow(str(raw["text"]), int(raw["label"]), str(raw["source"]), str(raw.get("license", "")),
+                            str(raw.get("split", "test")))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise LabeledDataError(str(path), number, f"expected text, label (0/1), source: {exc}") from exc
+        if row.label not in (0, 1) or row.split not in ("train", "test"):
+            raise LabeledDataError(str(path), number, "label must be 0 or 1 and split 'train' or 'test'")
+        rows.append(row)
+    if not rows:
+        raise LabeledDataError(str(path), None, "no rows")
+    return rows
+
+
+@dataclass
+class Fold:
+    source: str
+    kind: str  # "injection" (recall counts) or "benign" (false-positive rate counts)
+    tested: int
+    flagged: int
+    misses: list[str] = field(default_factory=list)  # injections let through / benign flagged, first few
+
+    @property
+    def rate(self) -> float:
+        return self.flagged / self.tested if self.tested else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        metric = "recall" if self.kind == "injection" else "false_positive_rate"
+        return {"source": self.source, "kind": self.kind, "tested": self.tested, "flagged": self.flagged,
+                metric: round(self.rate, 4), "examples_wrong": self.misses}
+
+
+@dataclass
+class LosoReport:
+    folds: list[Fold]
+    threshold: float
+
+    def _worst(self, kind: str, pick: Callable[..., Fold]) -> Fold | None:
+        folds = [fold for fold in self.folds if fold.kind == kind and fold.tested]
+        return pick(folds, key=lambda fold: fold.rate) if folds else None
+
+    @property
+    def worst_recall(self) -> Fold | None:
+        return self._worst("injection", min)
+
+    @property
+    def worst_fpr(self) -> Fold | None:
+        return self._worst("benign", max)
+
+    def as_dict(self) -> dict[str, Any]:
+        worst_recall, worst_fpr = self.worst_recall, self.worst_fpr
+        return {
+            "threshold": self.threshold,
+            "worst_fold_recall": worst_recall.as_dict() if worst_recall else None,
+            "worst_fold_false_positive_rate": worst_fpr.as_dict() if worst_fpr else None,
+            "folds": [fold.as_dict() for fold in self.folds],
+        }
+
+
+def leave_one_source_out(
+    rows: list[CorpusRow], spec: GuardSpec | None = None, *, split: str = "test", min_probability: float | None = None
+) -> LosoReport:
+    """For each source: fit the model on the train rows of all other sources, then run the
+    whole injection layer (patterns, heuristics, decoded views, model) on the left-out
+    source's `split` rows."""
+    from services.guardrail.injection import InjectionResult, combine, detect_injection
+    from services.guardrail.injection_model import MIN_PROBABILITY, model_signal, train
+
+    spec = spec or GuardSpec()
+    folds = []
+    for source in sorted({row.source for row in rows}):
+        training = [row for row in rows if row.source != source and row.split == "train"]
+        weights = train([row.text for row in training], [row.label for row in training])
+        tested = [row for row in rows if row.source == source and (split == "all" or row.split == split)]
+        kind = "injection" if tested and tested[0].label == 1 else "benign"
+        fold = Fold(source, kind, len(tested), 0)
+        for row in tested:
+            result = detect_injection(row.text, spec.injection_phrases)
+            signal = model_signal(row.text, min_probability or MIN_PROBABILITY, weights=weights)
+            signals = [*result.signals, *([signal] if signal else [])]
+            flagged = InjectionResult(combine(s.weight for s in signals), signals).score >= spec.injection_threshold
+            fold.flagged += flagged
+            if flagged != (row.label == 1) and len(fold.misses) < 3:
+                fold.misses.append(row.text[:160])
+        folds.append(fold)
+    return LosoReport(folds, spec.injection_threshold)
+
+
+def render_loso(report: LosoReport) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Injection, leave-one-source-out (threshold {report.threshold})")
+    for column in ("left-out source", "kind", "tested", "flagged", "recall / FPR"):
+        table.add_column(column, justify="left" if column in ("left-out source", "kind") else "right")
+    for fold in report.folds:
+        table.add_row(fold.source, fold.kind, str(fold.tested), str(fold.flagged), f"{fold.rate:.3f}")
+    lines = []
+    if report.worst_recall:
+        lines.append(f"worst-fold recall: {report.worst_recall.rate:.3f} ({report.worst_recall.source})")
+    if report.worst_fpr:
+        lines.append(f"worst-fold false-positive rate: {report.worst_fpr.rate:.3f} ({report.worst_fpr.source})")
+    return Group(table, Text("\n".join(lines)))
 
 
 def main(argv: list[str] | None = None) -> int:

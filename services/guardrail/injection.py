@@ -191,6 +191,7 @@ _REVEAL_VERB_WORDS = (
     *_present_forms("repeat"), *_present_forms("leak"), "dump", *_present_forms("tell"), *_present_forms("give"),
     *_present_forms("share"), "write out", "expose", *_present_forms("list"), "read me", "read us", "read out",
     "read aloud", "recite", "spell out", "send", "paste", "type out", "copy", "quote", "disclose",
+    *_present_forms("encode"), *_present_forms("translate"), *_present_forms("convert"),
 )  # fmt: skip
 _REVEAL_QUESTION_WORDS = ("what is", "what's", "what are", "what were")
 _REVEAL_VERB = _any(*_REVEAL_VERB_WORDS)
@@ -235,7 +236,7 @@ _LIMIT_NOUNS = ("rule", "restriction", "guideline", "filter", "limit", "boundar"
 # Layer (a): known attack phrases.
 _RULES: list[_Rule] = [
     _Rule("instruction_override", "ignore previous instructions", 0.9,
-          _phrase(_IGNORE, _gap(2), _EARLIER, _gap(1), _RULES_WORDS), _RULE_NOUNS),
+          _phrase(_IGNORE, _gap(2), _EARLIER, _gap(2), _RULES_WORDS), _RULE_NOUNS),
     _Rule("instruction_override", "ignore your instructions", 0.85,
           _phrase(_IGNORE, _BETWEEN_WORDS, _YOUR, _gap(1), _RULES_WORDS), _RULE_NOUNS),
     _Rule("instruction_override", "ignore everything above", 0.8,
@@ -397,6 +398,40 @@ _RULES: list[_Rule] = [
           ("<!--", "[", "{{", "/*"), fuzzy=False),
     _Rule("role_tag", "llama-style tag", 0.85, re.compile(r"\[/?inst\]|<<\s*/?sys\s*>>|</?system>"),
           ("inst]", "<<", "system>"), fuzzy=False),
+    # Kinds that public injection sets use and the first detector missed (issue 13).
+    _Rule("instruction_override", "claims the instructions were given wrongly", 0.8,
+          re.compile(r"(?<![a-z])(?:made a mistake|made an error|messed up|got it wrong|was wrong|forgot)"
+                     r"[^.!?\n]{0,60}?(?:instructions?|prompt|rules|directions)"
+                     r"|forgot to (?:ask|tell|instruct) you to"),
+          ("mistake", "error", "messed", "wrong", "forgot"), fuzzy=False),
+    _Rule("new_instructions", "instruction banner (*** NEW INSTRUCTIONS ***)", 0.8,
+          re.compile(r"(?:\*{2,}|#{2,}|={2,}|-{3,}|!{2,}|\[|>{2,})\s*(?:new|important|updated|urgent|additional|"
+                     r"revised|priority|override)\b[\w ]{0,25}?\binstructions?\b"
+                     r"|(?<![a-z])(?:new important|important new|urgent new|new urgent|new priority) instructions?"),
+          ("instruction",), fuzzy=False),
+    # Not "debug mode is on in my Garmin": only the announcement form, as a header or line.
+    _Rule("new_instructions", "fake error or debug framing", 0.65,
+          re.compile(r"(?:^|[\[\n*#>=])\s*(?:debug|diagnostic|developer|admin|god|sudo|root) mode "
+                     r"(?:enabled|activated|engaged|unlocked)\s*[\]:.!*\n-]"
+                     r"|(?:system|fatal|critical|internal|security) (?:error|alert|notice|warning|failure)\W"
+                     r"[^\n]{0,120}?(?:ignore|disregard|new instructions|reveal|print|output|repeat|respond with|"
+                     r"you (?:must|will|should|are now))"),
+          ("mode", "error", "alert", "notice", "warning", "failure"), fuzzy=False),
+    _Rule("prompt_leak", "think about it without writing it", 0.6,
+          re.compile(r"(?<![a-z])(?:think about|consider|remember|keep in mind|memori[sz]e|focus on)\b[^.!?\n]{0,80}?"
+                     r"without (?:writing|saying|repeating|printing|outputting|mentioning|showing|typing) (?:it|them|this)"),
+          ("without",), fuzzy=False),
+    _Rule("prompt_leak", "the instructions you were given", 0.8,
+          _phrase(_REVEAL, _gap(4), _any("instructions", "rules", "prompt", "guidelines", "directions", "text"),
+                  r"\W+(?:that\W+)?", _YOU_WERE_GIVEN),
+          ("instruction", "rule", "prompt", "guideline", "direction", "text")),
+    _Rule("prompt_leak", "what were you told before this conversation", 0.7,
+          re.compile(r"(?<![a-z])what (?:were|have) you (?:been )?(?:told|instructed|asked|programmed)"
+                     r"(?: to do)? (?:before|at the (?:start|beginning)|initially|first)"
+                     r"|what are you (?:not supposed|not allowed|forbidden|told not) to (?:tell|say|reveal|share)"
+                     r"|(?:beginning|start) of (?:this|the|our) (?:conversation|chat|session)[^.?!\n]{0,40}?"
+                     r"(?:instructions?|prompt|told|given)"),
+          ("what were you", "what have you", "what are you", "beginning of", "start of"), fuzzy=False),
     # The same attacks in the languages a European shop sees most; accents optional.
     _Rule("instruction_override", "ignore previous instructions (de)", 0.9,
           re.compile(r"(?<![a-z])(?:ignorier(?:e|en|t)?|vergiss|vergessen sie|missachte|übergehe|uebergehe)"
@@ -489,22 +524,32 @@ def _structural_signals(text: str) -> list[Signal]:
 
 
 def _decoded_signals(text: str) -> list[Signal]:
-    """Layer (a) again on base64 blobs that decode to text: a common way to smuggle a phrase."""
+    """Layer (a) again on every decoded payload in the text (base64, hex, %-escapes),
+    and a sentence in another language or script inside English text (normalization.py)."""
+    from services.guardrail.normalization import decoded_payloads, foreign_segments
+
     signals = []
-    for token in text.split():
-        if len(token) < 40:
-            continue
-        for match in _BLOB.finditer(token):
-            decoded = _b64_text(match.group())
-            if decoded:
-                folded = normalize(decoded)
-                squashed = _squash(folded)
-                signals += [
-                    Signal(f"encoded_{rule.category}", f"{rule.label} (base64-encoded)", rule.weight)
-                    for rule in _RULES
-                    if _anchored(rule, folded, squashed) and rule.pattern.search(folded)
-                ]
+    for decoded in decoded_payloads(text):
+        folded = normalize(decoded)
+        squashed = _squash(folded)
+        signals += [
+            Signal(f"encoded_{rule.category}", f"{rule.label} (decoded)", rule.weight)
+            for rule in _RULES
+            if _anchored(rule, folded, squashed) and rule.pattern.search(folded)
+        ]
+    if any(mark in text for mark in ".!?:;\n。"):
+        from shared.embedder import pieces_per_word
+
+        for segment in foreign_segments(text, pieces_per_word)[:1]:
+            signals.append(Signal("language_switch", f"a sentence in another language: {segment.reason}",
+                                  LANGUAGE_SWITCH_WEIGHT))
     return signals
+
+
+# A sentence the detector cannot read, inside text it can: rejects on its own. The bike
+# shop's customers write in one language at a time; a switch mid-prompt is the way
+# public injection sets smuggle an instruction past English-only filters.
+LANGUAGE_SWITCH_WEIGHT = 0.6
 
 
 def _b64_text(blob: str) -> str | None:

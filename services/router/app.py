@@ -13,6 +13,7 @@ from shared import metrics, subjects, telemetry
 from shared.mesh import Mesh, validation_details
 from shared import cache
 from shared.cache import cache_key
+from shared.embedder import shared_embedder
 from shared.schema import Error, ErrorCode, Event, Request, unknown_request_fields
 
 mesh = Mesh("router")
@@ -58,12 +59,15 @@ async def route(body: bytes) -> None:
         span.set_attributes({**telemetry.envelope_attributes(env), A.CONFIG_VERSION: env.config_version})
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
-            hit = await cache.lookup(await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False), key)
+            bucket = await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False)
+            hit, event = await cache.lookup(bucket, key), {"hit": True}
+            if hit is None and (found := await cache.semantic_lookup(bucket, env)) is not None:
+                hit, event = found[0], {"hit": True, "semantic": True, "paraphrase_of": found[1]}
             if hit is not None and request.session_id and hit.question is None:
                 hit = None  # no gated question to record as the session's turn: answer afresh
             metrics.CACHE_HITS.labels(env.route, "hit" if hit else "miss").inc()
             if hit is not None:
-                env.events.append(Event(kind="cache", step="route", data={"hit": True}))
+                env.events.append(Event(kind="cache", step="route", data=event))
                 mesh.observe(span, env, env.events)
                 reply = cache.served_from_cache(hit.reply, env, telemetry.trace_id_of(span))
                 telemetry.record_reply(span, reply)
@@ -73,6 +77,7 @@ async def route(body: bytes) -> None:
                 await mesh.deliver(reply, reply_to, client)
                 return
             env.context.outputs[cache.CACHE_KEY] = key
+            await cache.remember(bucket, env, key)
         mesh.observe(span, env, env.events)
         await mesh.forward(env)
 
@@ -80,6 +85,7 @@ async def route(body: bytes) -> None:
 @app.on_startup  # before the subscriber starts pulling: no request waits for this
 async def warm_up() -> None:
     router_for(mesh.config)  # train the classifier now, not on the first request
+    shared_embedder()  # and load the semantic cache's embedder
 
 
 def router_for(config) -> Router:

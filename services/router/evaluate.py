@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class LabeledPrompt:
     prompt: str
     route: str
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # who wrote it: the line's "source", else the file's name
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,22 @@ class EvalReport:
     per_route: dict[str, RouteStats]
     confusion: dict[str, dict[str, int]]  # confusion[gold][predicted] -> count, every label on both axes
     misrouted: list[Misroute]
+    by_source: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (correct, total)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": round(self.accuracy, 4), "correct": self.correct, "total": self.total,
+            "by_source": {source: {"accuracy": round(c / t, 4) if t else 0.0, "correct": c, "total": t}
+                          for source, (c, t) in self.by_source.items()},
+            "per_route": {label: {"precision": round(st.precision, 4), "recall": round(st.recall, 4),
+                                  "support": st.support, "predicted": st.predicted} for label, st in self.per_route.items()},
+            "confusion": self.confusion,
+            "misrouted": [{"prompt": m.prompt, "gold": m.gold, "predicted": m.predicted} for m in self.misrouted],
+        }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +95,8 @@ def load_labeled(path: Path | str) -> list[LabeledPrompt]:
     items = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
-            items.append(_parse_line(line, f"{path}:{number}"))
+            item = _parse_line(line, f"{path}:{number}")
+            items.append(item if item.source else replace(item, source=path.stem))
     return items
 
 
@@ -99,7 +113,10 @@ def _parse_line(line: str, where: str) -> LabeledPrompt:
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise LabeledDataError(f"{where}: 'metadata' must be an object of string values")
-    return LabeledPrompt(prompt=raw["prompt"], route=raw["route"], metadata=dict(metadata))
+    source = raw.get("source", "")
+    if not isinstance(source, str):
+        raise LabeledDataError(f"{where}: 'source' must be a string")
+    return LabeledPrompt(prompt=raw["prompt"], route=raw["route"], metadata=dict(metadata), source=source)
 
 
 # ---------------------------------------------------------------------------
@@ -115,6 +132,10 @@ def evaluate(decide: Decide, items: Iterable[LabeledPrompt]) -> EvalReport:
     for item, predicted in pairs:
         confusion[item.route][predicted] += 1
     misrouted = [Misroute(item.prompt, item.route, predicted, dict(item.metadata)) for item, predicted in pairs if predicted != item.route]
+    by_source: dict[str, tuple[int, int]] = {}
+    for item, predicted in pairs:
+        correct, total = by_source.get(item.source, (0, 0))
+        by_source[item.source] = (correct + (predicted == item.route), total + 1)
     return EvalReport(
         total=len(items),
         correct=len(items) - len(misrouted),
@@ -122,6 +143,7 @@ def evaluate(decide: Decide, items: Iterable[LabeledPrompt]) -> EvalReport:
         per_route={label: _stats(label, confusion) for label in labels},
         confusion=confusion,
         misrouted=misrouted,
+        by_source=by_source,
     )
 
 
@@ -178,7 +200,7 @@ def classifier_decide(config: MeshConfig, classifier: RouteClassifier | None = N
 
 def render(report: EvalReport, *, max_misrouted: int = 15) -> Group:
     """Accuracy headline, per-route table, confusion table and the first misrouted prompts."""
-    parts: list[Any] = [_headline(report), _route_table(report), _confusion_table(report)]
+    parts: list[Any] = [_headline(report), _source_table(report), _route_table(report), _confusion_table(report)]
     if report.misrouted:
         parts.append(_misrouted_table(report, max_misrouted))
     return Group(*parts)
@@ -187,6 +209,15 @@ def render(report: EvalReport, *, max_misrouted: int = 15) -> Group:
 def _headline(report: EvalReport) -> Text:
     style = "bold green" if report.accuracy >= 0.85 else "bold yellow" if report.accuracy >= 0.7 else "bold red"
     return Text.assemble(("Routing accuracy ", "bold"), (f"{report.accuracy:.1%}", style), f"  ({report.correct}/{report.total} prompts)")
+
+
+def _source_table(report: EvalReport) -> Table:
+    table = Table(title="Per source", title_justify="left")
+    for column in ("source", "prompts", "correct", "accuracy"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for source, (correct, total) in report.by_source.items():
+        table.add_row(source or "-", str(total), str(correct), f"{correct / total:.1%}" if total else "-")
+    return table
 
 
 def _route_table(report: EvalReport) -> Table:

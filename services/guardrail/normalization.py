@@ -1,0 +1,161 @@
+"""Views of a prompt to score besides its surface: decoded payloads, undone leetspeak,
+and where it switches language or script.
+
+Attackers hide an instruction from filters by encoding it (base64, hex, %-escapes),
+by spelling it in leetspeak or look-alike letters, or by writing it in a language the
+filter was not trained on, inside an ordinary English frame. `views` returns every
+decoded form worth scoring (the detector scores each and keeps the worst), and
+`foreign_segments` finds a sentence written in another script, or in a language the
+English WordPiece vocabulary breaks into fragments, inside otherwise English text: a
+risk feature in its own right, since the detector cannot read what it says.
+
+Plain Python; every step is bounded by the input length and skipped when the text
+has nothing it could apply to (most prompts: plain ASCII, no long tokens, no "%").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from services.guardrail.injection import normalize
+from shared.embedder import language_words
+
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_URL_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+_LEET_TABLE = str.maketrans("4@8(3910!|5$7+", "aabcegioilsstt")
+# A word of 3-15 characters mixing letters with leet digits or symbols; not a unit or a size
+# ("28mm", "10km", "2x"), which is digits then a short suffix.
+_LEET_WORD = re.compile(r"(?<![\w@$!|+])(?!\d+[a-z]{1,3}(?![\w@$!|+]))(?=[\w@$!|+]*[a-z])(?=[\w@$!|+]*[0-9@$!|+])[\w@$!|+]{3,15}(?![\w@$!|+])")
+
+
+def _printable(raw: bytes) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    letters = sum(char.isalpha() for char in text)
+    if len(text) < 6 or letters < 0.5 * len(text) or " " not in text.strip():
+        return None  # random bytes, an id, a hash: not a smuggled sentence
+    return text if all(char.isprintable() or char.isspace() for char in text) else None
+
+
+def decode_base64(text: str) -> list[str]:
+    found = []
+    for token in text.split():
+        if len(token) < 16:
+            continue
+        for match in _B64.finditer(token):
+            blob = match.group()
+            try:
+                raw = base64.b64decode(blob + "=" * (-len(blob) % 4), altchars=b"-_" if "-" in blob or "_" in blob else None)
+            except (binascii.Error, ValueError):
+                continue
+            decoded = _printable(raw)
+            if decoded:
+                found.append(decoded)
+    return found
+
+
+def decode_hex(text: str) -> list[str]:
+    """Hex runs of 16+ digits ("69676e6f7265..." or "0x6967..."); phone numbers have no a-f."""
+    found = []
+    for token in text.split():
+        digits = token[2:] if token[:2].lower() == "0x" else token
+        if len(digits) >= 16 and _HEX.fullmatch(digits):
+            decoded = _printable(bytes.fromhex(digits[: len(digits) // 2 * 2]))
+            if decoded:
+                found.append(decoded)
+    return found
+
+
+def decode_url(text: str) -> list[str]:
+    if "%" not in text or len(_URL_ESCAPE.findall(text)) < 3:
+        return []
+    decoded = unquote(text.replace("+", " "))
+    return [decoded] if decoded != text else []
+
+
+def undo_leetspeak(text: str) -> str | None:
+    """"1gn0r3 4ll pr3v10u5" -> "ignore all previous"; None when no word looks leet."""
+    folded = normalize(text)
+    if not _LEET_WORD.search(folded):
+        return None
+    undone = _LEET_WORD.sub(lambda match: match.group().translate(_LEET_TABLE), folded)
+    return undone if undone != folded else None
+
+
+def decoded_payloads(text: str) -> list[str]:
+    """The base64, hex and %-escaped payloads in `text`, decoded (the rules score these;
+    leetspeak they already read, their patterns accept "1gn0re")."""
+    return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text)]))[:8]
+
+
+def views(text: str) -> list[str]:
+    """Every decoded form of `text` worth scoring on its own, leetspeak undone too (the model
+    scores these: its vocabulary knows "ignore", not "1gn0r3")."""
+    found = decoded_payloads(text)
+    for candidate in (text, *found):
+        leet = undo_leetspeak(candidate)
+        if leet:
+            found.append(leet)
+    return list(dict.fromkeys(found))[:8]
+
+
+# --- a sentence in another language or script -------------------------------------
+
+_ASCII_LETTERS = re.compile(r"[A-Za-z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_SENTENCE = re.compile(r"[^.!?:;\n。！？]+[.!?:;。！？]?")
+
+
+def _script(char: str) -> str:
+    name = unicodedata.name(char, "")
+    return name.split(" ", 1)[0] if name else ""
+
+
+@dataclass(frozen=True)
+class ForeignSegment:
+    text: str
+    reason: str  # "script CYRILLIC in LATIN text", "not English (fragmentation 2.4)"
+
+
+def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None = None) -> list[ForeignSegment]:
+    """Sentences in a different script, or (with `pieces_per_word`) a different language,
+    from the bulk of the text. Needs at least two sentences: a prompt wholly in one other
+    language is a customer writing in their own language, not a smuggled instruction."""
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if len(s.split()) >= 2]
+    if len(sentences) < 2:
+        return []
+    scripts = []
+    for sentence in sentences:
+        if sentence.isascii():
+            scripts.append("LATIN")
+            continue
+        counts: dict[str, int] = {"LATIN": len(_ASCII_LETTERS.findall(sentence))}
+        for char in _NON_ASCII.findall(sentence):
+            if char.isalpha():
+                script = _script(char)
+                counts[script] = counts.get(script, 0) + 1
+        scripts.append(max(counts, key=counts.get) if counts else "")
+    majority = max(set(scripts), key=scripts.count)
+    found = [ForeignSegment(s, f"script {sc} in {majority} text")
+             for s, sc in zip(sentences, scripts) if sc and sc != majority]
+    if pieces_per_word is None or majority != "LATIN":
+        return found
+    if pieces_per_word(text) < 1.15:
+        return found  # too few broken-up words in the whole text for a foreign sentence
+    ratios = [pieces_per_word(s) for s in sentences]
+    english = [r for r, sc in zip(ratios, scripts) if sc == "LATIN" and r <= 1.5]
+    if len(english) * 2 < len(sentences):
+        return found  # the bulk is not English: nothing to stand out from
+    for sentence, ratio, sc in zip(sentences, ratios, scripts):
+        if sc == "LATIN" and ratio >= 1.9 and len(language_words(sentence)) >= 4:
+            found.append(ForeignSegment(sentence, f"not English (fragmentation {ratio:.1f})"))
+    return found

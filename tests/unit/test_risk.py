@@ -1,0 +1,55 @@
+"""Risk escalation without metadata: what a human must see goes to high_risk, whatever the topic."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.risk import assess_risk
+from services.router.routing import Router, _route_event
+from shared.config import load_config
+from shared.schema import Request
+from shared.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def router() -> Router:
+    return Router(load_config(Settings().config))
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Smoke is coming out of my e-bike battery right now, what should I do?",
+        "I will sue you if the frame isn't replaced this week.",
+        "I've asked my bank for a chargeback on the order you never sent.",
+        "My son went over the bars when the stem snapped and he needed stitches.",
+        "Someone used my card to order three bikes from your site.",
+        "Could you backdate my receipt so it is still under warranty?",
+        "The charger sparked and there was a burning smell in the garage.",
+        "What is the price of your cheapest helmet? Also my solicitor will contact you about my accident.",
+    ],
+)
+def test_high_risk_requests_without_metadata_reach_high_risk(router, prompt):
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route == "high_risk"
+    assert decision.risk >= 0.5 and decision.risk_reasons
+    event = _route_event(decision)
+    assert event.data["risk"] == decision.risk and event.data["risk_reasons"]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "How often should I replace my chain?",
+        "The app crashes when I open the ride history.",
+        "Is there a fire sale on helmets this weekend?",
+        "What's your returns policy for unworn shoes?",
+    ],
+)
+def test_ordinary_requests_stay_where_they_are(router, prompt):
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route != "high_risk" and assess_risk(prompt).score < 0.5
+
+
+def test_a_route_hint_is_the_callers_choice(router):
+    assert router.decide(Request(prompt="My battery is on fire", route="factual")).route == "factual"
