@@ -191,7 +191,9 @@ class BatonClient:
             self._pending.pop(request_id, None)
             raise RequestTooLarge(f"the request is {len(body)} bytes; the server accepts at most {self.nc.max_payload}")
         headers = {
-            subjects.H_MSG_ID: request_id,  # a retried publish is de-duplicated by JetStream
+            # A retried publish is de-duplicated by JetStream; the nonce keeps other clients
+            # from pre-empting the id. A repeated request id is answered by the router.
+            subjects.H_MSG_ID: subjects.request_msg_id(self.client_id, request_id, uuid.uuid4().hex[:16]),
             subjects.H_REQUEST_ID: request_id,
             subjects.H_REPLY_TO: self.reply_to(request_id),
             **extra_headers,

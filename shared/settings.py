@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     # Each service connects as its own NATS user when these are set (deploy/nats holds the users).
     nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
     nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    # The key the router seals envelopes with and the services check them by (shared/envelopes.py);
+    # `baton up` makes a fresh one per mesh. Unset: envelopes are not sealed (NATS users alone
+    # keep clients off the step subjects).
+    envelope_key: SecretStr | None = None
     stream_replicas: int = 1  # 3 on a 3-node cluster: the stream and buckets survive a node
     provision: bool = True  # create the stream, consumers and buckets at start (needs admin rights)
     config: Path = ROOT / "shared" / "default_config.yaml"
