@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from shared import attributes as A
 from shared import subjects, telemetry
 from shared.schema import Reply, Request
-from shared.settings import server_list
+from shared.settings import local_credentials, server_list, settings
 
 
 log = logging.getLogger("baton.client")
@@ -63,6 +63,12 @@ class BatonClient:
     def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, tracer: trace.Tracer | None = None, **connect_options: Any):
         self.nats_url = nats_url
         self.tracer = tracer or trace.get_tracer("baton.client")
+        if "user" not in connect_options:
+            # The mesh `baton up` runs on this machine has NATS users: connect as its CLI client.
+            user, password = local_credentials(settings().state_dir, nats_url)
+            if user:
+                connect_options = {**connect_options, "user": user, "password": password}
+                client_id = client_id or user
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.timeout_s = timeout_s
         self.inbox_prefix = subjects.inbox_prefix(self.client_id)

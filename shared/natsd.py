@@ -60,6 +60,12 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
+        self.launch()
+        self._wait_ready(timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to listen."""
         if not self.port:
             self.port = free_port()
         if self.store_dir is None:
@@ -75,8 +81,6 @@ class NatsServer:
         # A file, not a pipe: a pipe nobody reads fills up and then blocks the server.
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready(timeout_s)
-        return self
 
     @property
     def alive(self) -> bool:
@@ -92,6 +96,9 @@ class NatsServer:
             return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
         except OSError:
             return ""
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,9 +1,12 @@
 """Settings from the environment (prefix BATON_). Secrets are SecretStr: never logged."""
 
+from __future__ import annotations
+
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +42,30 @@ class Settings(BaseSettings):
     default_timeout_s: float = 30.0
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+
+
+    @model_validator(mode="after")
+    def _local_mesh_credentials(self) -> Settings:
+        """Without NATS_USER, the CLI's user of the mesh `baton up` runs from this state folder
+        (its credentials.json), unless NATS_URL names another server."""
+        if self.nats_user is None:
+            user, password = local_credentials(self.state_dir, self.nats_url if "NATS_URL" in os.environ else None)
+            if user:
+                self.nats_user, self.nats_password = user, SecretStr(password)
+        return self
+
+
+def local_credentials(state_dir: Path, nats_url: str | None = None, user: str | None = None) -> tuple[str | None, str]:
+    """(user, password) from `baton up`'s credentials.json: its CLI client, or `user` (e.g. admin).
+    Nothing when there is no such file, or it belongs to a mesh at another `nats_url`."""
+    from shared.natsd import read_credentials
+
+    found = read_credentials(state_dir)
+    if not found or (nats_url is not None and nats_url != found.get("nats_url")):
+        return None, ""
+    name = user or found.get("client")
+    password = found.get("users", {}).get(name)
+    return (name, password) if password else (None, "")
 
 
 @lru_cache
