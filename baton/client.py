@@ -103,10 +103,10 @@ class BatonClient:
         request_id, _ = await self._publish(request, request_id, fields)
         return request_id
 
-    async def ask(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> Reply:
-        """Queue a request and wait for its Reply."""
+    async def ask(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> Reply:
+        """Queue a request and wait for its Reply (a request id used before gets the Reply given then)."""
         timeout_s = timeout_s or self.timeout_s
-        request_id, future = await self._publish(request, None, fields)
+        request_id, future = await self._publish(request, request_id, fields)
         try:
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
