@@ -100,9 +100,10 @@ async def handle(message, body: bytes, client: str, request_id: str, reply_to: s
             env.context.outputs[cache.CACHE_KEY] = key
         mesh.observe(span, env, env.events)
         ack = await mesh.forward(env)
-        if ack.duplicate:
+        if ack.duplicate and message.metadata.num_delivered == 1:
             # This client used this request id before: answer with what it got then. If
             # nothing is stored yet, the first one is still on its way to the same inbox.
+            # (A redelivery of this very message forwarded it before: its Reply comes once.)
             log.info("request %s from client %s repeats a request id", request_id, client)
             if await mesh.resend_stored(client, request_id, reply_to):
                 return False
