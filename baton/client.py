@@ -212,7 +212,9 @@ class BatonClient:
             pause = 0.25
             while True:
                 try:
-                    await self.js.publish(self.subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+                    ack = await self.js.publish(self.subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+                    if ack.duplicate:
+                        await self._answer_from_store(request_id)
                     return
                 except MaxPayloadError as exc:
                     self._pending.pop(request_id, None)
@@ -226,6 +228,14 @@ class BatonClient:
                         continue
                     self._pending.pop(request_id, None)
                     raise NotAccepted(f"the mesh did not accept the request within {ACCEPT_TIMEOUT_S:.0f}s ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
+
+    async def _answer_from_store(self, request_id: str) -> None:
+        """JetStream had this message already (a retried publish whose first PubAck was
+        lost): its Reply may have come and gone before this call listened for it."""
+        future = self._pending.get(request_id)
+        stored = await self.result(request_id)
+        if stored is not None and future is not None and not future.done():
+            future.set_result(stored)
 
     async def _on_reply(self, msg: Any) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
