@@ -265,3 +265,12 @@ async def test_no_ok_reply_after_the_deadline_counted_from_the_clients_publish(m
     async with BatonClient(mesh.nats_url) as client:
         reply = await client.ask("How do I fix a puncture?", max_latency_ms=1, cache=False)
         assert not reply.ok and reply.error.code == ErrorCode.DEADLINE_EXCEEDED
+
+
+async def test_a_publish_jetstream_already_had_is_answered_from_the_stored_reply(mesh):
+    async with BatonClient(mesh.nats_url) as client:
+        body = b'{"prompt": "How do I fix a puncture?", "cache": false}'
+        same_id = {subjects.H_MSG_ID: f"{client.client_id}.dup-1"}  # as a retried publish carries
+        first = await asyncio.wait_for(await client.send_raw(body, request_id="dup-1", headers=same_id), 20)
+        again = await asyncio.wait_for(await client.send_raw(body, request_id="dup-1", headers=same_id), 5)
+        assert first.ok and again.model_dump() == first.model_dump()
