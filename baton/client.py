@@ -63,7 +63,9 @@ class BatonClient:
     def __init__(self, nats_url: str, *, client_id: str | None = None, timeout_s: float = 30.0, tracer: trace.Tracer | None = None, **connect_options: Any):
         self.nats_url = nats_url
         self.tracer = tracer or trace.get_tracer("baton.client")
-        if "user" not in connect_options:
+        if "user" in connect_options:
+            client_id = client_id or connect_options["user"]  # a client user may use only its own subjects
+        else:
             # The mesh `baton up` runs on this machine has NATS users: connect as its CLI client.
             user, password = local_credentials(settings().state_dir, nats_url)
             if user:
