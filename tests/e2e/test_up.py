@@ -26,9 +26,14 @@ from shared.settings import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def up(state_dir: Path, index_dir: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def own_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    """This machine's environment, minus any NATS it names: `baton up` and the CLI find their own."""
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "NATS_USER", "NATS_PASSWORD")}
-    env.update({"BATON_STATE_DIR": str(state_dir), "BATON_INDEX_DIR": str(index_dir), **(extra_env or {})})
+    return {**env, "BATON_STATE_DIR": str(state_dir), **extra}
+
+
+def up(state_dir: Path, index_dir: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = own_env(state_dir, BATON_INDEX_DIR=str(index_dir), **(extra_env or {}))
     log = open(state_dir.parent / f"{state_dir.name}-up.log", "wb")
     # Its own session, as from a terminal: a signal to the test's group does not reach it.
     return subprocess.Popen([sys.executable, "-m", "baton", "up", "--gateway-port", str(free_port()), *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -79,19 +84,32 @@ def test_the_default_mesh_has_users_a_second_up_is_refused_and_sigterm_leaves_no
         credentials = json.loads((state / "credentials.json").read_text())
         assert (state / "credentials.json").stat().st_mode & 0o077 == 0  # for this user's eyes only
 
-        second = subprocess.run([sys.executable, "-m", "baton", "up"], env={**os.environ, "BATON_STATE_DIR": str(state), "BATON_INDEX_DIR": str(index_dir)}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        second = subprocess.run([sys.executable, "-m", "baton", "up"], env=own_env(state, BATON_INDEX_DIR=str(index_dir)), cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert second.returncode != 0 and f"pid {process.pid}" in second.stderr and "state folder" in second.stderr
 
         asyncio.run(_client_is_refused_off_its_subjects(mesh["nats_url"], credentials["users"]["cli"]))
         # The CLI finds its user by itself.
-        asked = subprocess.run([sys.executable, "-m", "baton", "ask", "How do I fix a puncture?", "--json"], env={**os.environ, "BATON_STATE_DIR": str(state)}, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert asked.returncode == 0, asked.stderr
-        assert json.loads(asked.stdout)["ok"] is True
+        assert ask(state)["ok"] is True
+
+        # nats-server is watched like any replica: killed, it is started again and the mesh answers.
+        server = next(line for line in left_behind(state) if "nats-server" in line)
+        os.kill(int(server.split(":")[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "nats-server exited" not in output(state) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "nats-server exited" in output(state)
+        assert ask(state)["ok"] is True
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     assert wait_gone(state) == []
     assert not (state / "credentials.json").exists()
+
+
+def ask(state: Path) -> dict:
+    asked = subprocess.run([sys.executable, "-m", "baton", "ask", "How do I fix a puncture?", "--json", "--timeout", "30"], env=own_env(state), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    return json.loads(asked.stdout)
 
 
 async def _client_is_refused_off_its_subjects(url: str, password: str) -> None:
