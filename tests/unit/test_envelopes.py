@@ -127,3 +127,23 @@ async def test_a_request_nobody_answers_frees_its_slot_at_its_deadline():
     await asyncio.wait_for(slots.wait_for_room("c", "r2", limit=1), 2)
     assert 0.1 < time.monotonic() - started < 1.5
     assert slots.in_flight("c") == 0
+
+
+# -- credentials of the local mesh ---------------------------------------------------------
+
+
+def test_settings_and_the_cli_find_the_local_meshs_user_only_for_that_mesh(tmp_path, monkeypatch):
+    from shared.natsd import write_credentials
+    from shared.settings import Settings
+
+    for name in ("NATS_URL", "NATS_USER", "NATS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings(state_dir=tmp_path).nats_user is None
+    write_credentials(tmp_path, "nats://127.0.0.1:4999", {"cli": "secret-1", "admin": "secret-2"})
+    assert (tmp_path / "credentials.json").stat().st_mode & 0o777 == 0o600
+    found = Settings(state_dir=tmp_path)
+    assert found.nats_user == "cli" and found.nats_password.get_secret_value() == "secret-1"
+    monkeypatch.setenv("NATS_URL", "nats://elsewhere:4222")
+    assert Settings(state_dir=tmp_path).nats_user is None  # another server: not its password
+    monkeypatch.setenv("NATS_USER", "me")
+    assert Settings(state_dir=tmp_path).nats_user == "me"
