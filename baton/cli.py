@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from baton import render
 from baton.client import BatonClient, BatonError
-from baton.processes import MESH_SERVICES, STOP, MeshProcesses, MeshStartError
+from baton.processes import MESH_SERVICES, STOP, MeshProcesses, MeshStartError, Stopped
 from shared.config import ConfigError, load_config
 from shared.natsd import NatsServerError
 from shared.settings import ROOT, Settings, local_credentials, nats_credentials
@@ -136,9 +136,10 @@ def up(
             console.print(f"OpenAI-compatible API: {mesh.gateway_url}/v1  (model baton/auto)")
         console.print("ask it: [bold]baton ask \"How often should I replace my chain?\"[/]   stop: Ctrl-C")
         while True:
+            STOP.check()
             _supervise(mesh)
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except Stopped:
         pass
     except (MeshStartError, NatsServerError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
@@ -147,7 +148,6 @@ def up(
         err.print(f"[bold red]error:[/] the mesh could not start: {type(exc).__name__}: {exc}")
         raise typer.Exit(1)
     finally:
-        STOP.stopping = True
         mesh.stop()
         _state_file(settings).unlink(missing_ok=True)
         lock.close()

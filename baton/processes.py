@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,51 +36,37 @@ class MeshStartError(RuntimeError):
     pass
 
 
-class Stopped(KeyboardInterrupt):
-    """A stop signal arrived: unwinds whatever was running to the `finally` that stops the
-    mesh (a KeyboardInterrupt, so asyncio.run lets it through as well)."""
+class Stopped(Exception):
+    """A stop signal arrived (SIGTERM, SIGINT, SIGHUP): unwind to the `finally` that stops the mesh."""
 
 
 class StopSignals:
-    """SIGTERM, SIGINT and SIGHUP stop `baton up` at any moment, without orphans.
+    """Stop signals, noted by the handler and acted on where `baton up` waits.
 
-    Starting a process and recording it is held together: a signal in between is kept
-    and acted on right after, so no child is started that nobody knows of. (Blocking the
-    signals instead would be inherited by the children, which then ignore SIGTERM.) Once
-    stopping, further signals are ignored: the stop itself must not be cut short."""
+    The handler only notes the signal: an exception raised from a signal handler lands
+    wherever the interpreter happens to be, and there it can be swallowed (a weakref
+    callback during garbage collection prints "Exception ignored" and carries on), which
+    left `baton up` running with everything it had started. Every wait of the start-up
+    and the supervising loop checks the note at least every 0.1-0.5 s instead."""
 
     def __init__(self) -> None:
-        self.holding = 0
-        self.pending: int | None = None
-        self.stopping = False
+        self.received: int | None = None
 
     def install(self) -> None:
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.stopping:
-            return
-        if self.holding:
-            self.pending = signum
-            return
-        self.stopping = True
-        raise Stopped(signal.Signals(signum).name)
+        if self.received is None:
+            self.received = signum
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        self.holding += 1
-        try:
-            yield
-        finally:
-            self.holding -= 1
-            if not self.holding and self.pending is not None and not self.stopping:
-                self.stopping = True
-                raise Stopped(signal.Signals(self.pending).name)
+    def check(self) -> None:
+        """Raise Stopped once a stop signal has arrived."""
+        if self.received is not None:
+            raise Stopped(signal.Signals(self.received).name)
 
 
 STOP = StopSignals()
-held_signals = STOP.held
 
 
 @dataclass
@@ -132,20 +116,18 @@ class MeshProcesses:
         if secure:
             config_file, self.credentials = write_local_auth(self.settings.state_dir, clients)
         server = NatsServer(store_dir=store_dir, config_file=config_file, log_path=self.settings.state_dir / "logs" / "nats-server.log")
-        with held_signals():
-            self.nats_server = server
-            server.launch()
-        server.wait_ready(timeout_s)
+        self.nats_server = server
+        server.launch()
+        server.wait_ready(timeout_s, check=STOP.check)
         if secure:
             write_credentials(self.settings.state_dir, server.url, self.credentials)
         return server.url
 
     def restart_nats(self) -> None:
         """The server died: start it again on the same port, store and users."""
-        with held_signals():
-            self.nats_server.stop(keep_store=True)
-            self.nats_server.launch()
-        self.nats_server.wait_ready()
+        self.nats_server.stop(keep_store=True)
+        self.nats_server.launch()
+        self.nats_server.wait_ready(check=STOP.check)
 
     def connect_options(self, user: str) -> dict[str, str]:
         """How `user` connects to this mesh's NATS (nothing to add when it has no users)."""
@@ -163,10 +145,9 @@ class MeshProcesses:
     def spawn(self, service: str) -> Replica:
         index = sum(1 for r in self.replicas if r.service == service)
         metrics_port = free_port()
-        with held_signals():
-            replica = self._start_process(service, index, ["-m", "shared.run", service], {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
-            replica.metrics_port = metrics_port
-            self.replicas.append(replica)
+        replica = self._start_process(service, index, ["-m", "shared.run", service], {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
+        replica.metrics_port = metrics_port
+        self.replicas.append(replica)
         return replica
 
     def _start_process(self, name: str, index: int, args: list[str], extra_env: dict[str, str], user: str | None = None) -> Replica:
@@ -188,8 +169,7 @@ class MeshProcesses:
         """Start the trace collector and point every service started later at it."""
         port = free_port()
         env = {"BATON_COLLECTOR_PORT": str(port), "BATON_COLLECTOR_DB": str(db_path or self.settings.state_dir / "collector.sqlite3")}
-        with held_signals():
-            self.collector = self._start_process("collector", 0, ["-m", "services.collector"], env)
+        self.collector = self._start_process("collector", 0, ["-m", "services.collector"], env)
         self.collector_url = f"http://127.0.0.1:{port}"
         self._wait_http(self.collector, f"{self.collector_url}/healthz", timeout_s)
         self.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.collector_url
@@ -199,8 +179,7 @@ class MeshProcesses:
     def start_gateway(self, port: int | None = None, timeout_s: float = 15.0) -> str:
         """Start the OpenAI-compatible HTTP gateway (after the mesh: it answers 503 until NATS is up)."""
         port = port or free_port()
-        with held_signals():
-            self.gateway = self._start_process("gateway", 0, ["-m", "services.gateway"], {"BATON_GATEWAY_PORT": str(port)}, user="gateway")
+        self.gateway = self._start_process("gateway", 0, ["-m", "services.gateway"], {"BATON_GATEWAY_PORT": str(port)}, user="gateway")
         self.gateway_url = f"http://127.0.0.1:{port}"
         self._wait_http(self.gateway, f"{self.gateway_url}/healthz", timeout_s)
         return self.gateway_url
@@ -209,6 +188,7 @@ class MeshProcesses:
     def _wait_http(replica: Replica, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
+            STOP.check()
             if not replica.alive:
                 raise MeshStartError(f"the {replica.service} exited with code {replica.process.returncode}:\n{replica.tail()}")
             try:
@@ -223,6 +203,7 @@ class MeshProcesses:
         asyncio.run(self._provision())
         for service, count in counts.items():
             for _ in range(count):
+                STOP.check()
                 self.spawn(service)
         self.wait_ready(stall_s)
 
@@ -255,6 +236,7 @@ class MeshProcesses:
         cpu = -1
         try:
             while pending:
+                STOP.check()
                 for replica in self.replicas:
                     if not replica.alive:
                         raise MeshStartError(f"{replica.service} exited with code {replica.process.returncode}:\n{replica.tail()}")
@@ -281,11 +263,7 @@ class MeshProcesses:
             replica.process.wait(5)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        stopping, STOP.stopping = STOP.stopping, True  # a second Ctrl-C must not cut the stop short
-        try:
-            self._stop(timeout_s)
-        finally:
-            STOP.stopping = stopping
+        self._stop(timeout_s)  # signals now only add to the note: the stop is never cut short
         for private in (CREDENTIALS_FILE, AUTH_CONF_FILE):  # passwords of a mesh that is gone
             (self.settings.state_dir / private).unlink(missing_ok=True)
 

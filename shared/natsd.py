@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +98,15 @@ class NatsServer:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout_s: float = 10.0) -> None:
-        self._wait_ready(timeout_s)
+    def wait_ready(self, timeout_s: float = 10.0, check: Callable[[], None] | None = None) -> None:
+        """Until it listens; `check` is called on every turn (it may raise to give up)."""
+        self._wait_ready(timeout_s, check)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, check: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if check is not None:
+                check()
             if self.process.poll() is not None:
                 raise NatsServerError(f"nats-server exited with {self.process.returncode}: {self.tail()}")
             try:
