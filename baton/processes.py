@@ -109,13 +109,13 @@ class MeshProcesses:
     def nats_url(self) -> str:
         return self.nats_server.url if self.nats_server else self.settings.nats_url
 
-    def start_nats(self, store_dir: Path | None = None, *, secure: bool = True, clients: tuple[str, ...] = (), timeout_s: float = 10.0) -> str:
+    def start_nats(self, store_dir: Path | None = None, *, port: int = 0, secure: bool = True, clients: tuple[str, ...] = (), timeout_s: float = 10.0) -> str:
         """A nats-server for this mesh; `secure`: with the generated least-privilege users and
         fresh passwords (kept in the state folder: credentials.json, mode 0600)."""
         config_file = None
         if secure:
             config_file, self.credentials = write_local_auth(self.settings.state_dir, clients)
-        server = NatsServer(store_dir=store_dir, config_file=config_file, log_path=self.settings.state_dir / "logs" / "nats-server.log")
+        server = NatsServer(port=port, store_dir=store_dir, config_file=config_file, log_path=self.settings.state_dir / "logs" / "nats-server.log")
         self.nats_server = server
         server.launch()
         server.wait_ready(timeout_s, check=STOP.check)
