@@ -29,7 +29,8 @@ ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 async def route(body: bytes) -> None:
     message = mesh.current_message()
     headers = message.headers or {}
-    request_id = headers.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
+    named_id = headers.get(subjects.H_REQUEST_ID)
+    request_id = named_id or uuid.uuid4().hex
     reply_to = headers.get(subjects.H_REPLY_TO)
     client = subjects.client_of(message.subject)
     if not subjects.valid_client_id(client):
@@ -43,15 +44,18 @@ async def route(body: bytes) -> None:
     slots.hold(client, request_id, time.time() + ROUTING_HOLD_S)
     in_mesh = False
     try:
-        in_mesh = await handle(message, body, client, request_id, reply_to)
+        in_mesh = await handle(message, body, client, request_id, reply_to, named=named_id is not None)
     finally:
         if not in_mesh:
             slots.release(client, request_id)
 
 
-async def handle(message, body: bytes, client: str, request_id: str, reply_to: str | None) -> bool:
-    """Route one request; True when it went on into the mesh (its Reply is still to come)."""
-    error = check_address(client, request_id, reply_to)
+async def handle(message, body: bytes, client: str, request_id: str, reply_to: str | None, *, named: bool) -> bool:
+    """Route one request; True when it went on into the mesh (its Reply is still to come).
+    `named`: the client named the request id (else the router made one up)."""
+    error = check_address(client, request_id, reply_to) if named or reply_to is None else Error(
+        code=ErrorCode.INVALID_REQUEST, message=f"a request with a reply address needs a {subjects.H_REQUEST_ID} header (the address names it)"
+    )
     if error is not None:
         # Answering would write to a subject that is not this client's inbox for this
         # request (another client's, or not a subject at all): refuse, and keep the
