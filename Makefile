@@ -24,7 +24,7 @@ test: install  ## the whole suite against real nats-server processes
 	$(PY) -m pytest -q
 
 chaos: install  ## the long chaos runs: 1,000 requests while replicas and NATS nodes die; prints the ledgers
-	BATON_CHAOS_REQUESTS=1000 BATON_CHAOS_SECONDS=60 $(PY) -m pytest -q -s -m chaos tests/chaos
+	BATON_CHAOS_REQUESTS=1000 BATON_CHAOS_SECONDS=60 BATON_HOSTILE_MESSAGES=3000 BATON_HOSTILE_VICTIM_REQUESTS=200 BATON_HOSTILE_SECONDS=30 $(PY) -m pytest -q -s -m chaos --timeout 600 tests/chaos
 
 bench: install  ## benchmarks (not tests): Baton vs raw NATS chains vs LiteLLM; writes bench/RESULTS.md
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt

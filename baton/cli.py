@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from baton import render
 from baton.client import BatonClient, BatonError, InvalidRequest, Unreachable
-from baton.processes import MESH_SERVICES, MeshProcesses, MeshStartError
+from baton.processes import MESH_SERVICES, STOP, MeshProcesses, MeshStartError, Stopped
 from shared.config import ConfigError, load_config
 from shared.mesh_file import read_mesh_file, remove_mesh_file, write_mesh_file
 from shared.natsd import NatsServerError, port_taken
-from shared.settings import DEFAULT_NATS_PORT, ROOT, Settings, nats_credentials
+from shared.settings import DEFAULT_NATS_PORT, ROOT, Settings, local_credentials, nats_credentials
 
 # Exit codes, the same for every command (README "Exit codes").
 OK, UNREACHABLE, BAD_INPUT, FAILED, NOT_FOUND = 0, 1, 2, 3, 4
@@ -53,11 +52,18 @@ def _nats_url(settings: Settings) -> str:
     return settings.nats_url
 
 
-def _client(url: str, **options) -> BatonClient:
-    """A client as the configured NATS user (NATS_USER / NATS_PASSWORD): its id is the user name,
-    so its requests, inbox and stored replies are the ones that user is allowed."""
+def _client(url: str, *, admin: bool = False, **options) -> BatonClient:
+    """A client as the configured NATS user (NATS_USER / NATS_PASSWORD, else the CLI's user of
+    the mesh `baton up` runs here): its id is the user name, so its requests, inbox and stored
+    replies are the ones that user is allowed. `admin`: the operator commands (status,
+    health, config) as the local mesh's admin user, when there is one."""
     settings = _settings()
     credentials = nats_credentials(settings)
+    if admin and "NATS_USER" not in os.environ:
+        user, password = local_credentials(settings.state_dir, url, user="admin")
+        if user:
+            credentials = {"user": user, "password": password}
+            options.setdefault("client_id", user)  # its inbox is the one that user may read
     # A stable id, so `baton result` finds what an earlier `baton submit` stored.
     options.setdefault("client_id", settings.nats_user if credentials else os.environ.get("BATON_CLIENT_ID", "cli"))
     return BatonClient(url, **options, **credentials)
@@ -104,11 +110,15 @@ def up(
     gateway: bool = typer.Option(True, help="start the OpenAI-compatible HTTP gateway"),
     gateway_port: int = typer.Option(8080, help="the gateway's port on 127.0.0.1"),
     nats_port: int = typer.Option(DEFAULT_NATS_PORT, help="the NATS port on 127.0.0.1 (ignored when NATS_URL is set)"),
+    auth: bool = typer.Option(True, help="NATS with the generated least-privilege users and fresh passwords (credentials.json in the state folder); --no-auth: a NATS anyone on this machine may use"),
+    clients: list[str] = typer.Option([], "--client", help="a client id to make a NATS user for (repeatable); the CLI's own is 'cli'"),
 ) -> None:
     """Start NATS (unless NATS_URL is set), the collector and every service; Ctrl-C stops them all."""
+    STOP.install()  # before anything starts: a signal at any moment stops what has started
     settings = _settings()
     counts = parse_replicas(replicas)
     _check_ready_to_start(settings)
+    lock = _lock_state_dir(settings)
     own_nats = "NATS_URL" not in os.environ
     if own_nats and port_taken(nats_port):
         _fail(f"port {nats_port} is taken (another `baton up` or nats-server?): stop it, or start with --nats-port N", BAD_INPUT)
@@ -117,7 +127,7 @@ def up(
     mesh = MeshProcesses(settings)
     try:
         if own_nats:
-            mesh.start_nats(settings.state_dir / "nats", port=nats_port)
+            mesh.start_nats(settings.state_dir / "nats", port=nats_port, secure=auth, clients=tuple(clients))
         with console.status("starting the mesh..."):
             if collector:
                 mesh.start_collector()
@@ -126,29 +136,63 @@ def up(
                 mesh.start_gateway(gateway_port)
         write_mesh_file(settings.state_dir, {"nats_url": mesh.nats_url, "collector_url": mesh.collector_url, "gateway_url": mesh.gateway_url})
         console.print(f"[green]mesh up[/] on {mesh.nats_url}: " + ", ".join(f"{s}×{n}" for s, n in counts.items()))
+        if mesh.credentials:
+            console.print(f"NATS users: {', '.join(u for u in mesh.credentials if u not in MESH_SERVICES)} (passwords in {settings.state_dir / 'credentials.json'})")
         if mesh.collector_url:
             console.print(f"traces: {mesh.collector_url}  (baton trace ID, baton stats)")
         if mesh.gateway_url:
             console.print(f"OpenAI-compatible API: {mesh.gateway_url}/v1  (model baton/auto)")
         console.print("ask it: [bold]baton ask \"How often should I replace my chain?\"[/]   stop: Ctrl-C")
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-        while not stop["now"]:
-            for replica in mesh.replicas:
-                if not replica.alive:
-                    err.print(f"[yellow]{replica.service}-{replica.index} exited ({replica.process.returncode}); restarting[/]")
-                    mesh.replicas.remove(replica)
-                    mesh.spawn(replica.service)
-                    break
+        while True:
+            STOP.check()
+            _supervise(mesh)
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except Stopped:
         pass
     except (MeshStartError, NatsServerError) as exc:
-        _fail(str(exc))
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1)
+    except Exception as exc:  # whatever failed, say so in a sentence; the finally stops what started
+        err.print(f"[bold red]error:[/] the mesh could not start: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
     finally:
         mesh.stop()
         remove_mesh_file(settings.state_dir)
+        lock.close()
         console.print("mesh stopped")
+
+
+def _supervise(mesh: MeshProcesses) -> None:
+    """Start again whatever died: NATS first (every replica reconnects to it), then replicas."""
+    if mesh.nats_server is not None and not mesh.nats_server.alive:
+        err.print(f"[yellow]nats-server exited ({mesh.nats_server.process.returncode}); restarting[/]")
+        mesh.restart_nats()
+    for replica in list(mesh.replicas):
+        if not replica.alive:
+            err.print(f"[yellow]{replica.service}-{replica.index} exited ({replica.process.returncode}); restarting[/]")
+            mesh.replicas.remove(replica)
+            mesh.spawn(replica.service)
+
+
+def _lock_state_dir(settings: Settings):
+    """One `baton up` per state folder: a second would share its NATS store and files."""
+    import fcntl
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.state_dir / "baton-up.lock"
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when this process ends
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        _fail(f"another `baton up` (pid {holder}) is running on the state folder {settings.state_dir}; stop it first, or give this one its own folder with BATON_STATE_DIR")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _check_ready_to_start(settings: Settings) -> None:
@@ -352,7 +396,7 @@ def health() -> None:
     from shared.breakers import Breaker
 
     async def go() -> dict[str, Breaker]:
-        async with _client(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings()), admin=True) as client:
             kv = await client.js.key_value(subjects.BREAKERS_BUCKET)
             states = {}
             for key in await _keys(kv):
@@ -447,7 +491,7 @@ def status() -> None:
     from shared import subjects
 
     async def go():
-        async with _client(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings()), admin=True) as client:
             return [await client.js.consumer_info(subjects.STREAM, subjects.durable(s)) for s in MESH_SERVICES]
 
     table = Table(title="mesh status (JetStream consumers)")
@@ -486,7 +530,7 @@ def config_apply(path: Path) -> None:
         _fail(f"{exc}\nthe running config is unchanged", 2)
 
     async def go():
-        async with _client(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings()), admin=True) as client:
             return await publish_config(await client.js.key_value(subjects.CONFIG_BUCKET), text, str(path))
 
     config = _run(go())
@@ -501,7 +545,7 @@ def config_show() -> None:
     from shared.live_config import ACTIVE
 
     async def go():
-        async with _client(_nats_url(_settings())) as client:
+        async with _client(_nats_url(_settings()), admin=True) as client:
             kv = await client.js.key_value(subjects.CONFIG_BUCKET)
             return (await kv.get(ACTIVE)).value.decode()
 

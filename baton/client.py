@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from shared import attributes as A
 from shared import subjects, telemetry
 from shared.schema import Reply, Request
-from shared.settings import Settings, server_list
+from shared.settings import Settings, local_credentials, server_list, settings
 
 
 log = logging.getLogger("baton.client")
@@ -76,7 +76,17 @@ class BatonClient:
         from another process."""
         self.nats_url = nats_url or Settings().nats_url
         self.tracer = tracer or trace.get_tracer("baton.client")
-        self.client_id = client_id or os.environ.get("BATON_CLIENT_ID") or uuid.uuid4().hex[:12]
+        wanted = client_id or os.environ.get("BATON_CLIENT_ID")
+        if "user" in connect_options:
+            wanted = wanted or connect_options["user"]  # a client user may use only its own subjects
+        else:
+            # The mesh `baton up` runs on this machine has NATS users: connect as the user of
+            # this client id (by default the CLI's, `cli`; `baton up --client NAME` adds more).
+            user, password = local_credentials(settings().state_dir, self.nats_url, user=wanted)
+            if user:
+                connect_options = {**connect_options, "user": user, "password": password}
+                wanted = user
+        self.client_id = wanted or uuid.uuid4().hex[:12]
         if not _CLIENT_ID.match(self.client_id):
             raise InvalidRequest(f"client id {self.client_id!r} must be 1-64 letters, digits, '-' or '_'")
         self.timeout_s = timeout_s
@@ -120,15 +130,15 @@ class BatonClient:
         request_id, _ = await self._publish(request, request_id, fields)
         return request_id
 
-    async def ask(self, request: Request | str, *, timeout_s: float | None = None, **fields: Any) -> Reply:
-        """Queue a request and wait for its Reply.
+    async def ask(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> Reply:
+        """Queue a request and wait for its Reply (a request id used before gets the Reply given then).
 
         The root span of the request's trace covers it from publish to Reply, so a
         backend's root latency is the request's; a refused or degraded Reply is an error."""
         timeout_s = timeout_s or self.timeout_s
         request = _as_request(request, fields)
         with self.tracer.start_as_current_span("baton ask", kind=SpanKind.CLIENT, attributes=_root_attributes(request)) as root:
-            request_id, future = await self._publish(request, None, {})
+            request_id, future = await self._publish(request, request_id, {})
             try:
                 reply = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:
@@ -240,7 +250,9 @@ class BatonClient:
             self._pending.pop(request_id, None)
             raise RequestTooLarge(f"the request is {len(body)} bytes; the server accepts at most {self.nc.max_payload}")
         headers = {
-            subjects.H_MSG_ID: request_id,  # a retried publish is de-duplicated by JetStream
+            # A retried publish is de-duplicated by JetStream; the nonce keeps other clients
+            # from pre-empting the id. A repeated request id is answered by the router.
+            subjects.H_MSG_ID: subjects.request_msg_id(self.client_id, request_id, uuid.uuid4().hex[:16]),
             subjects.H_REQUEST_ID: request_id,
             subjects.H_REPLY_TO: self.reply_to(request_id),
             **extra_headers,
@@ -254,7 +266,9 @@ class BatonClient:
             pause = 0.25
             while True:
                 try:
-                    await self.js.publish(self.subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+                    ack = await self.js.publish(self.subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+                    if ack.duplicate:
+                        await self._answer_from_store(request_id)
                     return
                 except MaxPayloadError as exc:
                     self._pending.pop(request_id, None)
@@ -268,6 +282,14 @@ class BatonClient:
                         continue
                     self._pending.pop(request_id, None)
                     raise NotAccepted(f"the mesh did not accept the request within {ACCEPT_TIMEOUT_S:.0f}s ({type(exc).__name__}); is `baton up` running and NATS_URL right?") from exc
+
+    async def _answer_from_store(self, request_id: str) -> None:
+        """JetStream had this message already (a retried publish whose first PubAck was
+        lost): its Reply may have come and gone before this call listened for it."""
+        future = self._pending.get(request_id)
+        stored = await self.result(request_id)
+        if stored is not None and future is not None and not future.done():
+            future.set_result(stored)
 
     async def _on_reply(self, msg: Any) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]

@@ -38,7 +38,7 @@ def run_demo(settings: Settings, questions_file: Path, console: Console) -> bool
                 mesh.start({service: 1 for service in MESH_SERVICES})
                 mesh.start_gateway()
             console.print(f"[green]mesh up[/]: {', '.join(MESH_SERVICES)} on {mesh.nats_url}; traces to {mesh.collector_url}\n")
-            replies = asyncio.run(_ask_all(mesh.nats_url, questions + GUARD_DEMOS, console))
+            replies = asyncio.run(_ask_all(mesh.nats_url, questions + GUARD_DEMOS, console, mesh.connect_options("cli")))
             answered = replies[: len(questions)]
             through_http = _ask_gateway(mesh.gateway_url, questions[0], console)
             _show_observability(mesh.collector_url, answered, console)
@@ -48,9 +48,9 @@ def run_demo(settings: Settings, questions_file: Path, console: Console) -> bool
             console.print("[dim]mesh stopped; nothing left running[/]")
 
 
-async def _ask_all(url: str, questions: list[str], console: Console) -> list:
+async def _ask_all(url: str, questions: list[str], console: Console, connect_options: dict[str, str]) -> list:
     replies = []
-    async with BatonClient(url, timeout_s=30) as client:
+    async with BatonClient(url, timeout_s=30, **connect_options) as client:
         for question in questions:
             try:
                 reply = await client.ask(question)

@@ -125,6 +125,18 @@ class ShadowSpec(_Strict):
 class TenantSpec(_Strict):
     daily_budget_usd: float | None = Field(default=None, ge=0)
     models: list[str] = Field(default_factory=list)  # the tenant's allow-list; empty means the route's
+    # Requests of this tenant's client (a client id that names the tenant) the router works
+    # on at once; None: limits.max_in_flight_per_client.
+    max_in_flight: int | None = Field(default=None, gt=0)
+
+
+class LimitsSpec(_Strict):
+    """What one client may ask of the mesh, checked before any work is done."""
+
+    # Requests of one client the router works on at once: a flood waits behind its own limit.
+    max_in_flight_per_client: int = Field(default=16, gt=0)
+    max_slip_steps: int = Field(default=16, gt=0)  # a longer slip is a forged envelope
+    max_deadline_s: float = Field(default=600.0, gt=0)  # the longest a request may be given
 
 
 class RouteSpec(_Strict):
@@ -275,6 +287,7 @@ class MeshConfig(_Strict):
     guard: GuardSpec = Field(default_factory=GuardSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
     digest: str = ""  # content hash, set on load; recorded on every Reply
 
     @model_validator(mode="after")
@@ -286,6 +299,13 @@ class MeshConfig(_Strict):
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
+
+    def max_in_flight(self, client: str) -> int:
+        """How many of one client's requests the router works on at once."""
+        tenant = self.tenants.get(client)
+        if tenant is not None and tenant.max_in_flight is not None:
+            return tenant.max_in_flight
+        return self.limits.max_in_flight_per_client
 
 
 _MANY = "\n"  # joins several problems found by one validator; _describe splits them again

@@ -55,6 +55,7 @@ class PullConsumer:
         expires_s: float = 15.0,
         heartbeat_s: float = 0.5,
         progress_every_s: float = 10.0,
+        max_parked: int = 1024,
     ):
         self.nc = nc
         self.durable = durable
@@ -72,6 +73,11 @@ class PullConsumer:
         # Messages in hand, keyed by identity (a nats-py Msg is an unhashable dataclass):
         # id(message) -> (message, when JetStream last heard of it).
         self.working: dict[int, tuple[Msg, float]] = {}
+        # Messages in hand that wait for their turn rather than work on it (the router's
+        # per-client limit): they do not count against the workers, so the pulls go on
+        # past them to other clients' messages. Still in `working`: kept alive as well.
+        self.parked: set[int] = set()
+        self.max_parked = max_parked
         self.last_heard = time.monotonic()
         self.stopping = False
         self._sub = None
@@ -82,8 +88,21 @@ class PullConsumer:
 
     @property
     def busy(self) -> int:
-        """Messages being handled now."""
-        return len(self.working)
+        """Messages being worked on now (in hand and not parked)."""
+        return len(self.working) - len(self.parked)
+
+    def park(self, msg: Msg) -> bool:
+        """The handler waits for its turn: pull more meanwhile. False when too many wait already."""
+        if len(self.parked) >= self.max_parked or id(msg) not in self.working:
+            return False
+        self.parked.add(id(msg))
+        task = asyncio.create_task(self._top_up())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    def unpark(self, msg: Msg) -> None:
+        self.parked.discard(id(msg))
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
@@ -183,6 +202,7 @@ class PullConsumer:
         except Exception:  # the handler decides ack or nak; this is the last line
             log.exception("%s: handler failed", self.durable)
         finally:
+            self.parked.discard(id(msg))
             del self.working[id(msg)]
             await self._top_up()
 

@@ -22,7 +22,8 @@ app = FastStream(
         version="v1",
         description=(
             "Publish a Request through JetStream to baton.v1.request.<client_id> with headers "
-            "Baton-Request-Id (also Nats-Msg-Id) and Baton-Reply-To (_INBOX.<client_id>.reply.<request_id>); "
+            "Baton-Request-Id, Nats-Msg-Id (unique to the client: <client_id>.<request_id>) and "
+            "Baton-Reply-To (exactly _INBOX.<client_id>.reply.<request_id>, or absent); "
             "the PubAck means accepted. The one Reply arrives on that inbox and is kept in the KV bucket "
             f"{subjects.RESULTS_BUCKET} under <client_id>.<request_id>."
         ),

@@ -12,12 +12,12 @@ id makes the repeat harmless. A step that fails goes to the fallback service.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import re
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import nullcontext, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, nullcontext, suppress
 from contextvars import ContextVar
 from typing import Any
 
@@ -26,13 +26,15 @@ from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.errors import BadSubjectError
+from nats.js.api import PubAck
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, NoOpTracer, Span
 from pydantic import ValidationError
 
 from shared import attributes as A
-from shared import metrics, subjects, telemetry
+from shared import envelopes, metrics, subjects, telemetry
 from shared.budgets import TenantLedger
 from shared.cache import CACHE_KEY, store as cache_store
 from shared.config import MeshConfig, load_config
@@ -46,9 +48,29 @@ from shared.sessions import SessionStore
 from shared.settings import Settings, broker_security, nats_credentials, server_list, settings as load_settings
 
 log = logging.getLogger("baton.mesh")
-_REQUEST_ID = re.compile(subjects.REQUEST_ID_PATTERN)
-_CLIENT_ID = re.compile(subjects.CLIENT_ID_PATTERN)
 _MESSAGE: ContextVar[Msg] = ContextVar("baton_message")
+PARKED_FULL_DELAY_S = 2.0  # a message that found no room to wait in comes back after this
+
+
+class Terminate(Exception):
+    """A message that cannot succeed however often it is delivered: end it now.
+
+    The consumer terminates it (no redelivery), keeps it as a dead letter and counts it;
+    whoever raises this has already answered the client, when the client can be answered."""
+
+    def __init__(self, reason: str, message: str, request_id: str | None = None, client: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.request_id = request_id
+        self.client = client
+
+
+class Later(Exception):
+    """Not now: hand the message back to JetStream, to be delivered again after `delay_s`."""
+
+    def __init__(self, delay_s: float):
+        super().__init__(f"later, in {delay_s:.2f}s")
+        self.delay_s = delay_s
 
 
 class StepFailed(Exception):
@@ -93,6 +115,8 @@ class Mesh:
         self.app.after_shutdown(telemetry.shutdown_tracing)
         metrics.serve(service)
         self._sessions: SessionStore | None = None
+        key = self.settings.envelope_key
+        self._envelope_key = key.get_secret_value().encode() if key else None
         self._handler: Callable[[bytes], Awaitable[None]] | None = None
         self._consumer: PullConsumer | None = None
         self.app.after_startup(self._start_consumer)  # after the config is followed: requests need it
@@ -174,6 +198,8 @@ class Mesh:
         growing pause, so a short outage does not burn through max_deliver in a second."""
         acked = metrics.HOP_MESSAGES.labels(self.service, "acked")
         redelivered = metrics.HOP_MESSAGES.labels(self.service, "redelivered")
+        terminated = metrics.HOP_MESSAGES.labels(self.service, "terminated")
+        postponed = metrics.HOP_MESSAGES.labels(self.service, "postponed")
         in_flight = metrics.HOPS_IN_FLIGHT.labels(self.service)
 
         async def handle(message: Msg) -> None:
@@ -181,6 +207,21 @@ class Mesh:
             in_flight.inc()
             try:
                 await handler(message.data)
+            except Later as later:
+                postponed.inc()
+                with suppress(Exception):
+                    await message.nak(delay=later.delay_s)
+                return
+            except (Terminate, BadSubjectError) as exc:
+                # Redelivery would fail the same way, again and again: a poison message.
+                stop = exc if isinstance(exc, Terminate) else Terminate("bad_subject", str(exc) or "a subject that is not a literal")
+                log.warning("%s: terminated a message (%s): %s", self.service, stop.reason, stop)
+                terminated.inc()
+                metrics.POISON_MESSAGES.labels(self.service, stop.reason).inc()
+                with suppress(Exception):
+                    await message.term()
+                await self._dead_letter(message, stop)
+                return
             except Exception as exc:
                 delivered = message.metadata.num_delivered or 1
                 delay = min(self.settings.ack_wait_s, 0.25 * 2 ** (delivered - 1))
@@ -197,28 +238,72 @@ class Mesh:
 
         return handle
 
+    async def _dead_letter(self, message: Msg, stop: Terminate) -> None:
+        """Keep a terminated message for inspection (`baton_dead_letters`)."""
+        headers = dict(message.headers or {})
+        request_id = stop.request_id or headers.get(subjects.H_REQUEST_ID) or ""
+        client = stop.client or (subjects.client_of(message.subject) if self.service == "router" else None)
+        seq = message.metadata.sequence.stream if message.reply else 0
+        # A key the poisoner cannot aim at someone else's record: the sequence is the stream's.
+        key = f"poison.{self.service}.{seq}"
+        record = {
+            "request_id": request_id[:200],
+            "client": client,
+            "consumer": self.service,
+            "reason": stop.reason,
+            "error": str(stop),
+            "deliveries": message.metadata.num_delivered if message.reply else 1,
+            "stream_seq": seq,
+            "subject": message.subject,
+            "headers": {k: v[:500] for k, v in headers.items()},
+            "body": message.data[:4096].decode(errors="replace"),
+            "at": time.time(),
+        }
+        try:
+            bucket = await self.broker.key_value(subjects.DEAD_LETTERS_BUCKET, declare=False)
+            await bucket.put(key, json.dumps(record).encode())
+        except Exception as exc:  # the metric and the log line still tell
+            log.warning("%s: could not keep dead letter %s: %s", self.service, key, exc)
+
+    @asynccontextmanager
+    async def parked(self) -> AsyncIterator[None]:
+        """While this handler waits for its turn (not for work), the message does not take
+        one of this replica's workers: the consumer pulls on, past it. Too many waiting
+        already: the message goes back to JetStream for a while instead."""
+        message = self.current_message()
+        if self._consumer is None or not self._consumer.park(message):
+            raise Later(PARKED_FULL_DELAY_S)
+        try:
+            yield
+        finally:
+            self._consumer.unpark(message)
+
     def current_message(self) -> Msg:
         """The JetStream message this task is handling."""
         return _MESSAGE.get()
 
     # -- publishing ------------------------------------------------------------
 
-    async def forward(self, env: Envelope) -> None:
+    async def forward(self, env: Envelope) -> PubAck:
         """Publish the envelope to the service of the step at its cursor."""
         env.sent_at = time.time()
         subject = subjects.step(env.current.service)
-        await self._publish_durable(env, subject, f"{env.request_id}.{env.attempt}.{env.cursor}")
+        return await self._publish_durable(env, subject, subjects.hop_msg_id(env.client, env.request_id, env.attempt, env.cursor))
+
+    def seal(self, env: Envelope) -> None:
+        """The router's mark on a new envelope: the services believe only what it covers."""
+        envelopes.seal(env, self._envelope_key)
 
     async def fail(self, env: Envelope, error: Error) -> None:
         """Hand the envelope to the fallback service."""
         env.error = error
         env.sent_at = time.time()
-        await self._publish_durable(env, subjects.FALLBACK, f"{env.request_id}.{env.attempt}.fallback")
+        await self._publish_durable(env, subjects.FALLBACK, subjects.hop_msg_id(env.client, env.request_id, env.attempt, "fallback"))
 
-    async def _publish_durable(self, env: Envelope, subject: str, msg_id: str) -> None:
+    async def _publish_durable(self, env: Envelope, subject: str, msg_id: str) -> PubAck:
         # nats-py directly, not broker.publish: the framework's publish pipeline cost
         # more CPU per hop than the publish itself.
-        await self.js.publish(
+        return await self.js.publish(
             subject,
             env.model_dump_json().encode(),
             stream=subjects.STREAM,
@@ -228,13 +313,16 @@ class Mesh:
     async def finish(self, env: Envelope) -> Reply:
         span = trace.get_current_span()
         trace_id = telemetry.trace_id_of(span)
+        if env.error is None and env.remaining_s() < 0:
+            # The client stops waiting at its deadline: an answer after it is not an answer.
+            env.error = Error(code=ErrorCode.DEADLINE_EXCEEDED, message=f"the answer was ready {-env.remaining_s() * 1000:.0f} ms after the request's deadline", step=env.steps[-1].step if env.steps else None)
         reply = answer_reply(env, trace_id) if env.error is None else error_reply(env.request_id, env.error, env, trace_id)
         telemetry.record_reply(span, reply)
         metrics.observe_reply(reply)
         if reply.ok and env.request.session_id:
             await self.remember_turn(env, reply)
         await self.account(env, reply)
-        await self.deliver(reply, env.reply_to)
+        await self.deliver(reply, env.reply_to, env.client)
         return reply
 
     async def account(self, env: Envelope, reply: Reply) -> None:
@@ -267,32 +355,52 @@ class Mesh:
         except Exception:  # a lost turn must not cost the user the answer
             log.exception("request %s: could not record the session turn", env.request_id)
 
-    async def deliver(self, reply: Reply, reply_to: str | None, client: str | None = None) -> None:
+    async def deliver(self, reply: Reply, reply_to: str | None, client: str | None = None, *, store: bool = True) -> None:
         """Store the Reply under `<client>.<request id>`, then send it to the client's inbox.
 
-        The store is a create: only the first finisher wins. A redelivered last hop
-        finds the stored Reply and re-sends that one, so the client (which keeps the
-        first reply per request id) never sees two different answers.
+        The store is a create: only the first finisher wins. A later finisher finds the
+        stored Reply: on a first delivery (a repeated request id, or a second finisher)
+        it sends the stored one, so the client sees the same answer again and never a
+        different one; on a redelivered last hop it sends nothing, since the first
+        delivery sent it already. A reply address that is not exactly the client's inbox
+        for this request is never written to (the router refuses such requests).
         """
         body = reply.model_dump_json().encode()
         client = client or subjects.client_of_inbox(reply_to) or subjects.ANONYMOUS
-        if _REQUEST_ID.match(reply.request_id) and _CLIENT_ID.match(client):  # a hostile id is answered, not stored
+        if reply_to is not None and reply_to != subjects.reply_address(client, reply.request_id):
+            log.warning("%s: not sending request %r's reply to %r: not the client's inbox", self.service, reply.request_id[:130], reply_to[:200])
+            reply_to = None
+        if store and subjects.valid_request_id(reply.request_id) and subjects.valid_client_id(client):  # a hostile id is answered, not stored
             key = subjects.result_key(client, reply.request_id)
             results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
             try:
                 await results.create(key, body)
             except KeyWrongLastSequenceError:
+                message = _MESSAGE.get(None)
+                if message is not None and message.reply and message.metadata.num_delivered > 1:
+                    return  # a redelivered last hop: its first delivery sent the Reply
                 with suppress(NotFoundError):
                     body = (await results.get(key)).value or body
         if reply_to:
             await self.nc.publish(reply_to, body, headers=telemetry.inject({subjects.H_REQUEST_ID: reply.request_id}))
 
-    async def reply_error(self, request_id: str, reply_to: str | None, error: Error, client: str | None = None) -> None:
+    async def resend_stored(self, client: str, request_id: str, reply_to: str | None) -> bool:
+        """Send the Reply stored for this request again (a repeated request id); False if none is stored yet."""
+        results = await self.broker.key_value(subjects.RESULTS_BUCKET, declare=False)
+        try:
+            body = (await results.get(subjects.result_key(client, request_id))).value
+        except NotFoundError:
+            return False
+        if body and reply_to:
+            await self.nc.publish(reply_to, body, headers=telemetry.inject({subjects.H_REQUEST_ID: request_id}))
+        return bool(body)
+
+    async def reply_error(self, request_id: str, reply_to: str | None, error: Error, client: str | None = None, *, store: bool = True) -> None:
         span = trace.get_current_span()
         reply = error_reply(request_id, error, trace_id=telemetry.trace_id_of(span))
         telemetry.record_reply(span, reply)
         metrics.observe_reply(reply)
-        await self.deliver(reply, reply_to, client)
+        await self.deliver(reply, reply_to, client, store=store)
 
     # -- tracing -----------------------------------------------------------------
 
@@ -336,8 +444,6 @@ class Mesh:
 
         async def handle(body: bytes) -> None:
             env = await self.parse_envelope(body)
-            if env is None:
-                return
             record = StepRecord(step=env.current.name, service=self.service, started_at=time.time(), duration_ms=0.0)
             record.queued_ms = round(max(0.0, record.started_at - env.sent_at) * 1000, 3)
             with self.hop(env.current.name, env, **{A.QUEUED_MS: record.queued_ms}) as span:
@@ -365,20 +471,26 @@ class Mesh:
         self.subscriber()(handle)
         return handle
 
-    async def parse_envelope(self, body: bytes, *, at_step: bool = True) -> Envelope | None:
-        """The envelope, or None after answering a malformed message with an error."""
+    async def parse_envelope(self, body: bytes, *, at_step: bool = True) -> Envelope:
+        """The envelope, checked (shared/envelopes.py); else the client is told, if it can
+        be, and the message is terminated: no delivery of it could ever succeed."""
         try:
             env = Envelope.model_validate_json(body)
-            if at_step and env.done:
-                raise ValueError(f"cursor {env.cursor} is past the end of a {len(env.slip)}-step slip")
-            return env
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:
             headers = self.current_message().headers or {}
-            request_id = headers.get(subjects.H_REQUEST_ID, "unknown")
-            log.warning("%s: malformed envelope for request %s: %s", self.service, request_id, exc)
+            request_id = headers.get(subjects.H_REQUEST_ID) or "unknown"
+            reply_to = headers.get(subjects.H_REPLY_TO)
             error = Error(code=ErrorCode.INVALID_REQUEST, message=f"malformed envelope at {self.service}: {_summary(exc)}")
-            await self.reply_error(request_id, headers.get(subjects.H_REPLY_TO), error)
-            return None
+            # Nothing in it can be believed: answered (deliver checks the address is an inbox), never stored.
+            await self.reply_error(request_id, reply_to, error, store=False)
+            raise Terminate("malformed", error.message, request_id) from None
+        refusal = envelopes.check(env, self.service, self.config.limits, self._envelope_key)
+        if refusal is not None:
+            error = Error(code=ErrorCode.INVALID_REQUEST, message=f"refused at {self.service}: {refusal.message}")
+            if refusal.answerable:
+                await self.reply_error(env.request_id, env.reply_to, error, env.client, store=False)
+            raise Terminate(refusal.reason, error.message, env.request_id, env.client)
+        return env
 
     async def run_within_budget(self, env: Envelope, step: StepFn, record: StepRecord) -> None:
         """Run the step with at most the step's budget and never past the deadline."""

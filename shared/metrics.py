@@ -28,6 +28,8 @@ MODEL_RETRIES = Counter("baton_model_retries_total", "Retried model calls", ["mo
 SHADOW_CALLS = Counter("baton_shadow_calls_total", "Shadow model calls", ["model", "outcome"])
 CACHE_HITS = Counter("baton_cache_total", "Reply cache lookups", ["route", "outcome"])
 HOP_MESSAGES = Counter("baton_hop_messages_total", "Hop messages this service took from its consumer, by what became of them", ["service", "outcome"])
+POISON_MESSAGES = Counter("baton_poison_messages_total", "Messages terminated at once (no redelivery could succeed) and kept as dead letters", ["service", "reason"])
+CLIENT_WAITS = Counter("baton_client_limit_waits_total", "Requests that waited because their client had its limit of requests in flight")
 HOPS_IN_FLIGHT = Gauge("baton_hops_in_flight", "Hop messages this service is working on", ["service"])
 MODEL_TOKENS = Counter("baton_model_tokens_total", "Tokens per model", ["model", "direction"])
 

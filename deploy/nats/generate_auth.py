@@ -20,7 +20,9 @@ see deploy/README.md for how each was found):
   cache (and writes the semantic index to the cache bucket); the guardrail and the
   generator share circuit breakers (KV); the generator also stores shadow answers and
   sends streamed chunks; the fallback also handles the max-deliveries advisory (reads
-  and deletes the exhausted hop, writes the dead-letter bucket).
+  and deletes the exhausted hop). Every service writes the dead-letter bucket (a poison
+  message is terminated at once and kept there); the router also watches every client's
+  reply subject (a Reply ends a request its client had in flight).
   No service may publish a request (that would be impersonating a client), and no
   service may create, change or delete streams, consumers or buckets.
 - a client: publish its own request subject, receive under `_INBOX.<client>`, read its
@@ -56,6 +58,9 @@ CLIENTS = ("client-acme", "client-globex")
 # The HTTP gateway (services/gateway) is a Baton client too: client id "gateway"
 # (BATON_GATEWAY_CLIENT_ID), and it follows the live config like the services.
 GATEWAY = "gateway"
+# The client the `baton` CLI (and a BatonClient on the same machine) connects as to a mesh
+# `baton up` started: its credentials are in the state folder (credentials.json).
+LOCAL_CLIENT = "cli"
 
 STREAM = subjects.STREAM
 RESULTS = subjects.RESULTS_BUCKET
@@ -163,8 +168,10 @@ def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
     if name == "router":
         # The semantic cache's per-scope index of questions lives in the cache bucket:
-        # the router adds each new question to it (compare-and-set writes).
-        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], []
+        # the router adds each new question to it (compare-and-set writes). It sees every
+        # Reply go by: each one ends a request its client had in flight (the per-client
+        # limit, shared/fairness.py).
+        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], [ANY_CLIENT_REPLY]
     if name == "guardrail":
         # The judge layer's circuit breakers, shared with the generator's in one bucket.
         return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS)], []
@@ -187,8 +194,6 @@ def extra_for(name: str) -> tuple[list[str], list[str]]:
         return [
             f"$JS.API.STREAM.MSG.GET.{STREAM}",
             f"$JS.API.STREAM.MSG.DELETE.{STREAM}",
-            f"$JS.API.STREAM.INFO.{kv_stream(DEAD_LETTERS)}",
-            *kv_write(DEAD_LETTERS),
         ], [subjects.MAX_DELIVERIES_ADVISORY]
     return [], []
 
@@ -235,6 +240,9 @@ def service(name: str) -> User:
         *kv_read(CONFIG),
         *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
+        # A message no delivery could ever handle (a poison message) is terminated and kept here.
+        f"$JS.API.STREAM.INFO.{kv_stream(DEAD_LETTERS)}",
+        *kv_write(DEAD_LETTERS),
     ]
     extra_publish, extra_subscribe = extra_for(name)
     return User(
@@ -266,6 +274,12 @@ def gateway() -> User:
         subscribe=base.subscribe,
         why="the HTTP gateway: a client that also follows the live config for its model list",
     )
+
+
+def local_users(clients: tuple[str, ...] = ()) -> dict[str, User]:
+    """The users of a mesh `baton up` runs: the table's, the CLI's client and any clients asked for."""
+    extra = [client(name) for name in (LOCAL_CLIENT, *clients) if name not in USERS]
+    return {**USERS, **{u.name: u for u in extra}}
 
 
 USERS: dict[str, User] = {
@@ -316,7 +330,10 @@ def _quote_list(items: tuple[str, ...], indent: str) -> str:
     return "[\n" + "".join(f'{indent}  "{item}"\n' for item in items) + f"{indent}]"
 
 
-def render_auth_conf() -> str:
+def render_auth_conf(users: dict[str, User] | None = None, passwords: dict[str, str] | None = None) -> str:
+    """The accounts block; passwords from the server's environment, or written in (`passwords`,
+    for the file `baton up` keeps private in its state folder)."""
+    users = USERS if users is None else users
     lines = [
         HEADER.rstrip("\n"),
         "#",
@@ -329,13 +346,14 @@ def render_auth_conf() -> str:
         "    jetstream: enabled",
         "    users: [",
     ]
-    for user in USERS.values():
+    for user in users.values():
         ind = "        "
+        password = f'"{passwords[user.name]}"' if passwords else f"${user.password_var}"
         lines += [
             f"      # {user.name} ({user.role}): {user.why}",
             "      {",
             f"        user: \"{user.name}\"",
-            f"        password: ${user.password_var}",
+            f"        password: {password}",
             "        permissions: {",
             f"          publish: {{ allow: {_quote_list(user.publish, ind + '  ')} }}",
             f"          subscribe: {{ allow: {_quote_list(user.subscribe, ind + '  ')} }}",

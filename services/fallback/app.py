@@ -84,7 +84,9 @@ async def exhausted(body: bytes) -> None:
     log.error("request %s: %s ran out of deliveries (%d); dead-lettered", letter.request_id, consumer, deliveries)
     bucket = await mesh.broker.key_value(subjects.DEAD_LETTERS_BUCKET, declare=False)
     await bucket.put(letter.request_id, dead_letters.record(letter, message.data or b"", headers))
-    await mesh.reply_error(letter.request_id, letter.reply_to, letter.error())
+    # A request's client is the one its subject names (a reply address could name anyone's inbox).
+    client = subjects.client_of(message.subject) if consumer == "router" else None
+    await mesh.reply_error(letter.request_id, letter.reply_to, letter.error(), client)
     with suppress(NotFoundError):
         await js.delete_msg(subjects.STREAM, seq)
 

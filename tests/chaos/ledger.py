@@ -29,7 +29,9 @@ class Ledger:
     lost: int = 0  # accepted, no reply and nothing stored
     duplicates: int = 0  # a second, different reply to one request
     redundant: int = 0  # the same reply delivered again (a redelivered last hop), de-duplicated
+    late_ok: int = 0  # ok Replies that arrived after the route's latency budget (the deadline)
     latencies_ms: list[float] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
     error_codes: Counter = field(default_factory=Counter)
 
     def percentile(self, p: float) -> float:
@@ -39,17 +41,18 @@ class Ledger:
     def line(self, name: str) -> str:
         return (
             f"{name}: sent={self.sent} accepted={self.accepted} answered={self.answered} errors={self.errors} "
-            f"refused={self.refused} lost={self.lost} duplicates={self.duplicates} redundant={self.redundant} "
+            f"refused={self.refused} lost={self.lost} duplicates={self.duplicates} redundant={self.redundant} late_ok={self.late_ok} "
             f"p50={self.percentile(50):.1f}ms p99={self.percentile(99):.1f}ms"
             + (f" codes={dict(self.error_codes)}" if self.error_codes else "")
         )
 
 
-async def run_load(url: str, requests: int, concurrency: int, duration_s: float = 0.0, timeout_s: float = 40.0) -> Ledger:
-    """`requests` asks from `concurrency` workers, paced to last about `duration_s` (steady load)."""
+async def run_load(url: str, requests: int, concurrency: int, duration_s: float = 0.0, timeout_s: float = 40.0, budgets_ms: dict[str, int] | None = None, client_id: str | None = None, id_prefix: str | None = None) -> Ledger:
+    """`requests` asks from `concurrency` workers, paced to last about `duration_s` (steady load).
+    With `budgets_ms` (route -> latency budget), an ok Reply later than its route's budget counts as late."""
     ledger = Ledger()
     bodies: dict[str, set[bytes]] = {}
-    async with BatonClient(url, timeout_s=timeout_s) as client:
+    async with BatonClient(url, timeout_s=timeout_s, client_id=client_id) as client:
 
         async def watch(msg) -> None:  # a second view of the inbox: every delivery, not just the first
             bodies.setdefault(msg.subject.rsplit(".", 1)[-1], set()).add(msg.data)
@@ -68,7 +71,9 @@ async def run_load(url: str, requests: int, concurrency: int, duration_s: float 
                 ledger.sent += 1
                 started = time.monotonic()
                 try:
-                    reply = await client.ask(QUESTIONS[i % len(QUESTIONS)], cache=False)  # every request walks the mesh
+                    request_id = f"{id_prefix}{i}" if id_prefix else None
+                    reply = await client.ask(QUESTIONS[i % len(QUESTIONS)], cache=False, request_id=request_id)  # every request walks the mesh
+                    ledger.answers.append(reply.answer or "")
                 except NotAccepted:
                     ledger.refused += 1
                     continue
@@ -77,9 +82,12 @@ async def run_load(url: str, requests: int, concurrency: int, duration_s: float 
                     ledger.lost += 1
                     continue
                 ledger.accepted += 1
-                ledger.latencies_ms.append((time.monotonic() - started) * 1000)
+                elapsed_ms = (time.monotonic() - started) * 1000
+                ledger.latencies_ms.append(elapsed_ms)
                 if reply.ok:
                     ledger.answered += 1
+                    if budgets_ms and elapsed_ms > budgets_ms.get(reply.route or "", float("inf")):
+                        ledger.late_ok += 1
                 else:
                     ledger.errors += 1
                     ledger.error_codes[reply.error.code.value] += 1

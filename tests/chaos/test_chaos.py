@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from shared.config import load_config
 from tests.chaos.ledger import run_load
 from tests.conftest import mesh_settings, running_mesh
 
@@ -46,11 +47,13 @@ async def kill_replicas(mesh, stop: asyncio.Event, rng: random.Random, kills: li
 
 
 async def test_every_accepted_request_gets_exactly_one_reply_while_replicas_die(mesh, capsys):
-    baseline = await run_load(mesh.nats_url, max(30, REQUESTS // 4), CONCURRENCY, DURATION_S / 4)
+    config = load_config(mesh.settings.config)
+    budgets = {name: route.latency_budget_ms for name, route in config.routes.items()}  # no request sets its own
+    baseline = await run_load(mesh.nats_url, max(30, REQUESTS // 4), CONCURRENCY, DURATION_S / 4, budgets_ms=budgets)
     stop, kills = asyncio.Event(), []
     killer = asyncio.create_task(kill_replicas(mesh, stop, random.Random(7), kills))
     try:
-        chaos = await run_load(mesh.nats_url, REQUESTS, CONCURRENCY, DURATION_S)
+        chaos = await run_load(mesh.nats_url, REQUESTS, CONCURRENCY, DURATION_S, budgets_ms=budgets)
     finally:
         stop.set()
         await killer
@@ -62,6 +65,8 @@ async def test_every_accepted_request_gets_exactly_one_reply_while_replicas_die(
     assert len(kills) >= DURATION_S / 4
     assert baseline.lost == chaos.lost == 0
     assert baseline.duplicates == chaos.duplicates == 0
+    assert baseline.late_ok == chaos.late_ok == 0  # no ok Reply after its deadline
+    assert chaos.redundant == 0  # a Reply already delivered is not sent again by a redelivered hop
     assert chaos.accepted == chaos.sent == REQUESTS
     assert chaos.answered + chaos.errors == chaos.accepted
     assert chaos.answered >= 0.95 * chaos.accepted
