@@ -24,9 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.attributes import REQUEST_ID
-
-from .otlp import SpanRow
+from .otlp import SpanRecord, SpanRow, record_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -86,7 +84,11 @@ class SpanStore:
 
     def insert(self, rows: Sequence[SpanRow]) -> int:
         """Store one export's spans atomically; returns how many were new."""
-        if not rows:
+        return self.insert_records([record_of(r) for r in rows])
+
+    def insert_records(self, records: Sequence[SpanRecord]) -> int:
+        """`insert` for spans the ingest path decoded straight to records."""
+        if not records:
             return 0
         with self._lock:
             before = self._conn.total_changes
@@ -95,7 +97,7 @@ class SpanStore:
                 self._conn.executemany(
                     f"INSERT OR IGNORE INTO spans ({_COLUMNS}, request_id)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_to_params(r) for r in rows],
+                    records,
                 )
                 inserted = self._conn.total_changes - before
                 # A request's start is its earliest span seen so far; spans arrive out of order.
@@ -103,7 +105,7 @@ class SpanStore:
                     "INSERT INTO requests (request_id, trace_id, started_ns) VALUES (?, ?, ?)"
                     " ON CONFLICT (request_id) DO UPDATE SET started_ns ="
                     " min(started_ns, excluded.started_ns)",
-                    _earliest_per_request(rows),
+                    _earliest_per_request(records),
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -161,37 +163,17 @@ class SpanStore:
             return self._conn.execute("SELECT count(*) FROM spans").fetchone()[0]
 
 
-def _earliest_per_request(rows: Sequence[SpanRow]) -> list[tuple[str, str, int]]:
+def _earliest_per_request(records: Sequence[SpanRecord]) -> list[tuple[str, str, int]]:
     """(request_id, trace_id, earliest start) once per request of an export, not per span."""
     earliest: dict[str, tuple[str, str, int]] = {}
-    for r in rows:
-        request_id = r.attributes.get(REQUEST_ID)
-        if request_id is None:
+    for r in records:
+        if r.request_id is None:
             continue
-        key = str(request_id)
-        seen = earliest.get(key)
+        seen = earliest.get(r.request_id)
         if seen is None or r.start_ns < seen[2]:
-            # The first span's trace id wins, as the upsert below keeps the stored one.
-            earliest[key] = (key, seen[1] if seen else r.trace_id, r.start_ns)
+            # The first span's trace id wins, as the upsert keeps the stored one.
+            earliest[r.request_id] = (r.request_id, seen[1] if seen else r.trace_id, r.start_ns)
     return list(earliest.values())
-
-
-def _to_params(r: SpanRow) -> tuple[object, ...]:
-    request_id = r.attributes.get(REQUEST_ID)
-    return (
-        r.trace_id,
-        r.span_id,
-        r.parent_span_id,
-        r.name,
-        r.service,
-        r.start_ns,
-        r.end_ns,
-        r.status_code,
-        r.kind,
-        r.status_message,
-        json.dumps(r.attributes, separators=(",", ":")),
-        None if request_id is None else str(request_id),
-    )
 
 
 def _from_row(r: tuple[object, ...]) -> SpanRow:
