@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -222,6 +223,8 @@ _ATTRIBUTE_TAG = 0x4A
 # recurs on each of its spans, so most lookups hit. Cleared when full: bounded memory.
 _members: dict[bytes, tuple[str, Any, str]] = {}
 _MEMBERS_MAX = 8192
+_DOUBLE = struct.Struct("<d")
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str
 
 
 def _attributes_json(span: Span) -> tuple[str, str | None]:
@@ -273,13 +276,59 @@ def _attributes_json(span: Span) -> tuple[str, str | None]:
 
 
 def _member(record: bytes) -> tuple[str, Any, str]:
-    kv = KeyValue.FromString(record)
-    value = any_value(kv.value)
-    member = (kv.key, value, json.dumps(kv.key) + ":" + json.dumps(value, separators=(",", ":")))
+    member = _scalar_member(record)
+    if member is None:
+        kv = KeyValue.FromString(record)
+        value = any_value(kv.value)
+        member = (kv.key, value, _json_string(kv.key) + ":" + json.dumps(value, separators=(",", ":")))
     if len(_members) >= _MEMBERS_MAX:
         _members.clear()
     _members[record] = member
     return member
+
+
+def _scalar_member(record: bytes) -> tuple[str, Any, str] | None:
+    """A short string, bool, int or double attribute in its usual encoding, read by hand.
+
+    Values that differ on every span (a request's id, queue times) miss the cache;
+    this keeps a miss about as cheap as the protobuf API was. Only the exact shape
+    key (field 1), then value (field 2) holding one field, each length below 128,
+    is read here; anything else returns None and goes through KeyValue.FromString.
+    """
+    end = len(record)
+    if end < 4 or record[0] != 0x0A:
+        return None
+    key_end = 2 + record[1]
+    if record[1] >= 0x80 or key_end + 3 > end or record[key_end] != 0x12 or record[key_end + 1] != end - key_end - 2:
+        return None
+    key = record[2:key_end].decode()  # upb checked the UTF-8 when it parsed the export
+    tag, payload = record[key_end + 2], key_end + 3
+    if payload >= end:
+        return None
+    value: Any
+    if tag == 0x0A:  # string_value
+        if record[payload] != end - payload - 1:
+            return None
+        value = record[payload + 1 :].decode()
+        text = _json_string(value)
+    elif tag == 0x21:  # double_value
+        if payload + 8 != end:
+            return None
+        (value,) = _DOUBLE.unpack_from(record, payload)
+        text = json.dumps(value)
+    elif tag in (0x10, 0x18):  # bool_value, int_value (varints)
+        number, after = _varint(record, payload)
+        if after != end:
+            return None
+        if tag == 0x10:
+            value = number != 0
+            text = "true" if value else "false"
+        else:
+            value = number - (1 << 64) if number >= 1 << 63 else number
+            text = str(value)
+    else:
+        return None
+    return key, value, _json_string(key) + ":" + text
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -87,6 +87,20 @@ def test_records_equal_the_plain_decode_for_every_attribute_kind() -> None:
     assert (bare[2], bare[4]) == (None, "unknown_service")
 
 
+def test_attribute_json_is_byte_for_byte_what_json_dumps_writes() -> None:
+    span = Span(trace_id=b"\x0a" * 16, span_id=b"\x04" * 8)
+    span.attributes.extend([
+        _kv("ascii", string_value="plain"), _kv("ünï", string_value="ключ \"q\" \\ \n"), _kv("t", bool_value=True),
+        _kv("zero", int_value=0), _kv("big", int_value=(1 << 63) - 1), _kv("neg", double_value=-2.5e-300),
+        _kv("nan", double_value=math.nan), _kv("e", string_value=""),
+    ])
+    req = ExportTraceServiceRequest()
+    req.resource_spans.add().scope_spans.add().spans.append(span)
+    body = req.SerializeToString()
+    (row,), (record,) = decode(body, PB), decode_records(body, PB)
+    assert record.attributes_json == record_of(row).attributes_json
+
+
 def test_records_from_otlp_json_equal_protobuf() -> None:
     from google.protobuf.json_format import MessageToJson
 
