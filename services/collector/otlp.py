@@ -242,7 +242,7 @@ def _attributes_json(span: Span) -> tuple[str, str | None]:
     pos, end = 0, len(data)
     while pos < end:
         tag = data[pos]
-        if tag >= 0x80:  # a multi-byte tag: a field number past 15, none of Span's
+        if tag >= 0x80:  # a multi-byte tag: field number 16 (Span.flags) or higher
             tag, pos = _varint(data, pos)
         else:
             pos += 1
