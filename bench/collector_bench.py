@@ -182,3 +182,27 @@ async def run(workdir: Path, port: int, traces: int, concurrency: int, max_s: fl
         }
     finally:
         await asyncio.to_thread(stop_collector, process)
+
+
+def main() -> None:
+    """Just this benchmark, e.g. for a before/after on one change (the full run is `bench.run`)."""
+    import argparse
+    import json
+    import tempfile
+
+    from shared.natsd import free_port
+
+    parser = argparse.ArgumentParser(prog="python -m bench.collector_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces", type=int, default=10_000, help="Baton-like traces, 7 spans each (the full profile's figure)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-s", type=float, default=60.0)
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="collector-bench-") as workdir:
+        result = asyncio.run(run(Path(workdir), port, args.traces, args.concurrency, args.max_s))
+    result["collector_cpu_us_per_span"] = round(result["collector_cpu_s"] / max(1, result["spans_accepted"]) * 1e6, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ from shared.run import settle_memory
 
 from .flows import Flow, flow_stats, stitch
 from .forward import Forwarder
-from .otlp import OTLPDecodeError, decode, is_json, is_protobuf, response_body
+from .otlp import OTLPDecodeError, decode_records, is_json, is_protobuf, response_body
 from .store import SpanStore
 
 log = logging.getLogger("baton.collector")
@@ -90,16 +90,16 @@ def create_app(
         except _BadBody as exc:
             return _error(exc.status, str(exc), ctype)
         try:
-            rows = decode(body, ctype)
+            records = decode_records(body, ctype)
         except OTLPDecodeError as exc:
             return _error(400, str(exc), ctype)
         except Exception as exc:  # a decoder edge case is still the sender's bad data, not a 500
             log.exception("unexpected error decoding an OTLP export")
             return _error(400, f"malformed OTLP export: {exc}", ctype)
         try:
-            await run_in_threadpool(store.insert, rows)
+            await run_in_threadpool(store.insert_records, records)
         except Exception:
-            log.exception("storing %d spans failed", len(rows))
+            log.exception("storing %d spans failed", len(records))
             # 503 is retryable per OTLP/HTTP, so the exporter will resend the batch.
             return _error(503, "span store unavailable", ctype, code=_UNAVAILABLE)
         if forwarder is not None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -21,7 +23,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from shared.attributes import REQUEST_ID
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -126,7 +131,63 @@ def decode(body: bytes, content_type: str | None) -> list[SpanRow]:
 
 
 def rows_from_request(request: ExportTraceServiceRequest) -> list[SpanRow]:
-    rows: list[SpanRow] = []
+    return [
+        SpanRow(*_fields(span, service), attributes={kv.key: any_value(kv.value) for kv in span.attributes})
+        for service, span in _spans(request)
+    ]
+
+
+class SpanRecord(NamedTuple):
+    """One span as the store writes it: SpanRow's fields, the attributes as JSON text
+    (what the store keeps) and the request id pulled out of them (what it indexes)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    service: str
+    start_ns: int
+    end_ns: int
+    status_code: int
+    kind: int
+    status_message: str
+    attributes_json: str
+    request_id: str | None
+
+
+def decode_records(body: bytes, content_type: str | None) -> list[SpanRecord]:
+    """Body (already decompressed) -> records for the store: the ingest path.
+
+    Same spans as `decode`, but the attributes go straight to JSON text (see
+    `_attributes_json`) instead of through a dict per span, which was most of the
+    collector's CPU per span.
+    """
+    return [
+        SpanRecord(*_fields(span, service), *_attributes_json(span))
+        for service, span in _spans(parse_request(body, content_type))
+    ]
+
+
+def record_of(row: SpanRow) -> SpanRecord:
+    """A decoded span as the store writes it (the slow path's equivalent of decode_records)."""
+    return SpanRecord(
+        row.trace_id,
+        row.span_id,
+        row.parent_span_id,
+        row.name,
+        row.service,
+        row.start_ns,
+        row.end_ns,
+        row.status_code,
+        row.kind,
+        row.status_message,
+        json.dumps(row.attributes, separators=(",", ":")),
+        _request_id(row.attributes),
+    )
+
+
+def _spans(request: ExportTraceServiceRequest) -> Iterator[tuple[str, Span]]:
+    """(service.name of its resource, span) for every span of an export."""
     for resource_spans in request.resource_spans:
         service = UNKNOWN_SERVICE
         for kv in resource_spans.resource.attributes:
@@ -134,27 +195,157 @@ def rows_from_request(request: ExportTraceServiceRequest) -> list[SpanRow]:
                 service = kv.value.string_value
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                rows.append(
-                    SpanRow(
-                        trace_id=_hex_id(span.trace_id, "trace", "trace_id"),
-                        span_id=_hex_id(span.span_id, "span", "span_id"),
-                        # Empty or all-zero parent means "root" in OTLP.
-                        parent_span_id=(
-                            _hex_id(span.parent_span_id, "span", "parent_span_id")
-                            if span.parent_span_id.strip(b"\x00")
-                            else None
-                        ),
-                        name=span.name,
-                        service=service,
-                        start_ns=_time(span.start_time_unix_nano, "start_time_unix_nano"),
-                        end_ns=_time(span.end_time_unix_nano, "end_time_unix_nano"),
-                        status_code=int(span.status.code),
-                        kind=int(span.kind),
-                        status_message=span.status.message,
-                        attributes={kv.key: any_value(kv.value) for kv in span.attributes},
-                    )
-                )
-    return rows
+                yield service, span
+
+
+def _fields(span: Span, service: str) -> tuple[str, str, str | None, str, str, int, int, int, int, str]:
+    """A span's fields in SpanRow order up to, not including, the attributes."""
+    status = span.status
+    return (
+        _hex_id(span.trace_id, "trace", "trace_id"),
+        _hex_id(span.span_id, "span", "span_id"),
+        # Empty or all-zero parent means "root" in OTLP.
+        _hex_id(parent, "span", "parent_span_id") if (parent := span.parent_span_id).strip(b"\x00") else None,
+        span.name,
+        service,
+        _time(span.start_time_unix_nano, "start_time_unix_nano"),
+        _time(span.end_time_unix_nano, "end_time_unix_nano"),
+        int(status.code),
+        int(span.kind),
+        status.message,
+    )
+
+
+# Span.attributes is field 9, length-delimited: tag (9 << 3) | 2.
+_ATTRIBUTE_TAG = 0x4A
+# Serialized KeyValue -> (key, value, its `"key":value` JSON member). Most attributes
+# repeat from span to span (service, route, step, outcome...), and a request's id
+# recurs on each of its spans, so most lookups hit. Cleared when full: bounded memory.
+_members: dict[bytes, tuple[str, Any, str]] = {}
+_MEMBERS_MAX = 8192
+_DOUBLE = struct.Struct("<d")
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str
+
+
+def _attributes_json(span: Span) -> tuple[str, str | None]:
+    """(attributes as a JSON object, the request id attribute as text or None).
+
+    Reading attributes through the protobuf API costs a Python object per KeyValue and
+    per AnyValue; instead scan the span's wire bytes (upb already validated them) for
+    the attribute records and turn each distinct one into JSON once. The result equals
+    json.dumps of the dict `rows_from_request` builds, including a repeated key (the
+    JSON object then repeats it and json.loads keeps the last, as the dict did).
+    """
+    data = span.SerializeToString()
+    members: list[str] = []
+    request_id: str | None = None
+    pos, end = 0, len(data)
+    while pos < end:
+        tag = data[pos]
+        if tag >= 0x80:  # a multi-byte tag: field number 16 (Span.flags) or higher
+            tag, pos = _varint(data, pos)
+        else:
+            pos += 1
+        wire_type = tag & 7
+        if wire_type == 2:
+            length = data[pos]
+            if length >= 0x80:
+                length, pos = _varint(data, pos)
+            else:
+                pos += 1
+            if tag == _ATTRIBUTE_TAG:
+                record = data[pos : pos + length]
+                member = _members.get(record)
+                if member is None:
+                    member = _member(record)
+                key, value, text = member
+                members.append(text)
+                if key == REQUEST_ID:
+                    request_id = None if value is None else str(value)
+            pos += length
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:  # groups (wire types 3, 4) are not in OTLP; read through the API instead
+            attributes = {kv.key: any_value(kv.value) for kv in span.attributes}
+            return json.dumps(attributes, separators=(",", ":")), _request_id(attributes)
+    return "{" + ",".join(members) + "}", request_id
+
+
+def _member(record: bytes) -> tuple[str, Any, str]:
+    member = _scalar_member(record)
+    if member is None:
+        kv = KeyValue.FromString(record)
+        value = any_value(kv.value)
+        member = (kv.key, value, _json_string(kv.key) + ":" + json.dumps(value, separators=(",", ":")))
+    if len(_members) >= _MEMBERS_MAX:
+        _members.clear()
+    _members[record] = member
+    return member
+
+
+def _scalar_member(record: bytes) -> tuple[str, Any, str] | None:
+    """A short string, bool, int or double attribute in its usual encoding, read by hand.
+
+    Values that differ on every span (a request's id, queue times) miss the cache;
+    this keeps a miss about as cheap as the protobuf API was. Only the exact shape
+    key (field 1), then value (field 2) holding one field, each length below 128,
+    is read here; anything else returns None and goes through KeyValue.FromString.
+    """
+    end = len(record)
+    if end < 4 or record[0] != 0x0A:
+        return None
+    key_end = 2 + record[1]
+    if record[1] >= 0x80 or key_end + 3 > end or record[key_end] != 0x12 or record[key_end + 1] != end - key_end - 2:
+        return None
+    key = record[2:key_end].decode()  # upb checked the UTF-8 when it parsed the export
+    tag, payload = record[key_end + 2], key_end + 3
+    if payload >= end:
+        return None
+    value: Any
+    if tag == 0x0A:  # string_value
+        if record[payload] != end - payload - 1:
+            return None
+        value = record[payload + 1 :].decode()
+        text = _json_string(value)
+    elif tag == 0x21:  # double_value
+        if payload + 8 != end:
+            return None
+        (value,) = _DOUBLE.unpack_from(record, payload)
+        text = json.dumps(value)
+    elif tag in (0x10, 0x18):  # bool_value, int_value (varints)
+        number, after = _varint(record, payload)
+        if after != end:
+            return None
+        if tag == 0x10:
+            value = number != 0
+            text = "true" if value else "false"
+        else:
+            value = number - (1 << 64) if number >= 1 << 63 else number
+            text = str(value)
+    else:
+        return None
+    return key, value, _json_string(key) + ":" + text
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Protobuf base-128 varint at `pos` -> (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _request_id(attributes: dict[str, Any]) -> str | None:
+    value = attributes.get(REQUEST_ID)
+    return None if value is None else str(value)
 
 
 def any_value(value: AnyValue) -> Any:
@@ -227,14 +418,17 @@ __all__ = [
     "JSON",
     "PROTOBUF",
     "OTLPDecodeError",
+    "SpanRecord",
     "SpanRow",
     "UnsupportedContentType",
     "any_value",
     "decode",
+    "decode_records",
     "is_json",
     "is_protobuf",
     "media_type",
     "parse_request",
+    "record_of",
     "response_body",
     "rows_from_request",
 ]
