@@ -188,6 +188,10 @@ class _EmbeddingFeatures:
         dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
         return sparse.hstack([self._tfidf.fit_transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
 
+    def transform(self, texts: list[str]) -> sparse.csr_matrix:
+        dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
+        return sparse.hstack([self._tfidf.transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
+
     def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         columns, values = self._tfidf.vectorize(text)
         offset = sum(len(vocabulary) for _, vocabulary, _, _ in self._tfidf._parts)

@@ -48,14 +48,14 @@ def classifier(config):
 # The shipped config gives the classifier what it needs
 
 
-def test_every_route_has_ten_to_twenty_examples_and_the_routing_section(config):
+def test_every_route_has_ten_to_thirty_examples_and_the_routing_section(config):
     assert list(config.routes) == ROUTES
     for name, route in config.routes.items():
-        assert 10 <= len(route.examples) <= 20, name
+        assert 10 <= len(route.examples) <= 30, name
         assert len(set(route.examples)) == len(route.examples), f"{name} repeats an example"
     assert (config.routes["factual"].escalate_to, config.routes["shopping"].escalate_to) == ("complex", "complex")
     assert config.routes["high_risk"].match.metadata == {"risk": "high"}
-    assert config.routing.classifier == "tfidf" and config.routing.min_confidence == 0.45
+    assert config.routing.classifier == "embeddings" and config.routing.min_confidence == 0.45
 
 
 def test_no_evaluation_prompt_is_copied_into_the_examples(config):
@@ -63,7 +63,9 @@ def test_no_evaluation_prompt_is_copied_into_the_examples(config):
         return " ".join(text.lower().split())
 
     examples = {norm(e) for route in config.routes.values() for e in route.examples}
-    leaked = [item.prompt for item in load_labeled(EVAL_SET) if norm(item.prompt) in examples]
+    labeled = [item for path in sorted(EVAL_SET.parent.glob("routing_*.jsonl")) for item in load_labeled(path)]
+    assert len(labeled) > 250  # the team's set, the fresh set and the blind set
+    leaked = [item.prompt for item in labeled if norm(item.prompt) in examples]
     assert leaked == []
 
 
