@@ -188,6 +188,10 @@ def test_the_embeddings_backend_runs_on_the_shipped_static_embedder():
         ("Can you condense these club notes? Ride at 8. Cafe at 10. Home by noon. Bring lights and a spare tube.", "Can you condense these club notes xxpayload"),
         ("Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?", "Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?"),
         ("What does the 'H' screw do?", "What does the 'H' screw do?"),
+        # After a text-task verb pointing at material, a short tail is material too.
+        ("tag this: when do you open on Sundays?", "tag this xxpayload"),
+        ("Please turn this into a formal greeting: hi all", "Please turn this into a formal greeting xxpayload"),
+        ("Is this normal: my brakes squeal a bit?", "Is this normal: my brakes squeal a bit?"),
     ],
 )
 def test_the_classifier_looks_at_the_instruction_not_the_pasted_text(text, focus):
