@@ -434,18 +434,17 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("routing")
 def eval_routing(
-    paths: Optional[list[Path]] = typer.Argument(None, help="JSONL: {prompt, route, metadata?, source?} per line (default: the team's set and the fresh set)"),
+    paths: Optional[list[Path]] = typer.Argument(None, help="JSONL: {prompt, route, metadata?, source?} per line (default: the team's, fresh and blind sets)"),
     config: Optional[Path] = typer.Option(None, help="config file (default: BATON_CONFIG)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Route every labeled prompt with the real router: accuracy per source, per-route recall, confusion."""
-    from services.router.evaluate import LabeledDataError, evaluate, load_labeled, render as render_eval
+    from services.router.evaluate import DEFAULT_SETS, LabeledDataError, evaluate, load_labeled, render as render_eval
     from services.router.routing import Router
     from shared.schema import Request
 
-    data = ROOT / "tests" / "data"
     try:
-        items = [item for path in (paths or [data / "routing_eval.jsonl", data / "routing_fresh.jsonl"]) for item in load_labeled(path)]
+        items = [item for path in (paths or DEFAULT_SETS) for item in load_labeled(path)]
         router = Router(load_config(config or _settings().config))
     except (LabeledDataError, ConfigError, OSError) as exc:
         _fail(str(exc), 2)

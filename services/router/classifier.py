@@ -78,6 +78,11 @@ _MATERIAL = r"(text|message|e-?mail|notes?|reviews?|post|thread|paragraph|senten
 _NAMES_MATERIAL = re.compile(rf"\b(this|these|the following|that|my)\s+(\w+\s+){{0,2}}{_MATERIAL}\b", re.I)
 MIN_QUOTED_WORDS = 4
 MIN_PAYLOAD_WORDS = 8
+# After a text-task verb pointing at material ("turn this into ...:"), even a short tail is the material.
+MIN_TASK_PAYLOAD_WORDS = 2
+_TASK_VERB = re.compile(
+    r"^\s*(?:(?:please|can you|could you|would you|pls)\s+)?(?:rewrite|rephrase|reword|paraphrase|turn|make|label|tag|classify|"
+    r"categori[sz]e|sort|group|summari[sz]e|sum up|shorten|condense|translate|proofread|polish|edit|simplify|tidy)\b", re.I)
 MAX_INSTRUCTION_WORDS = 25
 
 
@@ -105,7 +110,11 @@ def _split_instruction(text: str) -> tuple[str, str, str]:
 
 def _is_payload(head: str, brk: str, tail: str) -> bool:
     """Whether what follows the first clause is material to work on rather than the question itself."""
-    if len(head.split()) > MAX_INSTRUCTION_WORDS or len(tail.split()) < MIN_PAYLOAD_WORDS:
+    if len(head.split()) > MAX_INSTRUCTION_WORDS:
+        return False
+    if _TASK_VERB.match(head) and (_POINTS_AT.search(head) or _NAMES_MATERIAL.search(head)) and len(tail.split()) >= MIN_TASK_PAYLOAD_WORDS:
+        return True  # "label this: do you open on Sundays?", "make this blurb punchier? A bike for work."
+    if len(tail.split()) < MIN_PAYLOAD_WORDS:
         return False
     if tail.lstrip().startswith(PAYLOAD_MARKER) or _NAMES_MATERIAL.search(head):
         return True  # "... this review: <review>", "Can you condense these notes? <notes>"
@@ -187,6 +196,10 @@ class _EmbeddingFeatures:
     def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
         dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
         return sparse.hstack([self._tfidf.fit_transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
+
+    def transform(self, texts: list[str]) -> sparse.csr_matrix:
+        dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
+        return sparse.hstack([self._tfidf.transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
 
     def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         columns, values = self._tfidf.vectorize(text)

@@ -1,6 +1,6 @@
 """Measure a routing decision function against a labeled set of prompts.
 
-    python -m services.router.evaluate [tests/data/routing_eval.jsonl] [--config FILE] [--escalate]
+    python -m services.router.evaluate [FILE.jsonl ...] [--config FILE] [--escalate]
 
 The labeled set is JSONL, one object a line: {"prompt": ..., "route": ..., "metadata": {...}}
 (metadata optional). `evaluate` takes any `decide(prompt, metadata) -> route`, so the
@@ -24,7 +24,12 @@ from services.router.classifier import RouteClassifier, complexity
 from shared.config import MeshConfig
 
 Decide = Callable[[str, dict[str, str]], str]
-DEFAULT_EVAL_SET = Path(__file__).resolve().parents[2] / "tests" / "data" / "routing_eval.jsonl"
+_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+DEFAULT_EVAL_SET = _DATA / "routing_eval.jsonl"
+# The team's set, a fresh set (written before the examples were read; its misroutes have
+# since been seen) and a blind set (written before any tuning, never looked at per prompt
+# while tuning): the blind set's figure is the one that says how routing generalizes.
+DEFAULT_SETS = (DEFAULT_EVAL_SET, _DATA / "routing_fresh.jsonl", _DATA / "routing_blind.jsonl")
 
 
 class LabeledDataError(ValueError):
@@ -277,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     from shared.settings import Settings
 
     parser = argparse.ArgumentParser(description="Evaluate the route classifier on a labeled JSONL set.")
-    parser.add_argument("path", nargs="?", default=str(DEFAULT_EVAL_SET))
+    parser.add_argument("paths", nargs="*", default=[str(p) for p in DEFAULT_SETS], help="labeled JSONL files (default: the team's, fresh and blind sets)")
     parser.add_argument("--config", default=None, help="mesh config (default: BATON_CONFIG or the shipped default)")
     parser.add_argument("--escalate", action="store_true", help="also apply escalate_to above the complexity threshold")
     args = parser.parse_args(argv)
     config = load_config(args.config or Settings().config)
-    report = evaluate(classifier_decide(config, escalate=args.escalate), load_labeled(args.path))
+    report = evaluate(classifier_decide(config, escalate=args.escalate), [item for path in args.paths for item in load_labeled(path)])
     Console().print(render(report))
     return 0
 

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from services.router.classifier import RouteClassifier, complexity
+from services.router.classifier import RouteClassifier, complexity, focus_text
 from services.router.risk import escalate_for_risk
 from shared.config import MeshConfig, RouteSpec
 from shared.experiments import stable_fraction
@@ -68,11 +68,14 @@ class Router:
                 shown = ", ".join(f"{key}={value}" for key, value in rule.items())
                 return RouteDecision(name, f"metadata {shown}", 1.0)
         text = request.text
-        by_pattern = self._best_rule(self._pattern_res, text)
+        # Rules read the instruction, not pasted material: the question marks or words of a
+        # quoted review say nothing about what the user wants done with it.
+        instruction = focus_text(text)
+        by_pattern = self._best_rule(self._pattern_res, instruction)
         if by_pattern is not None:
             name, matched = by_pattern
             return RouteDecision(name, f"pattern {_readable(matched[0])}", 1.0)
-        by_words = self._best_rule(self._word_res, text)
+        by_words = self._best_rule(self._word_res, instruction)
         if by_words is not None:
             name, matched = by_words
             return RouteDecision(name, "words " + ", ".join(_readable(p) for p in matched[:3]), 1.0)

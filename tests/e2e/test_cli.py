@@ -72,6 +72,8 @@ def test_eval_commands_print_their_figures():
     env = dict(os.environ)
     routing = subprocess.run([sys.executable, "-m", "baton", "eval", "routing"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert routing.returncode == 0 and "accuracy" in routing.stdout.lower()
+    # By default every labeled set is a source, the blind one included.
+    assert all(source in routing.stdout for source in ("routing_eval", "fresh-2026-12-03", "blind-2026-12-03"))
     guard = subprocess.run([sys.executable, "-m", "baton", "eval", "guard"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert guard.returncode == 0 and "injection" in guard.stdout and "recall" in guard.stdout
 

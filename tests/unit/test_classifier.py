@@ -48,14 +48,14 @@ def classifier(config):
 # The shipped config gives the classifier what it needs
 
 
-def test_every_route_has_ten_to_twenty_examples_and_the_routing_section(config):
+def test_every_route_has_ten_to_thirty_examples_and_the_routing_section(config):
     assert list(config.routes) == ROUTES
     for name, route in config.routes.items():
-        assert 10 <= len(route.examples) <= 20, name
+        assert 10 <= len(route.examples) <= 30, name
         assert len(set(route.examples)) == len(route.examples), f"{name} repeats an example"
     assert (config.routes["factual"].escalate_to, config.routes["shopping"].escalate_to) == ("complex", "complex")
     assert config.routes["high_risk"].match.metadata == {"risk": "high"}
-    assert config.routing.classifier == "tfidf" and config.routing.min_confidence == 0.45
+    assert config.routing.classifier == "embeddings" and config.routing.min_confidence == 0.45
 
 
 def test_no_evaluation_prompt_is_copied_into_the_examples(config):
@@ -63,7 +63,9 @@ def test_no_evaluation_prompt_is_copied_into_the_examples(config):
         return " ".join(text.lower().split())
 
     examples = {norm(e) for route in config.routes.values() for e in route.examples}
-    leaked = [item.prompt for item in load_labeled(EVAL_SET) if norm(item.prompt) in examples]
+    labeled = [item for path in sorted(EVAL_SET.parent.glob("routing_*.jsonl")) for item in load_labeled(path)]
+    assert len(labeled) > 250  # the team's set, the fresh set and the blind set
+    leaked = [item.prompt for item in labeled if norm(item.prompt) in examples]
     assert leaked == []
 
 
@@ -186,6 +188,10 @@ def test_the_embeddings_backend_runs_on_the_shipped_static_embedder():
         ("Can you condense these club notes? Ride at 8. Cafe at 10. Home by noon. Bring lights and a spare tube.", "Can you condense these club notes xxpayload"),
         ("Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?", "Quick question: how do I stop my disc brakes rubbing on the rotor when I ride?"),
         ("What does the 'H' screw do?", "What does the 'H' screw do?"),
+        # After a text-task verb pointing at material, a short tail is material too.
+        ("tag this: when do you open on Sundays?", "tag this xxpayload"),
+        ("Please turn this into a formal greeting: hi all", "Please turn this into a formal greeting xxpayload"),
+        ("Is this normal: my brakes squeal a bit?", "Is this normal: my brakes squeal a bit?"),
     ],
 )
 def test_the_classifier_looks_at_the_instruction_not_the_pasted_text(text, focus):

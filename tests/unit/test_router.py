@@ -90,6 +90,23 @@ def test_eval_routing_accuracy_on_the_labeled_set_stays_high(router):
     assert len(items) >= 60 and report.accuracy >= 0.9
 
 
+# Routing on the blind set (tests/data/routing_blind.jsonl, frozen before any tuning), as
+# reported in the README and `baton eval routing`: 95/105. The margin is three prompts.
+BLIND_ACCURACY_REPORTED = 95 / 105
+BLIND_MARGIN = 3 / 105
+
+
+def test_routing_on_the_frozen_blind_set_does_not_regress(router):
+    from services.router.evaluate import evaluate, load_labeled
+    from shared.settings import ROOT
+
+    items = load_labeled(ROOT / "tests" / "data" / "routing_blind.jsonl")
+    report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
+    assert len(items) >= 100 and {item.route for item in items} == set(router.config.routes)
+    assert report.accuracy >= BLIND_ACCURACY_REPORTED - BLIND_MARGIN, f"blind routing accuracy {report.accuracy:.3f}"
+    assert report.per_route["high_risk"].recall == 1.0  # a missed incident is the costly error
+
+
 def test_citations_are_renumbered_from_one_in_the_order_the_answer_cites_them():
     from shared.replies import renumber_citations
     from shared.schema import Citation
