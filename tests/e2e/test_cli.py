@@ -12,16 +12,12 @@ import sys
 import pytest
 
 from shared.settings import ROOT
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("cli"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
+MESH = MeshSpec("cli")
 
 
 def baton(mesh, *args: str) -> subprocess.CompletedProcess:
@@ -141,7 +137,10 @@ def test_a_cached_answer_says_so_in_the_panel(mesh):
     first = baton(mesh, "ask", "How do I index my rear derailleur?")
     again = baton(mesh, "ask", "How do I index my rear derailleur?")
     assert first.returncode == 0 and again.returncode == 0
-    route_line = lambda out: next(line for line in out.splitlines() if " route " in line)
+
+    def route_line(out: str) -> str:
+        return next(line for line in out.splitlines() if " route " in line)
+
     assert "cached" not in route_line(first.stdout) and "cached" in route_line(again.stdout)
 
 

@@ -10,18 +10,13 @@ import pytest
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 POISON = "POISON-PILL"
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("dead"), index_dir, ack_wait_s=1.0, max_deliver=2)
-    env = {"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"}
-    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
-        yield running
+MESH = MeshSpec("dead", settings={"ack_wait_s": 1.0, "max_deliver": 2}, env={"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"})
 
 
 async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answered(mesh):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode, Request
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -60,11 +60,7 @@ WORST_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings_ = mesh_settings(tmp_path_factory.mktemp("hostile"), index_dir)
-    with running_mesh(nats_url, settings_, ONE_OF_EACH) as running:
-        yield running
+MESH = MeshSpec("hostile")
 
 
 class Driver:
@@ -261,8 +257,8 @@ async def test_an_unsealed_envelope_or_one_aimed_at_another_clients_inbox_is_nei
 
 
 async def _reasons(victim, forger) -> set[str] | None:
-    letters = [l for l in await _dead_letters(victim, "guardrail") if l["request_id"] in ("planted-1", "planted-2")]
-    return {l["reason"] for l in letters} if len(letters) == 2 else None
+    letters = [letter for letter in await _dead_letters(victim, "guardrail") if letter["request_id"] in ("planted-1", "planted-2")]
+    return {letter["reason"] for letter in letters} if len(letters) == 2 else None
 
 
 async def test_no_ok_reply_after_the_deadline_counted_from_the_clients_publish(mesh):

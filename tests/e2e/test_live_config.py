@@ -10,29 +10,18 @@ import sys
 import pytest
 import yaml
 
-from baton.client import BatonClient
 from shared import subjects
 from shared.config import parse_config
 from shared.live_config import ACTIVE
 from shared.settings import ROOT, Settings
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 
 GREETING = "hi there!"
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("live"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh):
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec("live")
 
 
 def without_smalltalk_rules(tmp_path) -> tuple[str, str]:

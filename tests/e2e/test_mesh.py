@@ -13,24 +13,14 @@ import yaml
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode, Request
-from tests.conftest import CORPUS, mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import CORPUS, MeshSpec
 
 pytestmark = pytest.mark.e2e
 
 SAMPLES = yaml.safe_load((CORPUS / "questions.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("mesh"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh):
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec("mesh")
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s["route"] + ":" + s["question"][:30] for s in SAMPLES])
