@@ -10,7 +10,7 @@ import pytest
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 POISON = "POISON-PILL"
@@ -24,14 +24,17 @@ async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answ
         request_id = await client.submit(f"How do I fix a puncture? {POISON}")
         future = client._pending[request_id]
         crashes = 0
-        for _ in range(300):  # bounded: 30 s; play supervisor and restart the crashed replica
-            if future.done():
-                break
+
+        def answered_while_supervised() -> bool:
+            """Play supervisor: restart the crashed replica until the request is answered."""
+            nonlocal crashes
             for replica in [r for r in mesh.replicas if not r.alive]:
                 crashes += 1
                 mesh.replicas.remove(replica)
                 mesh.spawn(replica.service)
-            await asyncio.sleep(0.1)
+            return future.done()
+
+        await eventually(answered_while_supervised, 30, every=0.1)
         reply = await asyncio.wait_for(future, 5)
 
         assert crashes == 2  # max_deliver

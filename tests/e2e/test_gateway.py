@@ -24,7 +24,7 @@ from services.gateway.app import create_app
 from shared.natsd import NatsServer, free_port
 from shared.schema import Request
 from shared.settings import Settings
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +45,13 @@ def serve(app, *, healthy: bool = True) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    # NATS connects in the background: wait for /healthz when the test needs the mesh.
-    while not (server.started and (not healthy or httpx.get(f"{url}/healthz").status_code == 200)):
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start (see the log above)"
-        time.sleep(0.05)
+
+    def started() -> bool:
+        assert thread.is_alive(), "the gateway did not start (see the log above)"
+        # NATS connects in the background: wait for /healthz when the test needs the mesh.
+        return server.started and (not healthy or httpx.get(f"{url}/healthz").status_code == 200)
+
+    eventually_sync(started, 20, what="the gateway did not start (see the log above)")
     try:
         yield url
     finally:
@@ -212,13 +214,14 @@ def test_an_unknown_path_is_an_openai_style_404(gateway):
 
 
 def wait_for_health(url: str, status: int, nats: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    last: list[str] = []
+
+    def reached() -> bool:
         response = httpx.get(f"{url}/healthz")
-        if response.status_code == status and response.json()["nats"] == nats:
-            return
-        assert time.monotonic() < deadline, response.text
-        time.sleep(0.1)
+        last[:] = [response.text]
+        return response.status_code == status and response.json()["nats"] == nats
+
+    eventually_sync(reached, timeout_s, every=0.1, what=lambda: f"/healthz is not {status} with nats {nats}: {last}")
 
 
 def test_without_nats_or_the_mesh_requests_are_503_and_the_gateway_reconnects():

@@ -22,6 +22,7 @@ import pytest
 from shared import subjects
 from shared.natsd import free_port
 from shared.settings import ROOT
+from tests.conftest import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -55,20 +56,18 @@ def left_behind(state_dir: Path) -> list[str]:
 
 
 def wait_gone(state_dir: Path, timeout_s: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while (procs := left_behind(state_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return procs
+    """What is left of the mesh once everything has gone (fails, saying what is left, if it does not)."""
+    eventually_sync(lambda: not left_behind(state_dir), timeout_s, every=0.2, what=lambda: f"left behind: {left_behind(state_dir)}\n{output(state_dir)}")
+    return left_behind(state_dir)
 
 
 def wait_up(state_dir: Path, process: subprocess.Popen, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, (state_dir.parent / f"{state_dir.name}-up.log").read_text()
-        if (state_dir / "mesh.json").exists():
-            return json.loads((state_dir / "mesh.json").read_text())
-        time.sleep(0.2)
-    raise AssertionError("baton up did not come up")
+    def addresses() -> dict | None:
+        assert process.poll() is None, output(state_dir)
+        mesh_file = state_dir / "mesh.json"  # written once every service is pulling
+        return json.loads(mesh_file.read_text()) if mesh_file.exists() else None
+
+    return eventually_sync(addresses, timeout_s, every=0.2, what="baton up did not come up")
 
 
 def output(state_dir: Path) -> str:
