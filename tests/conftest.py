@@ -283,12 +283,17 @@ def provider(mesh: MeshProcesses) -> Iterator[Any]:
     provider.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fake(request: pytest.FixtureRequest) -> None:
+    """A test that talks to the fake provider (itself or through its module's mesh) starts it with no script and no calls."""
+    if "fake" in request.fixturenames or "fake" in module_spec(request).fixtures():
+        request.getfixturevalue("fake").reset()
+
+
 @pytest.fixture
 async def client(request: pytest.FixtureRequest, mesh: MeshProcesses) -> AsyncIterator[BatonClient]:
-    """A client of the module's mesh; traced when the mesh has a collector; the fake provider's script reset."""
+    """A client of the module's mesh; traced when the mesh has a collector."""
     spec = module_spec(request)
-    if "fake" in spec.fixtures():
-        request.getfixturevalue("fake").reset()
     tracer = request.getfixturevalue("provider").get_tracer("test") if spec.collector else None
     async with BatonClient(mesh.nats_url, timeout_s=spec.client_timeout_s, tracer=tracer) as c:
         yield c
