@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import os
-import time
 import subprocess
 import sys
 
 import pytest
 
 from shared.settings import ROOT
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -80,13 +79,8 @@ def test_the_sync_client_asks_submits_fetches_and_streams(mesh):
         reply = baton_client.ask("What fluid do Shimano hydraulic disc brakes use?")
         assert reply.ok and "mineral oil" in reply.answer.lower()
         request_id = baton_client.submit("How do I clean my chain?")
-        stored = None
-        for _ in range(50):  # bounded: 5 s
-            stored = baton_client.result(request_id)
-            if stored:
-                break
-            time.sleep(0.1)
-        assert stored is not None and stored.request_id == request_id
+        stored = eventually_sync(lambda: baton_client.result(request_id), 5, every=0.1)
+        assert stored.request_id == request_id
         items = list(baton_client.stream("What tyre pressure should I run on 40 mm gravel tyres?"))
         assert all(isinstance(i, str) for i in items[:-1]) and items[-1].ok
     with pytest.raises(Unreachable):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from shared.settings import Settings
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -115,11 +115,8 @@ async def test_a_replica_killed_mid_request_is_answered_once_by_another(client, 
     fake.script([{"mode": "ok", "latency_s": 3}])
     request_id = await client.submit(QUESTION, route="flaky")
     future = client._pending[request_id]
-    for _ in range(100):  # bounded: wait until the generator is inside the model call
-        if fake.calls:
-            break
-        await asyncio.sleep(0.05)
-    assert fake.calls, "the generator never called the provider"
+    # until the generator is inside the model call
+    await eventually(lambda: fake.calls, 5, what="the generator never called the provider")
     victim = next(r for r in mesh.replicas if r.service == "generator")
     mesh.kill(victim)
     mesh.replicas.remove(victim)

@@ -16,7 +16,7 @@ from shared import subjects
 from shared.budgets import day_key
 from shared.schema import ErrorCode
 from shared.settings import Settings
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -171,12 +171,14 @@ async def test_shadow_calls_are_made_recorded_and_never_returned(client, fake):
     reply = await client.ask(QUESTION, route="shadowed")
     assert reply.ok and reply.models == ["fake-small"]
     bucket = await client.js.key_value(subjects.SHADOW_BUCKET)
-    for _ in range(50):  # bounded: the shadow call runs after the reply
+
+    async def shadow_record() -> dict | None:  # the shadow call runs after the reply
         try:
-            record = json.loads((await bucket.get(reply.request_id)).value)
-            break
-        except Exception:
-            await asyncio.sleep(0.1)
+            return json.loads((await bucket.get(reply.request_id)).value)
+        except Exception:  # not stored yet
+            return None
+
+    record = await eventually(shadow_record, 5, every=0.1)
     assert record["shadow_model"] == "fake-big" and record["primary_model"] == "fake-small" and record["outcome"] == "ok"
     assert record["cost_usd"] > 0
     models_called = sorted(call["body"]["model"] for call in fake.calls if call["path"].endswith("/chat/completions"))

@@ -153,9 +153,6 @@ async def test_a_streamed_request_has_a_root_from_publish_to_the_last_chunk_and_
     assert_covers_the_request(root, spans, reply)
 
     request_id = await client.submit("How do I clean my bike?")
-    for _ in range(100):
-        if (stored := await client.result(request_id)) is not None:
-            break
-        await asyncio.sleep(0.1)
+    stored = await eventually(lambda: client.result(request_id), 10, every=0.1)
     spans = await trace_spans(mesh, stored.trace_id, provider, expect=7)
     assert one_root(spans)["name"] == "publish baton.v1.request"  # submit ends at the PubAck: its publish is the root

@@ -22,7 +22,7 @@ import pytest
 from shared import subjects
 from shared.natsd import free_port
 from shared.settings import ROOT
-from tests.conftest import eventually_sync
+from tests.conftest import eventually, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -93,10 +93,7 @@ def test_the_default_mesh_has_users_a_second_up_is_refused_and_sigterm_leaves_no
         # nats-server is watched like any replica: killed, it is started again and the mesh answers.
         server = next(line for line in left_behind(state) if "nats-server" in line)
         os.kill(int(server.split(":")[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while "nats-server exited" not in output(state) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "nats-server exited" in output(state)
+        eventually_sync(lambda: "nats-server exited" in output(state), 30, every=0.2, what=lambda: output(state))
         assert ask(state)["ok"] is True
     finally:
         process.send_signal(signal.SIGTERM)
@@ -128,10 +125,7 @@ async def _client_is_refused_off_its_subjects(url: str, password: str) -> None:
         await nc.publish(subjects.step("guardrail"), b'{"forged": true}')
         await nc.publish(subjects.request("someone-else"), b'{"prompt": "hi"}')
         await nc.flush()
-        for _ in range(50):
-            if len(refused) >= 2:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(refused) >= 2, 5, every=0.1, what=lambda: f"refused: {refused}")
         assert any(subjects.step("guardrail") in r for r in refused), refused
         assert any(subjects.request("someone-else") in r for r in refused), refused
     finally:
