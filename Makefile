@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos bench docs up ingest clean phoenix-venv trace-check phoenix
+.PHONY: install run lint test chaos bench docs up ingest clean phoenix-venv trace-check phoenix
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 run: install  ## ingest the sample corpus, start the mesh, ask the sample questions, stop
 	$(VENV)/bin/baton demo
 
-test: install  ## the whole suite against real nats-server processes
+lint: install  ## ruff (pyflakes, bugbear, statement errors) and mypy, as configured in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint  ## lint and types, then the whole suite against real nats-server processes
 	$(PY) -m pytest -q
 
 chaos: install  ## the long chaos runs: 1,000 requests while replicas and NATS nodes die; prints the ledgers

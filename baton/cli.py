@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -58,7 +58,7 @@ def _client(url: str, *, admin: bool = False, **options) -> BatonClient:
     replies are the ones that user is allowed. `admin`: the operator commands (status,
     health, config) as the local mesh's admin user, when there is one."""
     settings = _settings()
-    credentials = nats_credentials(settings)
+    credentials: dict[str, Any] = nats_credentials(settings)
     if admin and "NATS_USER" not in os.environ:
         user, password = local_credentials(settings.state_dir, url, user="admin")
         if user:
@@ -467,6 +467,7 @@ def eval_guard(
     from services.guardrail.evaluate import (CORPUS, LabeledDataError, evaluate_guard, leave_one_source_out, load_corpus,
                                              load_labeled, render as render_eval, render_loso)
 
+    report: Any  # a GuardReport, or a LosoReport with --loso
     try:
         spec = load_config(config or _settings().config).guard
         if loso:
@@ -559,4 +560,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # typer exits with the command's code itself

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import nats
@@ -152,7 +152,7 @@ class BatonClient:
             telemetry.record_request_outcome(root, reply)
             return reply
 
-    async def stream(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> AsyncIterator[str | Reply]:
+    async def stream(self, request: Request | str, *, timeout_s: float | None = None, request_id: str | None = None, **fields: Any) -> AsyncGenerator[str | Reply, None]:
         """Yield the answer's text as it is generated, then the final Reply.
 
         The Reply is what the output gate let through: when a route streams live,
@@ -179,7 +179,7 @@ class BatonClient:
                 if remaining <= 0:
                     root.set_status(Status(StatusCode.ERROR, f"no reply within {timeout_s:.1f}s"))
                     raise ReplyTimeout(request_id, timeout_s)
-                getter = asyncio.ensure_future(chunks.get())
+                getter: asyncio.Future[Any] = asyncio.ensure_future(chunks.get())
                 await asyncio.wait({getter, future}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()

@@ -8,6 +8,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -48,8 +49,8 @@ def run_demo(settings: Settings, questions_file: Path, console: Console) -> bool
             console.print("[dim]mesh stopped; nothing left running[/]")
 
 
-async def _ask_all(url: str, questions: list[str], console: Console, connect_options: dict[str, str]) -> list:
-    replies = []
+async def _ask_all(url: str, questions: list[str], console: Console, connect_options: dict[str, Any]) -> list:
+    replies: list = []
     async with BatonClient(url, timeout_s=30, **connect_options) as client:
         for question in questions:
             try:

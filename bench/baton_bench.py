@@ -23,7 +23,7 @@ from baton.processes import MeshProcesses
 from shared import subjects
 from shared.settings import Settings
 
-from bench.load import CpuMeter, LoadResult, rss_mb
+from bench.load import rss_mb
 
 BENCH_DIR = Path(__file__).resolve().parent
 CONFIG = BENCH_DIR / "config.yaml"
@@ -183,19 +183,6 @@ async def capture_envelopes(url: str, run: Callable[[], Any]) -> dict[str, list[
     finally:
         await nc.close()
     return sizes
-
-
-def cpu_per_request(cpu: dict[str, Any], services: tuple[str, ...] = SERVICES) -> float | None:
-    """Milliseconds of CPU per request summed over Baton's service processes."""
-    per = cpu.get("cpu_ms_per_request")
-    if not per:
-        return None
-    return round(sum(per.get(service, 0.0) for service in services), 3)
-
-
-def attach_cpu(result: LoadResult, meter: CpuMeter) -> LoadResult:
-    result.cpu = meter.stop(result.completed)
-    return result
 
 
 def env_without_otel() -> None:

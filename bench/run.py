@@ -464,7 +464,7 @@ class Harness:
             for index in range(count):
                 await asyncio.sleep(1.1 + (index * 0.37) % 1.8)
 
-                async def one(system: System) -> None:
+                async def one(system: System, index: int = index) -> None:
                     started = time.perf_counter()
                     try:
                         ok = await asyncio.wait_for(system.call(index), 30)

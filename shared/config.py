@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,7 +204,7 @@ class GuardSpec(_Strict):
     banned_topics: list[BannedTopic] = Field(default_factory=list)
     fail_on_refusal: bool = False  # output gate: fail a refusal instead of passing it with a finding
     redact: list[Literal["email", "phone", "card", "iban", "national_id", "secret"]] = Field(
-        default_factory=lambda: ["email", "phone", "card"]
+        default_factory=lambda: ["email", "phone", "card"]  # type: ignore[arg-type]  # mypy reads the literals as list[str]
     )
 
 
@@ -379,6 +380,7 @@ def _step_params(item: Any) -> dict:
 
 def _expand_step(item: Any) -> dict[str, Any]:
     """`retrieve` or `{retrieve: {top_k: 4, budget_ms: 500}}` -> a Step's fields."""
+    params: dict[str, Any]
     if isinstance(item, str):
         name, params = item, {}
     elif isinstance(item, dict) and len(item) == 1:
@@ -432,7 +434,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{where}not valid YAML: {problem}"
 
 
-def _describe(error: dict[str, Any], prefix: str = "") -> str:
+def _describe(error: Mapping[str, Any], prefix: str = "") -> str:
     """`where: why` for one pydantic error; a message holding several problems (one validator
     checking a list) gives each its own line, under the same `where`."""
     where = ".".join(str(part) for part in ([prefix] if prefix else []) + list(error["loc"])) or "(top level)"

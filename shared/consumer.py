@@ -32,6 +32,7 @@ from contextlib import suppress
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import Header
 
 from shared.subjects import leader_elected
@@ -80,8 +81,8 @@ class PullConsumer:
         self.max_parked = max_parked
         self.last_heard = time.monotonic()
         self.stopping = False
-        self._sub = None
-        self._leader_sub = None
+        self._sub: Subscription | None = None
+        self._leader_sub: Subscription | None = None
         self._watchdog: asyncio.Task | None = None
         self._retry_after = 0.0
         self._pulled_afresh_at = -AFRESH_WINDOW_S

@@ -363,5 +363,5 @@ def embedding_span(tracer: trace.Tracer, model: str, count: int):
             vectors = embedder.embed(texts)
 
     Vectors never go on spans (they are large and say nothing to a reader)."""
-    attributes = {A.OI_KIND: A.EMBEDDING, A.EMBEDDING_MODEL_NAME: model, A.GEN_AI_OPERATION: "embeddings", A.GEN_AI_REQUEST_MODEL: model, "baton.embedding.count": count}
+    attributes: dict[str, Any] = {A.OI_KIND: A.EMBEDDING, A.EMBEDDING_MODEL_NAME: model, A.GEN_AI_OPERATION: "embeddings", A.GEN_AI_REQUEST_MODEL: model, "baton.embedding.count": count}
     return tracer.start_as_current_span(f"embeddings {model}", kind=SpanKind.INTERNAL, attributes=attributes)

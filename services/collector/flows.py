@@ -244,10 +244,6 @@ def stitch(spans: Sequence[SpanRow]) -> Flow:
     )
 
 
-def stitch_many(traces: Iterable[Sequence[SpanRow]]) -> list[Flow]:
-    return [stitch(spans) for spans in traces if spans]
-
-
 # ---------------------------------------------------------------- stats
 
 

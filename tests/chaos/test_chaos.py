@@ -14,7 +14,7 @@ import pytest
 
 from shared.config import load_config
 from tests.chaos.ledger import run_load
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.chaos
 
@@ -24,11 +24,7 @@ CONCURRENCY = 8
 TWO_OF_EACH = {"router": 2, "retriever": 2, "generator": 2, "guardrail": 2, "fallback": 2}
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("chaos"), index_dir, ack_wait_s=2.0, max_deliver=20)
-    with running_mesh(nats_url, settings, TWO_OF_EACH) as running:
-        yield running
+MESH = MeshSpec("chaos", counts=TWO_OF_EACH, settings={"ack_wait_s": 2.0, "max_deliver": 20})
 
 
 async def kill_replicas(mesh, stop: asyncio.Event, rng: random.Random, kills: list[str]) -> None:

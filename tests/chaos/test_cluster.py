@@ -18,7 +18,7 @@ from baton.client import BatonClient, NotAccepted
 from shared import subjects
 from shared.natsd import NatsServer, free_port
 from tests.chaos.ledger import run_load
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import eventually, mesh_settings, running_mesh
 
 pytestmark = pytest.mark.chaos
 
@@ -69,16 +69,18 @@ def cluster(tmp_path_factory):
 async def wait_for_jetstream(url: str, timeout_s: float = 30.0) -> None:
     """Until the cluster has elected a JetStream meta leader."""
     nc = await nats.connect(url.split(","))
+    refusals: list[Exception] = []
+
+    async def answers() -> bool:
+        try:
+            await nc.jetstream().account_info()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any refusal means not yet; the last one is reported
+            refusals[:] = [exc]
+            return False
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await nc.jetstream().account_info()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        await eventually(answers, timeout_s, every=0.2, what=lambda: f"no JetStream meta leader: {refusals}")
     finally:
         await nc.close()
 

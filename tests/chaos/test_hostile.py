@@ -24,7 +24,7 @@ from shared.config import load_config
 from shared.schema import Envelope, Request
 from shared.settings import Settings
 from tests.chaos.ledger import run_load
-from tests.conftest import ONE_OF_EACH, mesh_settings, running_mesh
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.chaos
 
@@ -39,17 +39,11 @@ DEFAULT_CONFIG = Settings().config
 CLIENT_LIMIT = os.environ.get("BATON_HOSTILE_CLIENT_LIMIT")  # to measure the mesh with another per-client limit
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    state = tmp_path_factory.mktemp("hostile-flood")
-    overrides = {}
-    if CLIENT_LIMIT:
-        config = state / "config.yaml"
-        config.write_text(DEFAULT_CONFIG.read_text() + f"\nlimits:\n  max_in_flight_per_client: {int(CLIENT_LIMIT)}\n")
-        overrides["config"] = config
-    settings = mesh_settings(state, index_dir, **overrides)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
+def client_limit_config(path) -> None:
+    path.write_text(DEFAULT_CONFIG.read_text() + f"\nlimits:\n  max_in_flight_per_client: {int(CLIENT_LIMIT)}\n")
+
+
+MESH = MeshSpec("hostile-flood", config=client_limit_config if CLIENT_LIMIT else None)
 
 
 def hostile_messages(rng: random.Random, flooder: str, victim: str, count: int) -> list[tuple[str, bytes, dict[str, str]]]:

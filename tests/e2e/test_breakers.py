@@ -9,33 +9,28 @@ import yaml
 
 from baton.client import BatonClient
 from shared import subjects
-from tests.conftest import mesh_settings, running_mesh
+from tests.conftest import MeshSpec
 from tests.e2e.test_failures import QUESTION, flaky_config
-from tests.fakes.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.e2e
 COOLDOWN_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, fake):
-    tmp = tmp_path_factory.mktemp("breakers")
-    flaky_config(tmp / "config.yaml")
-    config = yaml.safe_load((tmp / "config.yaml").read_text())
+def breakers_config(path) -> None:
+    """The flaky route's config with a breaker that opens after two failures."""
+    flaky_config(path)
+    config = yaml.safe_load(path.read_text())
     config["breakers"] = {"threshold": 2, "cooldown_s": COOLDOWN_S}
     config["models"]["fake-gpt"]["retries"] = 0
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml")
-    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test"}
-    counts = {"router": 1, "retriever": 1, "generator": 2, "guardrail": 1, "fallback": 1}
-    with running_mesh(nats_url, settings, counts, env) as running:
-        yield running
+    path.write_text(yaml.safe_dump(config))
+
+
+MESH = MeshSpec(
+    "breakers",
+    counts={"router": 1, "retriever": 1, "generator": 2, "guardrail": 1, "fallback": 1},
+    config=breakers_config,
+    env=lambda fake: {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test"},
+)
 
 
 async def breaker_state(client: BatonClient) -> str:

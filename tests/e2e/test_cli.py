@@ -5,23 +5,18 @@ from __future__ import annotations
 import json
 import re
 import os
-import time
 import subprocess
 import sys
 
 import pytest
 
 from shared.settings import ROOT
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("cli"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
+MESH = MeshSpec("cli")
 
 
 def baton(mesh, *args: str) -> subprocess.CompletedProcess:
@@ -86,13 +81,8 @@ def test_the_sync_client_asks_submits_fetches_and_streams(mesh):
         reply = baton_client.ask("What fluid do Shimano hydraulic disc brakes use?")
         assert reply.ok and "mineral oil" in reply.answer.lower()
         request_id = baton_client.submit("How do I clean my chain?")
-        stored = None
-        for _ in range(50):  # bounded: 5 s
-            stored = baton_client.result(request_id)
-            if stored:
-                break
-            time.sleep(0.1)
-        assert stored is not None and stored.request_id == request_id
+        stored = eventually_sync(lambda: baton_client.result(request_id), 5, every=0.1)
+        assert stored.request_id == request_id
         items = list(baton_client.stream("What tyre pressure should I run on 40 mm gravel tyres?"))
         assert all(isinstance(i, str) for i in items[:-1]) and items[-1].ok
     with pytest.raises(Unreachable):
@@ -143,7 +133,10 @@ def test_a_cached_answer_says_so_in_the_panel(mesh):
     first = baton(mesh, "ask", "How do I index my rear derailleur?")
     again = baton(mesh, "ask", "How do I index my rear derailleur?")
     assert first.returncode == 0 and again.returncode == 0
-    route_line = lambda out: next(line for line in out.splitlines() if " route " in line)
+
+    def route_line(out: str) -> str:
+        return next(line for line in out.splitlines() if " route " in line)
+
     assert "cached" not in route_line(first.stdout) and "cached" in route_line(again.stdout)
 
 

@@ -10,18 +10,13 @@ import pytest
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 POISON = "POISON-PILL"
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("dead"), index_dir, ack_wait_s=1.0, max_deliver=2)
-    env = {"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"}
-    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
-        yield running
+MESH = MeshSpec("dead", settings={"ack_wait_s": 1.0, "max_deliver": 2}, env={"BATON_CHAOS_CRASH_ON": f"retriever:{POISON}"})
 
 
 async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answered(mesh):
@@ -29,14 +24,17 @@ async def test_a_hop_that_kills_its_service_every_time_is_dead_lettered_and_answ
         request_id = await client.submit(f"How do I fix a puncture? {POISON}")
         future = client._pending[request_id]
         crashes = 0
-        for _ in range(300):  # bounded: 30 s; play supervisor and restart the crashed replica
-            if future.done():
-                break
+
+        def answered_while_supervised() -> bool:
+            """Play supervisor: restart the crashed replica until the request is answered."""
+            nonlocal crashes
             for replica in [r for r in mesh.replicas if not r.alive]:
                 crashes += 1
                 mesh.replicas.remove(replica)
                 mesh.spawn(replica.service)
-            await asyncio.sleep(0.1)
+            return future.done()
+
+        await eventually(answered_while_supervised, 30, every=0.1)
         reply = await asyncio.wait_for(future, 5)
 
         assert crashes == 2  # max_deliver

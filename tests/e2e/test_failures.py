@@ -12,10 +12,8 @@ import time
 import pytest
 import yaml
 
-from baton.client import BatonClient
 from shared.settings import Settings
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
-from tests.fakes.fake_openai import FakeOpenAI
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -46,27 +44,12 @@ def flaky_config(path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, fake):
-    tmp = tmp_path_factory.mktemp("failures")
-    flaky_config(tmp / "config.yaml")
-    settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml", ack_wait_s=1.5)
-    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test-not-a-real-key"}
-    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh, fake):
-    fake.reset()
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec(
+    "failures",
+    config=flaky_config,
+    settings={"ack_wait_s": 1.5},
+    env=lambda fake: {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test-not-a-real-key"},
+)
 
 
 QUESTION = "How do I repair a puncture?"
@@ -132,11 +115,8 @@ async def test_a_replica_killed_mid_request_is_answered_once_by_another(client, 
     fake.script([{"mode": "ok", "latency_s": 3}])
     request_id = await client.submit(QUESTION, route="flaky")
     future = client._pending[request_id]
-    for _ in range(100):  # bounded: wait until the generator is inside the model call
-        if fake.calls:
-            break
-        await asyncio.sleep(0.05)
-    assert fake.calls, "the generator never called the provider"
+    # until the generator is inside the model call
+    await eventually(lambda: fake.calls, 5, what="the generator never called the provider")
     victim = next(r for r in mesh.replicas if r.service == "generator")
     mesh.kill(victim)
     mesh.replicas.remove(victim)

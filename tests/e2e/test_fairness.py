@@ -9,20 +9,18 @@ import pytest
 from baton.client import BatonClient
 from shared.schema import ErrorCode
 from shared.settings import Settings
-from tests.conftest import ONE_OF_EACH, mesh_settings, running_mesh
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 LIMIT = 2
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    state = tmp_path_factory.mktemp("fairness")
-    config = state / "config.yaml"
+def fairness_config(path) -> None:
     # The client id "flood" names a tenant with its own limit; everyone else has the default.
-    config.write_text(Settings().config.read_text() + f"\ntenants:\n  flood:\n    max_in_flight: {LIMIT}\n")
-    with running_mesh(nats_url, mesh_settings(state, index_dir, config=config), ONE_OF_EACH) as running:
-        yield running
+    path.write_text(Settings().config.read_text() + f"\ntenants:\n  flood:\n    max_in_flight: {LIMIT}\n")
+
+
+MESH = MeshSpec("fairness", config=fairness_config)
 
 
 async def test_a_clients_requests_in_flight_never_exceed_its_tenants_limit_and_others_go_past(mesh):

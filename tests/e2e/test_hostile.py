@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode, Request
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -60,11 +60,7 @@ WORST_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings_ = mesh_settings(tmp_path_factory.mktemp("hostile"), index_dir)
-    with running_mesh(nats_url, settings_, ONE_OF_EACH) as running:
-        yield running
+MESH = MeshSpec("hostile")
 
 
 class Driver:
@@ -154,15 +150,6 @@ async def test_a_repeated_request_id_is_answered_with_the_reply_already_given_ne
         assert (await asyncio.wait_for(b, 20)).ok
 
 
-async def _eventually(probe, what: str, timeout_s: float = 10.0):
-    for _ in range(int(timeout_s / 0.1)):
-        found = await probe()
-        if found:
-            return found
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
-
-
 @pytest.mark.parametrize("address", ["_INBOX.{c}.reply.{r} x", "_INBOX.{c}..{r}", "_INBOX.{c}.reply.*", "_INBOX.{c}.reply.>", "_INBOX.{c}.reply.{r}.x", "baton.v1.request.{c}"])
 async def test_a_poisoned_reply_address_is_refused_once_and_never_redelivered(mesh, address):
     async with BatonClient(mesh.nats_url) as client:
@@ -170,14 +157,14 @@ async def test_a_poisoned_reply_address_is_refused_once_and_never_redelivered(me
         request_id = f"poison-{uuid.uuid4().hex[:8]}"
         headers = {subjects.H_REQUEST_ID: request_id, subjects.H_MSG_ID: f"{client.client_id}.{request_id}", subjects.H_REPLY_TO: address.format(c=client.client_id, r=request_id)}
         await client.js.publish(client.subject, b'{"prompt": "How do I fix a puncture?"}', headers=headers)
-        refused = await _eventually(lambda: client.result(request_id), "the refusal stored under the client's key")
+        refused = await eventually(lambda: client.result(request_id), 10, every=0.1, what="the refusal stored under the client's key")
         assert not refused.ok and refused.error.code == ErrorCode.INVALID_REQUEST
         assert subjects.reply_address(client.client_id, request_id) in refused.error.message
         async def settled():  # the refusal is stored just before the message is acked
             info = await client.js.consumer_info(subjects.STREAM, "router")
             return info if info.num_ack_pending == 0 else None
 
-        after = await _eventually(settled, "the router's message acked")
+        after = await eventually(settled, 10, every=0.1, what="the router's message acked")
         assert after.num_redelivered == before.num_redelivered
 
 
@@ -225,7 +212,7 @@ async def test_a_forged_envelope_is_refused_with_an_error_terminated_and_kept_as
         await client.js.publish(subjects.step(subject_service), body, headers={subjects.H_REQUEST_ID: request_id})
         reply = await asyncio.wait_for(future, 10)
         assert not reply.ok and reply.error.code == ErrorCode.INVALID_REQUEST and subject_service in reply.error.message
-        letters = await _eventually(lambda: _matching(client, subject_service, request_id), "the dead letter")
+        letters = await eventually(lambda: _matching(client, subject_service, request_id), 10, every=0.1, what="the dead letter")
         assert letters[0]["reason"] == reason and letters[0]["deliveries"] == 1
         assert await client.result(request_id) is None  # nothing stored under the client's name
         info = await client.js.consumer_info(subjects.STREAM, subjects.durable(subject_service))
@@ -250,7 +237,7 @@ async def test_an_unsealed_envelope_or_one_aimed_at_another_clients_inbox_is_nei
         foreign = _forged(mesh, forger, "planted-2", last_step, reply_to=victim.reply_to("planted-2"))
         await forger.js.publish(subjects.step("guardrail"), unsealed, headers={subjects.H_REQUEST_ID: "planted-1"})
         await forger.js.publish(subjects.step("guardrail"), foreign, headers={subjects.H_REQUEST_ID: "planted-2"})
-        reasons = await _eventually(lambda: _reasons(victim, forger), "both dead letters")
+        reasons = await eventually(lambda: _reasons(victim, forger), 10, every=0.1, what="both dead letters")
         assert reasons == {"unsealed", "reply_address"}
         await asyncio.sleep(0.5)
         assert delivered == []
@@ -261,8 +248,8 @@ async def test_an_unsealed_envelope_or_one_aimed_at_another_clients_inbox_is_nei
 
 
 async def _reasons(victim, forger) -> set[str] | None:
-    letters = [l for l in await _dead_letters(victim, "guardrail") if l["request_id"] in ("planted-1", "planted-2")]
-    return {l["reason"] for l in letters} if len(letters) == 2 else None
+    letters = [letter for letter in await _dead_letters(victim, "guardrail") if letter["request_id"] in ("planted-1", "planted-2")]
+    return {letter["reason"] for letter in letters} if len(letters) == 2 else None
 
 
 async def test_no_ok_reply_after_the_deadline_counted_from_the_clients_publish(mesh):

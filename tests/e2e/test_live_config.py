@@ -10,29 +10,18 @@ import sys
 import pytest
 import yaml
 
-from baton.client import BatonClient
 from shared import subjects
 from shared.config import parse_config
 from shared.live_config import ACTIVE
 from shared.settings import ROOT, Settings
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
 GREETING = "hi there!"
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("live"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh):
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec("live")
 
 
 def without_smalltalk_rules(tmp_path) -> tuple[str, str]:
@@ -69,12 +58,11 @@ async def test_a_new_version_applies_while_requests_flow_and_none_fails(client, 
     # Each request ran on one version, whichever it started with.
     assert {r.config_version for r in replies} <= {before.config_version, new_digest}
 
-    for _ in range(50):  # bounded: the watchers see the new version within moments
+    async def on_the_new_version():  # the watchers see it within moments
         after = await client.ask(GREETING)
-        if after.config_version == new_digest:
-            break
-        await asyncio.sleep(0.1)
-    assert after.config_version == new_digest
+        return after if after.config_version == new_digest else None
+
+    after = await eventually(on_the_new_version, 15, every=0.1)
     assert after.route == "factual"  # no rule claims greetings any more: the default route
 
 

@@ -13,24 +13,14 @@ import yaml
 from baton.client import BatonClient
 from shared import subjects
 from shared.schema import ErrorCode, Request
-from tests.conftest import CORPUS, mesh_settings, running_mesh, ONE_OF_EACH
+from tests.conftest import CORPUS, MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
 SAMPLES = yaml.safe_load((CORPUS / "questions.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    settings = mesh_settings(tmp_path_factory.mktemp("mesh"), index_dir)
-    with running_mesh(nats_url, settings, ONE_OF_EACH) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh):
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec("mesh")
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s["route"] + ":" + s["question"][:30] for s in SAMPLES])
@@ -54,12 +44,8 @@ async def test_sample_questions_take_their_route_and_answer_from_the_right_docum
 
 async def test_reply_is_stored_and_fetchable_by_request_id(client):
     request_id = await client.submit("How do I check my chain for wear?")
-    for _ in range(100):  # bounded: 10 s
-        stored = await client.result(request_id)
-        if stored is not None:
-            break
-        await asyncio.sleep(0.1)
-    assert stored is not None and stored.ok and stored.request_id == request_id
+    stored = await eventually(lambda: client.result(request_id), 10, every=0.1)
+    assert stored.ok and stored.request_id == request_id
     assert stored.route == "factual"
 
 
@@ -140,12 +126,8 @@ async def test_a_request_naming_another_clients_inbox_is_refused_not_delivered(c
         request_id = "forged-reply-1"
         headers = {subjects.H_REQUEST_ID: request_id, subjects.H_MSG_ID: request_id, subjects.H_REPLY_TO: victim.reply_to(request_id)}
         await client.js.publish(client.subject, b'{"prompt": "How do I fix a puncture?"}', headers=headers)
-        for _ in range(50):  # bounded: 5 s
-            refused = await client.result(request_id)
-            if refused is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert refused is not None and refused.error.code == ErrorCode.INVALID_REQUEST
+        refused = await eventually(lambda: client.result(request_id), 5, every=0.1)
+        assert refused.error.code == ErrorCode.INVALID_REQUEST
         assert victim.inbox_prefix in refused.error.message or client.inbox_prefix in refused.error.message
         assert stolen == []
 

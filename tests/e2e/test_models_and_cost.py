@@ -12,14 +12,11 @@ import json
 import pytest
 import yaml
 
-from baton.client import BatonClient
 from shared import subjects
 from shared.budgets import day_key
 from shared.schema import ErrorCode
 from shared.settings import Settings
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
-from tests.fakes.fake_anthropic import FakeAnthropic
-from tests.fakes.fake_openai import FakeOpenAI
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -64,33 +61,11 @@ def write_config(path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def claude():
-    with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, fake, claude):
-    tmp = tmp_path_factory.mktemp("cost")
-    write_config(tmp / "config.yaml")
-    settings = mesh_settings(tmp, index_dir, config=tmp / "config.yaml")
-    env = {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test", "FAKE_ANTHROPIC_URL": claude.base_url, "FAKE_ANTHROPIC_KEY": "sk-ant-test"}
-    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
-        yield running
-
-
-@pytest.fixture
-async def client(mesh, fake):
-    fake.reset()
-    async with BatonClient(mesh.nats_url, timeout_s=20) as c:
-        yield c
+MESH = MeshSpec(
+    "cost",
+    config=write_config,
+    env=lambda fake, claude: {"FAKE_OPENAI_URL": fake.base_url, "FAKE_OPENAI_KEY": "sk-test", "FAKE_ANTHROPIC_URL": claude.base_url, "FAKE_ANTHROPIC_KEY": "sk-ant-test"},
+)
 
 
 def price(usage, model) -> float:
@@ -196,12 +171,14 @@ async def test_shadow_calls_are_made_recorded_and_never_returned(client, fake):
     reply = await client.ask(QUESTION, route="shadowed")
     assert reply.ok and reply.models == ["fake-small"]
     bucket = await client.js.key_value(subjects.SHADOW_BUCKET)
-    for _ in range(50):  # bounded: the shadow call runs after the reply
+
+    async def shadow_record() -> dict | None:  # the shadow call runs after the reply
         try:
-            record = json.loads((await bucket.get(reply.request_id)).value)
-            break
-        except Exception:
-            await asyncio.sleep(0.1)
+            return json.loads((await bucket.get(reply.request_id)).value)
+        except Exception:  # not stored yet
+            return None
+
+    record = await eventually(shadow_record, 5, every=0.1)
     assert record["shadow_model"] == "fake-big" and record["primary_model"] == "fake-small" and record["outcome"] == "ok"
     assert record["cost_usd"] > 0
     models_called = sorted(call["body"]["model"] for call in fake.calls if call["path"].endswith("/chat/completions"))

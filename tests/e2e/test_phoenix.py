@@ -21,7 +21,7 @@ import pytest
 from baton.client import BatonClient
 from shared import attributes as A
 from tests.backends import phoenix
-from tests.conftest import ONE_OF_EACH, mesh_env, mesh_settings
+from tests.conftest import MeshSpec, eventually, otlp_provider
 
 # Not part of `make test` (Phoenix's venv and start-up add ~2 minutes): `make trace-check` sets BATON_TRACE_CHECK=1.
 pytestmark = [
@@ -38,38 +38,24 @@ def phoenix_url():
         yield url
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, phoenix_url):
-    from baton.processes import MeshProcesses
-
-    settings = mesh_settings(tmp_path_factory.mktemp("phoenix"), index_dir)
-    env = {**mesh_env(settings), "BATON_COLLECTOR_FORWARD": phoenix_url, "BATON_TRACE_CONTENT": "1", "BATON_TRACE_PROJECT": PROJECT}
-    mesh = MeshProcesses(settings.model_copy(update={"nats_url": nats_url}), env=env)
-    try:
-        mesh.start_collector()
-        mesh.start(ONE_OF_EACH)
-        mesh.start_gateway()
-        yield mesh
-    finally:
-        mesh.stop()
+MESH = MeshSpec(
+    "phoenix",
+    env=lambda phoenix_url: {"BATON_COLLECTOR_FORWARD": phoenix_url, "BATON_TRACE_CONTENT": "1", "BATON_TRACE_PROJECT": PROJECT},
+    collector=True,
+    gateway=True,
+)
 
 
 @pytest.fixture(scope="module")
 def tracer(mesh):
     """The test is the client process, set up as the CLI sets itself up."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
     from shared.telemetry import resource_attributes
 
     os.environ["BATON_TRACE_PROJECT"] = PROJECT
     try:
-        provider = TracerProvider(resource=Resource.create(resource_attributes("client")))
+        provider = otlp_provider(mesh.collector_url, resource_attributes("client"))
     finally:
         del os.environ["BATON_TRACE_PROJECT"]
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{mesh.collector_url}/v1/traces", timeout=2), schedule_delay_millis=100))
     yield provider
     provider.shutdown()
 
@@ -78,17 +64,21 @@ async def stored_trace(phoenix_url: str, trace_id: str, provider, *, expect: int
     """The trace's spans as Phoenix stores them, once at least `expect` have landed (bounded wait)."""
     if provider is not None:
         await asyncio.to_thread(provider.force_flush)
-    spans: list[dict] = []
+    url, params = f"/v1/projects/{PROJECT}/spans", {"trace_id": trace_id, "limit": 200}
+    landed: list[dict] = []
     async with httpx.AsyncClient(base_url=phoenix_url, timeout=5) as http:
-        for _ in range(100):  # 20 s at most: batch delays, the forwarder, Phoenix's ingestion queue
-            response = await http.get(f"/v1/projects/{PROJECT}/spans", params={"trace_id": trace_id, "limit": 200})
+
+        async def enough() -> bool:
+            response = await http.get(url, params=params)
             if response.status_code == 200:
-                spans = response.json()["data"]
-                if len(spans) >= expect:
-                    await asyncio.sleep(0.5)  # and any straggler
-                    return (await http.get(f"/v1/projects/{PROJECT}/spans", params={"trace_id": trace_id, "limit": 200})).json()["data"]
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"Phoenix holds {len(spans)} spans of trace {trace_id}, expected at least {expect}")
+                landed[:] = response.json()["data"]
+            return len(landed) >= expect
+
+        # 20 s at most: batch delays, the forwarder, Phoenix's ingestion queue
+        await eventually(enough, 20, every=0.2, what=lambda: f"Phoenix holds {len(landed)} spans of trace {trace_id}, expected at least {expect}")
+        await asyncio.sleep(0.5)  # and any straggler (nothing to poll for: it may never come)
+        return (await http.get(url, params=params)).json()["data"]
+
 
 
 def kind(span: dict) -> str:

@@ -21,6 +21,7 @@ import pytest
 
 from shared.natsd import free_port
 from shared.settings import ROOT
+from tests.conftest import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -49,11 +50,12 @@ def baton_up(index_dir, tmp_path_factory):
     log = open(state / "baton-up.log", "w")
     process = subprocess.Popen([*BATON, "up", "--nats-port", str(nats_port), "--gateway-port", str(gateway_port), "--client", "my-app"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     mesh_file = state / "mesh.json"
-    deadline = time.monotonic() + 90
-    while not mesh_file.exists():  # written once every service is pulling
+
+    def written() -> bool:  # once every service is pulling
         assert process.poll() is None, (state / "baton-up.log").read_text()
-        assert time.monotonic() < deadline, "baton up did not come up within 90 s"
-        time.sleep(0.2)
+        return mesh_file.exists()
+
+    eventually_sync(written, 90, every=0.2, what="baton up did not come up")
     addresses = json.loads(mesh_file.read_text())
     try:
         yield {"env": env, "addresses": addresses, "state": state, "process": process}

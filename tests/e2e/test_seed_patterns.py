@@ -9,24 +9,12 @@ from __future__ import annotations
 import pytest
 
 from baton.client import BatonClient
-from tests.conftest import mesh_settings, running_mesh, ONE_OF_EACH
-from tests.fakes.fake_openai import FakeOpenAI
+from tests.conftest import MeshSpec
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory, fake):
-    settings = mesh_settings(tmp_path_factory.mktemp("patterns"), index_dir)
-    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test-not-real"}
-    with running_mesh(nats_url, settings, ONE_OF_EACH, env) as running:
-        yield running
+MESH = MeshSpec("patterns", env=lambda fake: {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test-not-real"})
 
 
 @pytest.mark.parametrize(

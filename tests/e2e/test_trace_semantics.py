@@ -15,9 +15,8 @@ import secrets
 import httpx
 import pytest
 
-from baton.client import BatonClient
 from shared import attributes as A
-from tests.conftest import ONE_OF_EACH, mesh_env, mesh_settings
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -26,55 +25,25 @@ HOP_STEPS = ("route", "guard.input", "retrieve", "guard.retrieval", "generate", 
 ERROR = 2  # OTLP StatusCode
 
 
-@pytest.fixture(scope="module")
-def mesh(nats_url, index_dir, tmp_path_factory):
-    from baton.processes import MeshProcesses
-
-    settings = mesh_settings(tmp_path_factory.mktemp("semantics"), index_dir)
-    mesh = MeshProcesses(settings.model_copy(update={"nats_url": nats_url}), env={**mesh_env(settings), "BATON_TRACE_CONTENT": "1"})
-    try:
-        mesh.start_collector()
-        mesh.start(ONE_OF_EACH)
-        mesh.start_gateway()
-        yield mesh
-    finally:
-        mesh.stop()
-
-
-@pytest.fixture(scope="module")
-def provider(mesh):
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "client"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{mesh.collector_url}/v1/traces", timeout=2), schedule_delay_millis=100))
-    yield provider
-    provider.shutdown()
-
-
-@pytest.fixture
-async def client(mesh, provider):
-    async with BatonClient(mesh.nats_url, timeout_s=30, tracer=provider.get_tracer("test")) as c:
-        yield c
+MESH = MeshSpec("semantics", env={"BATON_TRACE_CONTENT": "1"}, collector=True, gateway=True, client_timeout_s=30)
 
 
 async def trace_spans(mesh, trace_id: str, provider, expect: int) -> list[dict]:
     """The stored spans of a trace, once at least `expect` have arrived (bounded wait)."""
     if provider is not None:
         await asyncio.to_thread(provider.force_flush)
-    spans: list[dict] = []
+    names: list[str] = []
     async with httpx.AsyncClient(base_url=mesh.collector_url, timeout=5) as http:
-        for _ in range(75):  # 15 s at most
+
+        async def enough() -> bool:
             response = await http.get(f"/api/traces/{trace_id}")
             if response.status_code == 200:
-                spans = response.json()["spans"]
-                if len(spans) >= expect:
-                    await asyncio.sleep(0.5)  # and any straggler of the same batch round
-                    return (await http.get(f"/api/traces/{trace_id}")).json()["spans"]
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"the collector holds {len(spans)} spans of {trace_id}, expected {expect}: {[s['name'] for s in spans]}")
+                names[:] = [s["name"] for s in response.json()["spans"]]
+            return len(names) >= expect
+
+        await eventually(enough, 15, every=0.2, what=lambda: f"the collector holds {len(names)} spans of {trace_id}, expected {expect}: {names}")
+        await asyncio.sleep(0.5)  # and any straggler of the same batch round (nothing to poll for: it may never come)
+        return (await http.get(f"/api/traces/{trace_id}")).json()["spans"]
 
 
 def one_root(spans: list[dict]) -> dict:
@@ -185,9 +154,6 @@ async def test_a_streamed_request_has_a_root_from_publish_to_the_last_chunk_and_
     assert_covers_the_request(root, spans, reply)
 
     request_id = await client.submit("How do I clean my bike?")
-    for _ in range(100):
-        if (stored := await client.result(request_id)) is not None:
-            break
-        await asyncio.sleep(0.1)
+    stored = await eventually(lambda: client.result(request_id), 10, every=0.1)
     spans = await trace_spans(mesh, stored.trace_id, provider, expect=7)
     assert one_root(spans)["name"] == "publish baton.v1.request"  # submit ends at the PubAck: its publish is the root

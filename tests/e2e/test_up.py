@@ -22,6 +22,7 @@ import pytest
 from shared import subjects
 from shared.natsd import free_port
 from shared.settings import ROOT
+from tests.conftest import eventually, eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -55,20 +56,18 @@ def left_behind(state_dir: Path) -> list[str]:
 
 
 def wait_gone(state_dir: Path, timeout_s: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while (procs := left_behind(state_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return procs
+    """What is left of the mesh once everything has gone (fails, saying what is left, if it does not)."""
+    eventually_sync(lambda: not left_behind(state_dir), timeout_s, every=0.2, what=lambda: f"left behind: {left_behind(state_dir)}\n{output(state_dir)}")
+    return left_behind(state_dir)
 
 
 def wait_up(state_dir: Path, process: subprocess.Popen, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, (state_dir.parent / f"{state_dir.name}-up.log").read_text()
-        if (state_dir / "mesh.json").exists():
-            return json.loads((state_dir / "mesh.json").read_text())
-        time.sleep(0.2)
-    raise AssertionError("baton up did not come up")
+    def addresses() -> dict | None:
+        assert process.poll() is None, output(state_dir)
+        mesh_file = state_dir / "mesh.json"  # written once every service is pulling
+        return json.loads(mesh_file.read_text()) if mesh_file.exists() else None
+
+    return eventually_sync(addresses, timeout_s, every=0.2, what="baton up did not come up")
 
 
 def output(state_dir: Path) -> str:
@@ -94,10 +93,7 @@ def test_the_default_mesh_has_users_a_second_up_is_refused_and_sigterm_leaves_no
         # nats-server is watched like any replica: killed, it is started again and the mesh answers.
         server = next(line for line in left_behind(state) if "nats-server" in line)
         os.kill(int(server.split(":")[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while "nats-server exited" not in output(state) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "nats-server exited" in output(state)
+        eventually_sync(lambda: "nats-server exited" in output(state), 30, every=0.2, what=lambda: output(state))
         assert ask(state)["ok"] is True
     finally:
         process.send_signal(signal.SIGTERM)
@@ -129,10 +125,7 @@ async def _client_is_refused_off_its_subjects(url: str, password: str) -> None:
         await nc.publish(subjects.step("guardrail"), b'{"forged": true}')
         await nc.publish(subjects.request("someone-else"), b'{"prompt": "hi"}')
         await nc.flush()
-        for _ in range(50):
-            if len(refused) >= 2:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(refused) >= 2, 5, every=0.1, what=lambda: f"refused: {refused}")
         assert any(subjects.step("guardrail") in r for r in refused), refused
         assert any(subjects.request("someone-else") in r for r in refused), refused
     finally:

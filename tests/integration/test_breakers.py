@@ -6,6 +6,7 @@ import nats
 from nats.js.api import KeyValueConfig
 
 from shared.breakers import Breaker, Breakers
+from tests.conftest import eventually
 
 
 def test_repeated_failures_open_the_breaker_and_a_success_closes_it():
@@ -33,21 +34,14 @@ async def test_a_breaker_opened_by_one_replica_is_seen_by_another_and_closes_aft
         a, b = replicas
         await a.record("gpt", ok=False)
         await a.record("gpt", ok=False)
-        for _ in range(50):  # bounded: the watch delivers within moments
-            if b.state("gpt").state == "open":
-                break
-            await asyncio.sleep(0.02)
-        assert b.state("gpt").state == "open"
+        await eventually(lambda: b.state("gpt").state == "open", 1, every=0.02)  # the watch delivers within moments
         assert not await b.acquire("gpt")  # no call while open
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # past the cooldown: time itself is what the test waits for
         wins = await asyncio.gather(a.acquire("gpt"), b.acquire("gpt"))
         assert sorted(wins) == [False, True]  # exactly one replica takes the half-open probe
         prober = a if wins[0] else b
         await prober.record("gpt", ok=True)
-        for _ in range(50):
-            if a.state("gpt").state == b.state("gpt").state == "closed":
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: a.state("gpt").state == b.state("gpt").state == "closed", 1, every=0.02)
         assert a.state("gpt") == b.state("gpt") == Breaker()
     finally:
         for replica in replicas:

@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +46,7 @@ from shared import subjects
 from shared.natsd import NatsServer, find_binary, free_port
 from shared.provision import buckets, provision
 from shared.settings import ROOT, Settings
+from tests.conftest import eventually, eventually_sync
 
 NATS_DIR = ROOT / "deploy" / "nats"
 SINGLE_CONF = NATS_DIR / "single.conf"
@@ -829,9 +829,9 @@ async def test_the_five_services_run_with_least_privilege_users(provisioned, ind
                 procs[svc] = subprocess.Popen([sys.executable, "-m", "shared.run", svc], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
         ajs = admin.nc.jetstream()
-        deadline = time.monotonic() + 45
         waiting = set(SERVICES)
-        while waiting:
+
+        async def all_pulling() -> bool:
             for svc, proc in procs.items():
                 if proc.poll() is not None:
                     text = logs[svc].read_text(errors="replace")
@@ -841,10 +841,12 @@ async def test_the_five_services_run_with_least_privilege_users(provisioned, ind
                 if ((await ajs.consumer_info(S.STREAM, S.durable(svc))).num_waiting or 0) >= 1:
                     waiting.discard(svc)
             lines = violations_in_log(provisioned.log, since)
-            if lines or (waiting and time.monotonic() > deadline):
+            if lines:
                 why = "the pull subscription's inbox is _INBOX.<nuid>: shared/mesh.py Mesh.subscriber must pass inbox_prefix=b'_INBOX.<service>.'; " if _pull_inbox_violation(lines) else ""
                 pytest.fail(f"{why}not pulling: {sorted(waiting)}; server violations:\n" + "\n".join(lines))
-            await asyncio.sleep(0.2)
+            return not waiting
+
+        await eventually(all_pulling, 45, every=0.2, what=lambda: f"not pulling: {sorted(waiting)}; no server violations")
 
         try:
             request_ids = await _ask_as_a_client(provisioned.url)
@@ -872,16 +874,16 @@ async def test_the_five_services_run_with_least_privilege_users(provisioned, ind
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"nats-server exited {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nats-server not listening on {port}")
+            return False
+
+    eventually_sync(listening, timeout_s, what=f"nats-server not listening on {port}")
 
 
 @contextmanager
@@ -925,15 +927,17 @@ async def test_cluster_configs_form_a_jetstream_cluster_with_the_same_users(tmp_
         client = await connect(urls[2], ACME)
         try:
             js = admin.nc.jetstream(timeout=5)
-            deadline = time.monotonic() + 30
-            while True:  # JetStream answers once the three nodes elected a meta leader
+            refusals: list[Exception] = []
+
+            async def provisioned_on_three() -> bool:  # JetStream answers once the three nodes elected a meta leader
                 try:
                     await provision(js, Settings(), replicas=3)
-                    break
-                except (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.NoRespondersError):
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
+                    return True
+                except (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
+                    refusals[:] = [exc]
+                    return False
+
+            await eventually(provisioned_on_three, 30, every=0.5, what=lambda: f"no JetStream meta leader: {refusals}")
             info = await js.stream_info(S.STREAM)
             assert info.config.num_replicas == 3
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2

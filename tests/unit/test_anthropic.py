@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -42,15 +42,9 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(request: pytest.FixtureRequest) -> None:
-    if "fake" in request.fixturenames:
-        request.getfixturevalue("fake").reset()
+def fake(claude: FakeAnthropic) -> FakeAnthropic:
+    """Here the fake provider is the Anthropic one."""
+    return claude
 
 
 @pytest_asyncio.fixture

@@ -15,7 +15,6 @@ import io
 import json
 import socket
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from services.collector.otlp import OTLPDecodeError, SpanRow, decode
 from services.collector.render import stats_table, waterfall
 from services.collector.store import SpanStore
 from shared import attributes as A
+from tests.conftest import eventually, eventually_sync
 
 PROPAGATOR = TraceContextTextMapPropagator()
 T1 = 1_700_000_000_000_000_000  # flow 1 starts here (ns)
@@ -96,23 +96,13 @@ def serve(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        assert time.monotonic() < deadline, "collector did not start"
-        time.sleep(0.01)
+    eventually_sync(lambda: server.started, 5, every=0.01, what="the collector did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(5)
         sock.close()
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @dataclass
@@ -450,7 +440,7 @@ def test_forwarding_sends_identical_bytes(mesh: Mesh) -> None:
     assert httpx.post(f"{mesh.base}/v1/traces", content=body, headers={"content-type": "application/json"}).status_code == 200
     sent = list(mesh.app_capture.accepted)
     assert len(sent) >= 12 and any(enc == "gzip" for _, _, enc in sent) and any(enc is None for _, _, enc in sent)
-    wait_for(lambda: len(mesh.target_capture.accepted) >= len(sent))
+    eventually_sync(lambda: len(mesh.target_capture.accepted) >= len(sent), 5)
     assert mesh.target_capture.accepted[: len(sent)] == sent  # bytes, content-type, content-encoding; in order
     # And the target stored the same spans.
     for trace_id in mesh.trace_ids.values():
@@ -495,7 +485,7 @@ def test_dead_forward_target_never_blocks_ingest() -> None:
         with TestClient(create_app(":memory:", forward_url=dead)) as client:
             resp = client.post("/v1/traces", content=b"", headers={"content-type": "application/x-protobuf"})
             assert resp.status_code == 200
-            wait_for(lambda: client.get("/healthz").json()["forward"]["failed"] == 1, timeout=15.0)  # after its retries
+            eventually_sync(lambda: client.get("/healthz").json()["forward"]["failed"] == 1, 15)  # after its retries
 
 
 # ---------------------------------------------------------------- store
@@ -709,16 +699,10 @@ async def test_forwarder_retries_until_the_receiver_comes_up() -> None:
     received: list[bytes] = []
     try:
         forwarder.submit(b"spans", {"content-type": "application/x-protobuf"})
-        for _ in range(100):
-            if forwarder.retried >= 1:
-                break
-            await asyncio.sleep(0.02)
-        assert forwarder.retried >= 1 and forwarder.forwarded == 0
+        await eventually(lambda: forwarder.retried >= 1, 2)
+        assert forwarder.forwarded == 0
         server = await _http_answering(sock, 200, received)
-        for _ in range(200):
-            if forwarder.forwarded:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: forwarder.forwarded, 4)
         assert received == [b"spans"] and (forwarder.forwarded, forwarder.failed, forwarder.dropped) == (1, 0, 0)
         server.close()
     finally:
@@ -735,10 +719,7 @@ async def test_forwarder_does_not_retry_a_body_the_receiver_refuses() -> None:
     await forwarder.start()
     try:
         forwarder.submit(b"bad", {"content-type": "application/x-protobuf"})
-        for _ in range(200):
-            if forwarder.failed:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: forwarder.failed, 4)
         assert (forwarder.failed, forwarder.retried, len(received)) == (1, 0, 1)
     finally:
         await forwarder.stop()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +31,7 @@ from services.generator import (
 )
 from shared.config import ModelSpec
 from shared.schema import ChatMessage, Passage
+from tests.conftest import eventually_sync
 from tests.fakes.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,18 +244,6 @@ def test_provider_error_retryable_by_kind() -> None:
 
 
 # -- the OpenAI-compatible provider against the fake server -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(request: pytest.FixtureRequest) -> None:
-    if "fake" in request.fixturenames:
-        request.getfixturevalue("fake").reset()
 
 
 @pytest_asyncio.fixture
@@ -482,9 +471,7 @@ def test_fake_close_releases_a_hung_request() -> None:
             target=lambda: _swallow(lambda: http.post(f"{server.base_url}/chat/completions", json={"messages": QUESTION}))
         )
         thread.start()
-        deadline = time.monotonic() + 5
-        while not server.calls and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually_sync(lambda: server.calls, 5, every=0.01)
         started = time.monotonic()
         server.close()
         thread.join(timeout=5)
