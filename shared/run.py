@@ -29,13 +29,10 @@ def run(service: str) -> None:
         pass
     try:
         module = importlib.import_module(f"services.{service}.app")
-    except ConfigError as exc:
+        asyncio.run(module.mesh.run())
+    except (ConfigError, StartupError) as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
-    except StartupError as exc:
-        print(f"{service}: {exc}", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(module.app.run())
 
 
 async def settle_memory() -> None:

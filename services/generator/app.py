@@ -18,15 +18,14 @@ from shared.replies import ANSWER, CITATIONS, cited_first
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
-app = mesh.app
 pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)
 shadows = ShadowRunner(mesh)
 
 
-@app.after_startup
+@mesh.before_consuming
 async def share_breakers() -> None:
-    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
+    await breakers.attach(await mesh.kv(subjects.BREAKERS_BUCKET))
 
 
 async def pool_for(env: Envelope) -> ModelPool:
@@ -36,7 +35,7 @@ async def pool_for(env: Envelope) -> ModelPool:
     return pools[config.digest]
 
 
-@app.after_shutdown
+@mesh.on_stop
 async def close_pools() -> None:
     await breakers.detach()
     for pool in pools.values():
@@ -126,7 +125,7 @@ async def budget_left(env: Envelope, config) -> float | None:
     tenant_name = env.request.metadata.get("tenant", "")
     tenant = config.tenants.get(tenant_name)
     if tenant is not None and tenant.daily_budget_usd is not None:
-        ledger = TenantLedger(await mesh.broker.key_value(subjects.BUDGETS_BUCKET, declare=False))
+        ledger = TenantLedger(await mesh.kv(subjects.BUDGETS_BUCKET))
         tenant_left = max(0.0, tenant.daily_budget_usd - await ledger.spent_today(tenant_name))
         left = tenant_left if left is None else min(left, tenant_left)
     return left
@@ -171,7 +170,7 @@ def chunk_sender(env: Envelope):
     address = subjects.chunk_address(env.reply_to)
 
     async def send(text: str) -> None:
-        await mesh.broker.publish(text.encode(), address)
+        await mesh.publish(address, text.encode())
 
     return send
 

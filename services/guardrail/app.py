@@ -14,25 +14,27 @@ from shared.replies import ANSWER
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("guardrail")
-app = mesh.app
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)  # the judge's, shared in KV
-http = httpx.AsyncClient()
+http: httpx.AsyncClient | None = None  # the judge's client, made on start
 
-@app.on_startup  # before the subscriber starts pulling: no request waits for this
+@mesh.before_consuming  # no request waits for this
 async def warm_up() -> None:
+    global http
+    http = httpx.AsyncClient()
     if mesh.config.guard.injection_model and injection_model.available():
         injection_model.warm()  # load the offline detector now, not on the first request
 
 
-@app.after_startup
+@mesh.before_consuming
 async def share_breakers() -> None:
-    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
+    await breakers.attach(await mesh.kv(subjects.BREAKERS_BUCKET))
 
 
-@app.after_shutdown
+@mesh.on_stop
 async def close_judge() -> None:
     await breakers.detach()
-    await http.aclose()
+    if http is not None:
+        await http.aclose()
 
 
 FAILURE_CODES = {
@@ -84,6 +86,7 @@ async def ask_the_judge(env: Envelope, params: dict) -> None:
         spec = judge.spec_from(params, (await mesh.config_for(env)).models, dict(os.environ))
     except ValueError as exc:
         raise StepFailed(ErrorCode.INTERNAL, f"guard.input judge misconfigured: {exc}") from exc
+    assert http is not None, "made on start"
     result = await judge.judge(env.context.question, spec, http, breakers)
     env.events.append(Event(kind="gate", step="guard.input.judge", data=result.to_event_data()))
     if result.blocks(spec):
