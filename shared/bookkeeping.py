@@ -17,17 +17,20 @@ from shared import metrics, subjects, telemetry
 from shared.budgets import TenantLedger
 from shared.cache import CACHE_KEY, store as cache_store
 from shared.replies import answer_reply, error_reply
-from shared.runtime import HopRuntime, current_message_or_none
+from shared.runtime import Channel, HopRuntime, current_message_or_none
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Reply
 from shared.sessions import SessionStore
 
 log = logging.getLogger("baton.bookkeeping")
+REPLY_ADDRESS = "_INBOX.{client_id}.reply.{request_id}"  # as the contract names it: subjects.reply_address
+REPLY_CHANNEL = Channel(REPLY_ADDRESS, Reply, "reply", "The one Reply to a request: an answer or a structured error.", sends=True)
 
 
 class RequestBook:
     def __init__(self, runtime: HopRuntime):
         self.runtime = runtime
         self._sessions: SessionStore | None = None
+        runtime.sends(REPLY_CHANNEL)
 
     async def finish(self, env: Envelope) -> Reply:
         """After the last step (or the fallback's last word): the Reply, recorded and delivered."""

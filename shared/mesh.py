@@ -21,12 +21,13 @@ from opentelemetry.trace import Span, Tracer
 from shared.bookkeeping import RequestBook
 from shared.config import MeshConfig
 from shared.hops import Hops, StepFailed, StepFn, validation_details
-from shared.runtime import HopRuntime, Later, MessageHandler, Terminate, current_message
+from shared import subjects
+from shared.runtime import Channel, HopRuntime, Later, MessageHandler, Terminate, current_message
 from shared.schema import Envelope, Error, Event, Reply
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
-__all__ = ["Later", "Mesh", "StepFailed", "StepFn", "Terminate", "validation_details"]
+__all__ = ["Channel", "Later", "Mesh", "StepFailed", "StepFn", "Terminate", "validation_details"]
 
 
 class Mesh:
@@ -63,13 +64,21 @@ class Mesh:
     # -- registration -----------------------------------------------------------------
 
     def step_handler(self, step: StepFn) -> StepFn:
-        """Register `step` as this service's step: it runs on each envelope at its cursor."""
-        self.runtime.consume(self.hops.handler(step))
+        """Register `step` as this service's step: it runs on each envelope at its cursor.
+
+        The step's docstring describes its channel in the AsyncAPI document."""
+        what = (step.__doc__ or f"Run {step.__name__} at the envelope's cursor.").strip().split("\n\n")[0]
+        channel = Channel(subjects.step(self.service), Envelope, f"step.{self.service}", " ".join(what.split()))
+        self.runtime.consume(self.hops.handler(step), channel)
         return step
 
-    def consume(self, handler: MessageHandler) -> MessageHandler:
+    def consume(self, channel: Channel) -> Callable[[MessageHandler], MessageHandler]:
         """Register a handler of raw consumer messages (the router, the fallback)."""
-        return self.runtime.consume(handler)
+
+        def register(handler: MessageHandler) -> MessageHandler:
+            return self.runtime.consume(handler, channel)
+
+        return register
 
     # -- config, transport ------------------------------------------------------------
 

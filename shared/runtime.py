@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext, suppress
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import nats
 from nats.aio.msg import Msg
@@ -80,6 +81,18 @@ def current_message_or_none() -> Msg | None:
     return _MESSAGE.get(None)
 
 
+@dataclass(frozen=True)
+class Channel:
+    """A subject this service consumes or publishes, with the model on it: the AsyncAPI
+    document (shared/contract.py) is built from these registrations, not written apart."""
+
+    address: str
+    payload: type
+    title: str
+    description: str
+    sends: bool = False  # published by the service (a Reply, a chunk), not consumed
+
+
 class HopRuntime:
     """Connection, consumer, publish, ack policy, spans and metrics of one service."""
 
@@ -97,6 +110,7 @@ class HopRuntime:
         self._after_start: list[Hook] = []
         self._on_stop: list[Hook] = []
         self._hop_static: tuple[object, dict[str, object]] | None = None
+        self.channels: list[Channel] = []
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -221,13 +235,18 @@ class HopRuntime:
 
     # -- the consumer and what becomes of each message -------------------------------
 
-    def consume(self, handler: MessageHandler) -> MessageHandler:
-        """Register the handler of this service's durable consumer."""
+    def consume(self, handler: MessageHandler, channel: Channel) -> MessageHandler:
+        """Register the handler of this service's durable consumer, and what it takes."""
         # One durable consumer per service: a second handler would take every other message.
         if self._handler is not None:
             raise RuntimeError(f"{self.service} already has a handler: {self._handler.__name__}")
         self._handler = handler
+        self.channels.append(channel)
         return handler
+
+    def sends(self, channel: Channel) -> None:
+        """Declare a subject this service publishes to (for the contract)."""
+        self.channels.append(Channel(channel.address, channel.payload, channel.title, channel.description, sends=True))
 
     async def _start_consumer(self) -> None:
         if self._handler is None:

@@ -12,7 +12,7 @@ from services.fallback.policy import NO_CONTEXT_ANSWER, decide, retry_slip, skip
 from services.generator.local import LocalExtractive
 from services.guardrail.gates import output_gate
 from shared import subjects
-from shared.mesh import Mesh
+from shared.mesh import Channel, Mesh
 from shared.retry import retrying
 from shared.replies import ANSWER, CITATIONS, DEGRADED
 from shared.schema import Envelope, Error, ErrorCode, Event
@@ -23,7 +23,7 @@ log = logging.getLogger("baton.fallback")
 ADVISORY_PATIENCE_S = 60.0
 
 
-@mesh.consume
+@mesh.consume(Channel(subjects.FALLBACK, Envelope, "step.fallback", "A failed step's envelope (error set): retry another model, degrade, or refuse."))
 async def recover(message: Msg) -> None:
     env = await mesh.parse_envelope(message.data)
     if env.error is None:

@@ -12,12 +12,14 @@ from services.guardrail.pii import redact
 from shared.breakers import Breakers
 from shared.budgets import TenantLedger, request_budget_left
 from shared.experiments import stable_fraction
-from shared.mesh import Mesh, StepFailed
+from shared.bookkeeping import REPLY_ADDRESS
+from shared.mesh import Channel, Mesh, StepFailed
 from services.generator.local import split_sentences
 from shared.replies import ANSWER, CITATIONS, cited_first
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
+mesh.runtime.sends(Channel(subjects.chunk_address(REPLY_ADDRESS), str, "chunk", "Partial answer text of a streamed request (Request.stream = true), before the Reply."))
 pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)
 shadows = ShadowRunner(mesh)
@@ -44,6 +46,7 @@ async def close_pools() -> None:
 
 @mesh.step_handler
 async def generate(env: Envelope, record: StepRecord) -> None:
+    """Run the generate step: the chosen model answers; usage and cost are recorded."""
     params = env.current.params
     pool = await pool_for(env)
     config = pool.config

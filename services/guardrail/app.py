@@ -46,6 +46,7 @@ FAILURE_CODES = {
 
 @mesh.step_handler
 async def guard(env: Envelope, record: StepRecord) -> None:
+    """Run a gate (guard.input, guard.retrieval, guard.output): pass, fixed or fail."""
     name, params = env.current.name, env.current.params
     spec = (await mesh.config_for(env)).guard
     if name == "guard.input":

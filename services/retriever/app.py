@@ -20,6 +20,7 @@ async def load_index() -> None:
 
 @mesh.step_handler
 async def retrieve(env: Envelope, record: StepRecord) -> None:
+    """Run the retrieve step at the envelope's cursor; passages join the context."""
     assert retriever is not None, "the index is loaded on start"
     retriever.reload_if_changed()  # a re-ingest is picked up without a restart
     params = env.current.params

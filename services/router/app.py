@@ -12,7 +12,7 @@ from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.fairness import ClientSlots
-from shared.mesh import Mesh, Terminate, validation_details
+from shared.mesh import Channel, Mesh, Terminate, validation_details
 from shared import cache
 from shared.cache import cache_key
 from shared.embedder import shared_embedder
@@ -27,7 +27,7 @@ ROUTING_HOLD_S = 60.0  # a request being routed holds its slot at most this long
 ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 
 
-@mesh.consume
+@mesh.consume(Channel(subjects.request("{client_id}"), Request, "request", "A client's Request; the router validates it, picks a route and writes the slip."))
 async def route(message: Msg) -> None:
     body = message.data
     headers = message.headers or {}
