@@ -113,15 +113,16 @@ async def test_every_span_has_a_kind_every_hop_its_message_and_the_root_covers_t
     kinds = {step: by_step[step]["attributes"][A.OI_KIND] for step in HOP_STEPS}
     assert kinds == {"route": "CHAIN", "guard.input": "GUARDRAIL", "retrieve": "RETRIEVER", "guard.retrieval": "GUARDRAIL", "generate": "LLM", "guard.output": "GUARDRAIL"}
     message_ids = [by_step[step]["attributes"][A.MESSAGING_MESSAGE_ID] for step in HOP_STEPS]
-    assert message_ids[0] == reply.request_id  # the request's Nats-Msg-Id
-    assert message_ids[1:] == [f"{reply.request_id}.0.{i}" for i in range(5)]  # each hop's Nats-Msg-Id
+    client_id, request_id, _nonce = message_ids[0].split(".")  # the request's Nats-Msg-Id: <client>.<request id>.<nonce>
+    assert request_id == reply.request_id
+    assert message_ids[1:] == [f"{client_id}.{reply.request_id}.0.{i}" for i in range(5)]  # each hop's Nats-Msg-Id
     for step in HOP_STEPS:
         attributes = by_step[step]["attributes"]
         assert attributes[A.MESSAGING_OPERATION] == "process" and attributes[A.MESSAGING_OPERATION_NAME] == "process"
         assert attributes[A.MESSAGING_CONSUMER_GROUP] and attributes[A.MESSAGING_BODY_SIZE] > 0 and attributes[A.SERVER_ADDRESS]
         assert attributes[A.SESSION_ID] == attributes[A.GEN_AI_CONVERSATION_ID] == "semantics-1"
     [publish] = [s for s in spans if s["name"].startswith("publish")]
-    assert publish["attributes"][A.MESSAGING_OPERATION] == "send" and publish["attributes"][A.MESSAGING_MESSAGE_ID] == reply.request_id
+    assert publish["attributes"][A.MESSAGING_OPERATION] == "send" and publish["attributes"][A.MESSAGING_MESSAGE_ID] == reply.request_id  # baton/client.py names the request id here, not its Nats-Msg-Id
 
     [llm] = [s for s in spans if s["attributes"].get(A.OI_KIND) == "LLM"]
     attributes = llm["attributes"]
