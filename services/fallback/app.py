@@ -9,12 +9,12 @@ from nats.js.errors import NotFoundError
 
 from services.fallback import dead_letters
 from services.fallback.policy import NO_CONTEXT_ANSWER, decide, retry_slip, skip_retrieval_slip
-from services.generator.local import LocalExtractive
-from services.guardrail.gates import output_gate
+from shared.local_model import LocalExtractive
 from shared import subjects
+from shared.config import MeshConfig
 from shared.mesh import Channel, Mesh
+from shared.pii import redact, redaction_kinds
 from shared.retry import retrying
-from shared.replies import ANSWER, CITATIONS, DEGRADED
 from shared.schema import Envelope, Error, ErrorCode, Event
 
 mesh = Mesh("fallback")
@@ -48,17 +48,16 @@ async def recover(message: Msg) -> None:
         await mesh.finish(env)
 
 
-def degrade(env: Envelope, config) -> None:
-    """Answer from the passages already retrieved, with the same output redaction."""
+def degrade(env: Envelope, config: MeshConfig) -> None:
+    """Answer from the passages already retrieved, redacted as the output gate redacts."""
+    assert env.error is not None
     if env.error.code == ErrorCode.NO_CONTEXT:
-        env.context.outputs.update({ANSWER: NO_CONTEXT_ANSWER, CITATIONS: [], DEGRADED: True})
-        env.error = None
-        return
-    generation = local.generate(env.context.question, env.context.passages)
-    checked = output_gate(generation.text, config.guard)
-    env.context.outputs[ANSWER] = checked.text if checked.text is not None else generation.text
-    env.context.outputs[CITATIONS] = generation.citations
-    env.context.outputs[DEGRADED] = True
+        env.context.answer, env.context.citations = NO_CONTEXT_ANSWER, []
+    else:
+        generation = local.generate(env.context.question, env.context.passages)
+        env.context.answer = redact(generation.text, redaction_kinds(config.guard.redact))[0]
+        env.context.citations = generation.citations
+    env.context.degraded = True
     env.error = None
 
 

@@ -8,14 +8,14 @@ from services.generator.models import TASK_PROMPTS, ModelPool, NoModelAvailable,
 from shared import metrics, subjects, telemetry
 from services.generator.providers import build_messages, estimate_tokens
 from services.generator.shadow import ShadowRunner
-from services.guardrail.pii import redact
+from shared.pii import redact, redaction_kinds
 from shared.breakers import Breakers
 from shared.budgets import TenantLedger, request_budget_left
 from shared.experiments import stable_fraction
 from shared.bookkeeping import REPLY_ADDRESS
 from shared.mesh import Channel, Mesh, StepFailed
-from services.generator.local import split_sentences
-from shared.replies import ANSWER, CITATIONS, cited_first
+from shared.local_model import split_sentences
+from shared.replies import cited_first
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
@@ -91,8 +91,8 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     telemetry.record_generation(span, generation, record.cost_usd, traced_answer(generation.text, config))
     metrics.MODEL_TOKENS.labels(choice.name, "input").inc(generation.usage.input_tokens)
     metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
-    env.context.outputs[ANSWER] = generation.text
-    env.context.outputs[CITATIONS] = generation.citations
+    env.context.answer = generation.text
+    env.context.citations = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "cost_usd": record.cost_usd}))
     shadow = config.routes[env.route].shadow
@@ -119,7 +119,7 @@ def traced_answer(text: str, config) -> str | None:
     """The answer for the span, with content tracing on: redacted as the output gate would."""
     if not telemetry.content_tracing():
         return None
-    return redact(text, list(config.guard.redact) + ["secret"])[0]
+    return redact(text, redaction_kinds(config.guard.redact))[0]
 
 
 async def budget_left(env: Envelope, config) -> float | None:

@@ -8,9 +8,8 @@ from services.guardrail.gates import input_gate, output_gate, retrieval_gate
 from services.guardrail import injection_model, judge
 from shared import subjects
 from shared.breakers import Breakers
-from services.guardrail.pii import redact
+from shared.pii import redact, redaction_kinds
 from shared.mesh import Mesh, StepFailed
-from shared.replies import ANSWER
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("guardrail")
@@ -68,14 +67,14 @@ async def guard(env: Envelope, record: StepRecord) -> None:
             env.context.passages = result.passages  # instructions hidden in documents never reach a model
     else:
         result = output_gate(
-            env.context.outputs.get(ANSWER, ""),
+            env.context.answer,
             spec,
             passages=env.context.passages,
             min_grounded=optional_float(params, "min_grounded"),
             response_schema=env.request.response_schema,
         )
         if result.verdict == "fixed":
-            env.context.outputs[ANSWER] = result.text
+            env.context.answer = result.text
     env.events.append(Event(kind="gate", step=name, data=result.to_event_data()))
     if result.verdict == "fail":
         raise StepFailed(FAILURE_CODES[name], f"{name} refused: {result.reason}", details=[{"gate": name, "score": result.score}])
@@ -102,7 +101,7 @@ def optional_float(params: dict, key: str) -> float | None:
 def scrub_request(env: Envelope, question: str, spec) -> None:
     """No model downstream sees the redacted values, and no hop carries them on."""
     env.context.question = question
-    kinds = list(spec.redact) + ["secret"]
+    kinds = redaction_kinds(spec.redact)
     env.context.history = [turn.model_copy(update={"content": redact(turn.content, kinds)[0]}) for turn in env.context.history]
     request = env.request
     if request.prompt is not None:
