@@ -243,8 +243,15 @@ class GenerateParams(_Strict):
     labels: list[str] | None = None  # for task: classify
 
 
+class JudgeParams(_Strict):
+    model: str  # a name from models, openai-compatible (services/guardrail/judge.py)
+    budget_ms: int | None = Field(default=None, gt=0)
+    when_unavailable: Literal["pass", "fail"] = "pass"
+
+
 class InputGateParams(_Strict):
     threshold: float | None = Field(default=None, gt=0, le=1)  # None: guard.injection_threshold
+    judge: JudgeParams | None = None  # the route's optional guard model
 
 
 class RetrievalGateParams(_Strict):
