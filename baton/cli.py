@@ -205,6 +205,19 @@ def _check_ready_to_start(settings: Settings) -> None:
 
 
 @app.command()
+def serve(
+    module: str = typer.Argument(..., help="a .py file or a module name with one @step(...) function"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step, when the module registers several"),
+) -> None:
+    """Run your own step as a service of the mesh (start it again for more replicas).
+
+    Declare it in the config (`steps: {NAME: {service: NAME}}`) and name it in a route's steps."""
+    from shared.run import serve as serve_step
+
+    serve_step(module, step)
+
+
+@app.command()
 def ask(
     prompt: str = typer.Argument(..., help="the question"),
     route: Optional[str] = typer.Option(None, help="route hint: skip routing and use this route"),

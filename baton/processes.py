@@ -104,6 +104,8 @@ class MeshProcesses:
     credentials: dict[str, str] = field(default_factory=dict)
     # The router seals envelopes with it and the services check them (shared/envelopes.py).
     envelope_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    # service -> the module of its custom step (shared/steps.py), started with `baton serve`.
+    step_modules: dict[str, str] = field(default_factory=dict)
 
     @property
     def nats_url(self) -> str:
@@ -145,7 +147,9 @@ class MeshProcesses:
     def spawn(self, service: str) -> Replica:
         index = sum(1 for r in self.replicas if r.service == service)
         metrics_port = free_port()
-        replica = self._start_process(service, index, ["-m", "shared.run", service], {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
+        module = self.step_modules.get(service)  # a custom step: `baton serve <module>`
+        args = ["-m", "baton", "serve", module] if module else ["-m", "shared.run", service]
+        replica = self._start_process(service, index, args, {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
         replica.metrics_port = metrics_port
         self.replicas.append(replica)
         return replica

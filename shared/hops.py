@@ -120,7 +120,8 @@ class Hops:
             # Nothing in it can be believed: answered (deliver checks the address is an inbox), never stored.
             await self.book.reply_error(request_id, reply_to, error, store=False)
             raise Terminate("malformed", error.message, request_id) from None
-        refusal = envelopes.check(env, self.service, self.runtime.config.limits, self.envelope_key)
+        config = self.runtime.config
+        refusal = envelopes.check(env, self.service, config.limits, self.envelope_key, custom=config.custom_steps)
         if refusal is not None:
             error = Error(code=ErrorCode.INVALID_REQUEST, message=f"refused at {self.service}: {refusal.message}")
             if refusal.answerable:
