@@ -22,6 +22,7 @@ import nats
 
 from shared import subjects
 from shared.natsd import AUTH_CONF_FILE, CREDENTIALS_FILE, NatsServer, free_port, write_credentials, write_local_auth
+from shared.config import load_config
 from shared.live_config import publish_config
 from shared.provision import provision
 from shared.settings import ROOT, Settings, server_list
@@ -116,7 +117,8 @@ class MeshProcesses:
         fresh passwords (kept in the state folder: credentials.json, mode 0600)."""
         config_file = None
         if secure:
-            config_file, self.credentials = write_local_auth(self.settings.state_dir, clients)
+            steps = tuple(load_config(self.settings.config).custom_steps.values())  # users for the config's own steps
+            config_file, self.credentials = write_local_auth(self.settings.state_dir, clients, steps)
         server = NatsServer(port=port, store_dir=store_dir, config_file=config_file, log_path=self.settings.state_dir / "logs" / "nats-server.log")
         self.nats_server = server
         server.launch()

@@ -39,22 +39,30 @@ def run(service: str) -> None:
         sys.exit(2)
 
 
+def step_of(target: str, step_name: str | None = None):
+    """The one @step registered by `target` (a .py file or a module name); StartupError otherwise."""
+    from shared.steps import steps_of
+
+    module = _import(target)
+    registered = steps_of(module.__name__)
+    found = [spec for spec in registered if step_name in (None, spec.name)]
+    if len(found) != 1:
+        names = [spec.name for spec in registered]
+        what = "no step" if not names else f"several steps {names}; pick one with --step"
+        raise StartupError(f"{target}: {what}{' named ' + repr(step_name) if step_name else ''} registered with @step(...)")
+    return found[0]
+
+
 def serve(target: str, step_name: str | None = None) -> None:
     """Run the custom step in `target` (a .py file or a module name) as its service:
     `baton serve examples/agent_step.py`. The config must declare it under `steps:`."""
     from shared.config import load_config
     from shared.mesh import Mesh
     from shared.settings import settings
-    from shared.steps import runner, steps_of
+    from shared.steps import runner
 
     try:
-        module = _import(target)
-        found = [spec for spec in steps_of(module.__name__) if step_name in (None, spec.name)]
-        if len(found) != 1:
-            names = [spec.name for spec in steps_of(module.__name__)]
-            raise StartupError(f"{target}: {'no step' if not names else 'several steps ' + str(names) + '; pick one with --step'}"
-                               f"{' named ' + repr(step_name) if step_name else ''} registered with @step(...)")
-        spec = found[0]
+        spec = step_of(target, step_name)
         config = load_config(settings().config)
         service = config.custom_steps.get(spec.name)
         if service is None:

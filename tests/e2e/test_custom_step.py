@@ -91,3 +91,21 @@ def test_baton_serve_refuses_a_step_the_config_does_not_declare(tmp_path):
     done = subprocess.run([sys.executable, "-m", "baton", "serve", AGENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "step 'agent' is not declared" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_the_custom_step_runs_as_its_own_least_privilege_nats_user(index_dir, tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(agentic_config()))
+    settings = mesh_settings(tmp_path, index_dir, config=tmp_path / "config.yaml")
+    mesh = MeshProcesses(settings, env=mesh_env(settings), step_modules={"agent": AGENT})
+    try:
+        mesh.start_nats(tmp_path / "nats", secure=True)
+        assert "agent" in mesh.credentials  # the auth table has a user for the config's own step
+        await asyncio.to_thread(mesh.start, {**ONE_OF_EACH, "agent": 1})
+        async with BatonClient(mesh.nats_url, client_id="cli", timeout_s=20, user="cli", password=mesh.credentials["cli"]) as client:
+            reply = await client.ask("How often should I replace my chain?", route="agentic", cache=False)
+        assert reply.ok, reply.error
+        assert [step.step for step in reply.steps][-2:] == ["agent", "guard.output"]
+    finally:
+        mesh.stop()
+        if mesh.nats_server is not None:
+            mesh.nats_server.stop()
