@@ -15,7 +15,8 @@ from opentelemetry import trace
 
 from shared import metrics, subjects, telemetry
 from shared.budgets import TenantLedger
-from shared.cache import CACHE_KEY, store as cache_store
+from shared.cache import CACHE_KEY
+from shared.cache import store as cache_store
 from shared.replies import answer_reply, error_reply
 from shared.runtime import Channel, HopRuntime, current_message_or_none
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Reply

@@ -18,11 +18,18 @@ from nats.js.api import PubAck, RawStreamMsg
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, Tracer
 
+from shared import subjects
 from shared.bookkeeping import RequestBook
 from shared.config import MeshConfig
 from shared.hops import Hops, StepFailed, StepFn, validation_details
-from shared import subjects
-from shared.runtime import Channel, HopRuntime, Later, MessageHandler, Terminate, current_message
+from shared.runtime import (
+    Channel,
+    HopRuntime,
+    Later,
+    MessageHandler,
+    Terminate,
+    current_message,
+)
 from shared.schema import Envelope, Error, Event, Reply
 from shared.sessions import SessionStore
 from shared.settings import Settings

@@ -41,7 +41,8 @@ from shared.consumer import PullConsumer
 from shared.live_config import ConfigStore
 from shared.provision import provision
 from shared.run import settle_memory
-from shared.settings import Settings, nats_credentials, server_list, settings as load_settings
+from shared.settings import Settings, nats_credentials, server_list
+from shared.settings import settings as load_settings
 
 log = logging.getLogger("baton.runtime")
 _MESSAGE: ContextVar[Msg] = ContextVar("baton_message")

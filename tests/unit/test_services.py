@@ -11,7 +11,15 @@ import time
 import pytest
 
 from shared.config import load_config
-from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Passage, Request, Step
+from shared.schema import (
+    ChatMessage,
+    Envelope,
+    Error,
+    ErrorCode,
+    Passage,
+    Request,
+    Step,
+)
 from shared.settings import ROOT, Settings
 
 SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
