@@ -109,3 +109,11 @@ async def test_the_custom_step_runs_as_its_own_least_privilege_nats_user(index_d
         mesh.stop()
         if mesh.nats_server is not None:
             mesh.nats_server.stop()
+
+
+def test_baton_up_refuses_a_step_module_the_config_does_not_declare_before_starting_anything(tmp_path):
+    env = {"BATON_CONFIG": str(Settings().config), "BATON_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "baton", "up", "--step", AGENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "step 'agent'" in done.stderr and "is not declared" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "mesh.json").exists()
