@@ -34,7 +34,7 @@ bench: install  ## benchmarks (not tests): Baton vs raw NATS chains vs LiteLLM; 
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PY) -m bench.run
 
-docs: install  ## the AsyncAPI document of the wire contract, generated from shared/contract.py
+docs: install  ## the AsyncAPI document of the wire contract, generated from the services' registered handlers (shared/contract.py)
 	$(VENV)/bin/faststream docs gen shared.contract:app --yaml --out docs/asyncapi.yaml
 
 # Arize Phoenix (an OTLP backend that reads OpenInference) in its own venv: its pins

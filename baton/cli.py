@@ -92,13 +92,14 @@ def _fail(message: str, code: int = UNREACHABLE) -> None:
     raise typer.Exit(code)
 
 
-def parse_replicas(spec: str) -> dict[str, int]:
-    """'generator=4,retriever=2' -> counts for every service (1 unless named)."""
-    counts = {service: 1 for service in MESH_SERVICES}
+def parse_replicas(spec: str, custom: tuple[str, ...] = ()) -> dict[str, int]:
+    """'generator=4,retriever=2' -> counts for every service (1 unless named); `custom`:
+    the services of the steps started with --step."""
+    counts = {service: 1 for service in (*MESH_SERVICES, *custom)}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, count = item.partition("=")
         if name not in counts or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"{item!r}: use service=N with a service in {', '.join(MESH_SERVICES)} and N >= 1")
+            raise typer.BadParameter(f"{item!r}: use service=N with a service in {', '.join(counts)} and N >= 1")
         counts[name] = int(count)
     return counts
 
@@ -112,11 +113,13 @@ def up(
     nats_port: int = typer.Option(DEFAULT_NATS_PORT, help="the NATS port on 127.0.0.1 (ignored when NATS_URL is set)"),
     auth: bool = typer.Option(True, help="NATS with the generated least-privilege users and fresh passwords (credentials.json in the state folder); --no-auth: a NATS anyone on this machine may use"),
     clients: list[str] = typer.Option([], "--client", help="a client id to make a NATS user for (repeatable); the CLI's own is 'cli'"),
+    steps: list[str] = typer.Option([], "--step", help="a module with your own @step (repeatable), run like `baton serve MODULE`; replicas with --replicas <its service>=N"),
 ) -> None:
     """Start NATS (unless NATS_URL is set), the collector and every service; Ctrl-C stops them all."""
     STOP.install()  # before anything starts: a signal at any moment stops what has started
     settings = _settings()
-    counts = parse_replicas(replicas)
+    step_modules = _step_modules(settings, steps)
+    counts = parse_replicas(replicas, tuple(step_modules))
     _check_ready_to_start(settings)
     lock = _lock_state_dir(settings)
     own_nats = "NATS_URL" not in os.environ
@@ -124,7 +127,7 @@ def up(
         _fail(f"port {nats_port} is taken (another `baton up` or nats-server?): stop it, or start with --nats-port N", BAD_INPUT)
     if gateway and port_taken(gateway_port):
         _fail(f"port {gateway_port} is taken: start with --gateway-port N (or --no-gateway)", BAD_INPUT)
-    mesh = MeshProcesses(settings)
+    mesh = MeshProcesses(settings, step_modules=step_modules)
     try:
         if own_nats:
             mesh.start_nats(settings.state_dir / "nats", port=nats_port, secure=auth, clients=tuple(clients))
@@ -160,6 +163,25 @@ def up(
         remove_mesh_file(settings.state_dir)
         lock.close()
         console.print("mesh stopped")
+
+
+def _step_modules(settings: Settings, modules: list[str]) -> dict[str, str]:
+    """{service: module} for each --step module, checked now: one @step each, declared in the config."""
+    from shared.config import ConfigError, load_config
+    from shared.run import StartupError, step_of
+
+    found = {}
+    try:
+        config = load_config(settings.config)
+        for module in modules:
+            spec = step_of(module)
+            service = config.custom_steps.get(spec.name)
+            if service is None:
+                raise StartupError(f"step {spec.name!r} ({module}) is not declared in {settings.config}: add `steps: {{{spec.name}: {{service: {spec.name}}}}}`")
+            found[service] = str(Path(module).resolve()) if module.endswith(".py") else module
+    except (ConfigError, StartupError) as exc:
+        _fail(str(exc), BAD_INPUT)
+    return found
 
 
 def _supervise(mesh: MeshProcesses) -> None:
@@ -202,6 +224,19 @@ def _check_ready_to_start(settings: Settings) -> None:
         _fail(str(exc), BAD_INPUT)
     if not (settings.index_dir / "manifest.json").exists():
         _fail(f"no retrieval index in {settings.index_dir}: run `baton ingest {SAMPLE_CORPUS.relative_to(Path.cwd()) if SAMPLE_CORPUS.is_relative_to(Path.cwd()) else SAMPLE_CORPUS}` first", 2)
+
+
+@app.command()
+def serve(
+    module: str = typer.Argument(..., help="a .py file or a module name with one @step(...) function"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step, when the module registers several"),
+) -> None:
+    """Run your own step as a service of the mesh (start it again for more replicas).
+
+    Declare it in the config (`steps: {NAME: {service: NAME}}`) and name it in a route's steps."""
+    from shared.run import serve as serve_step
+
+    serve_step(module, step)
 
 
 @app.command()

@@ -22,6 +22,7 @@ import nats
 
 from shared import subjects
 from shared.natsd import AUTH_CONF_FILE, CREDENTIALS_FILE, NatsServer, free_port, write_credentials, write_local_auth
+from shared.config import load_config
 from shared.live_config import publish_config
 from shared.provision import provision
 from shared.settings import ROOT, Settings, server_list
@@ -104,6 +105,8 @@ class MeshProcesses:
     credentials: dict[str, str] = field(default_factory=dict)
     # The router seals envelopes with it and the services check them (shared/envelopes.py).
     envelope_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    # service -> the module of its custom step (shared/steps.py), started with `baton serve`.
+    step_modules: dict[str, str] = field(default_factory=dict)
 
     @property
     def nats_url(self) -> str:
@@ -114,7 +117,8 @@ class MeshProcesses:
         fresh passwords (kept in the state folder: credentials.json, mode 0600)."""
         config_file = None
         if secure:
-            config_file, self.credentials = write_local_auth(self.settings.state_dir, clients)
+            steps = tuple(load_config(self.settings.config).custom_steps.values())  # users for the config's own steps
+            config_file, self.credentials = write_local_auth(self.settings.state_dir, clients, steps)
         server = NatsServer(port=port, store_dir=store_dir, config_file=config_file, log_path=self.settings.state_dir / "logs" / "nats-server.log")
         self.nats_server = server
         server.launch()
@@ -145,7 +149,9 @@ class MeshProcesses:
     def spawn(self, service: str) -> Replica:
         index = sum(1 for r in self.replicas if r.service == service)
         metrics_port = free_port()
-        replica = self._start_process(service, index, ["-m", "shared.run", service], {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
+        module = self.step_modules.get(service)  # a custom step: `baton serve <module>`
+        args = ["-m", "baton", "serve", module] if module else ["-m", "shared.run", service]
+        replica = self._start_process(service, index, args, {"BATON_METRICS_PORT": str(metrics_port)}, user=service)
         replica.metrics_port = metrics_port
         self.replicas.append(replica)
         return replica

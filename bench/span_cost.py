@@ -1,5 +1,5 @@
 """CPU per hop span, in-process: the real SDK, a BatchSpanProcessor and OTLP protobuf
-encoding (the exporter's work minus the network), around `Mesh.hop` + `Mesh.observe`
+encoding (the exporter's work minus the network), around `HopRuntime.hop` + `observe`
 as a hop runs them. Not a timed test: a figure to compare before and after a change.
 
     .venv/bin/python -m bench.span_cost [--spans 20000]
@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from shared.mesh import Mesh
+from shared.runtime import _MESSAGE, HopRuntime
 from shared.schema import Envelope, Event, Passage, Request, Step
 from shared import telemetry
 
@@ -36,14 +36,14 @@ class EncodingSink(SpanExporter):
         pass
 
 
-def fake_mesh(tracer, message) -> Mesh:
-    """A Mesh without a broker: only what `hop` and `observe` read."""
-    mesh = Mesh.__new__(Mesh)
+def fake_mesh(tracer, message) -> HopRuntime:
+    """A runtime without a connection: only what `hop` and `observe` read."""
+    mesh = HopRuntime.__new__(HopRuntime)
     mesh.service = "guardrail"
     mesh.tracer = tracer
-    mesh.current_message = lambda: message
-    connection = SimpleNamespace(connected_url=SimpleNamespace(hostname="127.0.0.1", port=4222))
-    mesh.broker = SimpleNamespace(config=SimpleNamespace(connection_state=SimpleNamespace(connection=connection)))
+    mesh._hop_static = None
+    _MESSAGE.set(message)
+    mesh.nc = SimpleNamespace(connected_url=SimpleNamespace(hostname="127.0.0.1", port=4222))
     return mesh
 
 
@@ -74,7 +74,7 @@ def measure(spans: int) -> dict[str, float]:
     return {"spans": spans, "cpu_us_per_span": round(cpu / spans * 1e6, 1)}
 
 
-def model_span(mesh: Mesh, env: Envelope) -> None:
+def model_span(mesh: HopRuntime, env: Envelope) -> None:
     """The generate hop's model call, as each version of generator/app.py writes it (inside the hop's span)."""
     from opentelemetry.trace import SpanKind
 
@@ -95,7 +95,7 @@ def model_span(mesh: Mesh, env: Envelope) -> None:
             span.set_attributes({A.GEN_AI_RESPONSE_MODEL: generation.model, A.GEN_AI_INPUT_TOKENS: 120, A.GEN_AI_OUTPUT_TOKENS: 12, A.USAGE_ESTIMATED: False, A.COST_USD: 0.0001})
 
 
-def one_request(mesh: Mesh, env: Envelope, message: SimpleNamespace) -> None:
+def one_request(mesh: HopRuntime, env: Envelope, message: SimpleNamespace) -> None:
     """The spans of one request through the mesh (6 hops and the model call), as the services make them."""
     from shared import attributes as A
     from shared.replies import answer_reply
@@ -152,7 +152,7 @@ def measure_requests(requests: int) -> float:
     return round(cpu / requests * 1e6, 1)
 
 
-def mesh_observe(mesh: Mesh, span, env: Envelope, events: list[Event]) -> None:
+def mesh_observe(mesh: HopRuntime, span, env: Envelope, events: list[Event]) -> None:
     telemetry.record_events(span, events) if telemetry.record_events.__code__.co_argcount == 2 else telemetry.record_events(span, events, env)
 
 

@@ -172,7 +172,7 @@ async def remember(kv: KeyValue, env: Envelope, key: str) -> None:
     """Index this question under its exact key, so paraphrases can find its reply later.
     Best effort: a concurrent writer wins and this question is simply not indexed."""
     question = env.context.question
-    from services.guardrail.pii import find_pii
+    from shared.pii import find_pii
 
     if find_pii(question):
         return  # the router runs before the input gate redacts: personal data is never indexed

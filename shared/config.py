@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from shared.schema import Step
 
@@ -25,6 +25,21 @@ STEP_SERVICES = {
     "generate": "generator",
 }
 GATES = ("guard.input", "guard.retrieval", "guard.output")
+BUILT_IN_SERVICES = ("router", "retriever", "generator", "guardrail", "fallback", "gateway", "collector")
+CUSTOM_NAME = r"^[a-z][a-z0-9_-]{0,31}$"  # a subject token and a durable name
+
+
+def custom_steps_of(raw: Any) -> dict[str, str]:
+    """{step name: service} of the file's `steps:` section (custom steps), as far as it is readable."""
+    section = raw.get("steps") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        return {}
+    found = {}
+    for name, spec in section.items():
+        service = (spec.get("service") if isinstance(spec, dict) else None) or name
+        if isinstance(name, str) and isinstance(service, str):
+            found[name] = service
+    return found
 
 
 class ConfigError(ValueError):
@@ -161,15 +176,19 @@ class RouteSpec(_Strict):
 
     @field_validator("steps", mode="before")
     @classmethod
-    def _expand_steps(cls, raw: Any) -> list[dict[str, Any]]:
+    def _expand_steps(cls, raw: Any, info: ValidationInfo) -> list[dict[str, Any]]:
         if not isinstance(raw, list) or not raw:
             raise ValueError("steps must be a non-empty list")
+        custom = (info.context or {}).get("custom_steps", {})
         steps, problems = [], []
         for index, item in enumerate(raw):
             try:
-                step = _expand_step(item)
+                step = _expand_step(item, custom)
             except ValueError as exc:
                 problems.append(f"{index}: {exc}")
+                continue
+            if step["name"] in custom:
+                steps.append(step)  # its own parameter model checks them, in its process
                 continue
             step["params"], bad = _checked_params(step["name"], step["params"])
             problems += [f"{index}.{problem}" for problem in bad]
@@ -284,6 +303,13 @@ def _checked_params(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], 
         return params, [_describe(error, prefix=name) for error in exc.errors()]
 
 
+class CustomStep(_Strict):
+    """A step of your own (`baton serve <module>`): the service whose consumer runs it."""
+
+    service: str = Field(default="", pattern=r"^$|" + CUSTOM_NAME)  # empty: the step's name
+    description: str = ""
+
+
 class MeshConfig(_Strict):
     version: str = "1"
     default_route: str
@@ -296,6 +322,7 @@ class MeshConfig(_Strict):
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    steps: dict[str, CustomStep] = Field(default_factory=dict)  # custom steps, by name
     digest: str = ""  # content hash, set on load; recorded on every Reply
 
     @model_validator(mode="after")
@@ -304,6 +331,24 @@ class MeshConfig(_Strict):
         if problems:
             raise ValueError(_MANY.join(problems))
         return self
+
+    @field_validator("steps")
+    @classmethod
+    def _custom_names(cls, steps: dict[str, CustomStep]) -> dict[str, CustomStep]:
+        for name, spec in steps.items():
+            if not re.match(CUSTOM_NAME, name):
+                raise ValueError(f"custom step {name!r}: a name is 1-32 lowercase letters, digits, '-' or '_', starting with a letter")
+            if name.split(".", 1)[0] in STEP_SERVICES:
+                raise ValueError(f"custom step {name!r}: {sorted(STEP_SERVICES)} are built-in steps")
+            spec.service = spec.service or name
+            if spec.service in BUILT_IN_SERVICES:
+                raise ValueError(f"custom step {name!r}: service {spec.service!r} is a built-in service")
+        return steps
+
+    @property
+    def custom_steps(self) -> dict[str, str]:
+        """{step name: the service that runs it} for the steps declared under `steps:`."""
+        return {name: spec.service for name, spec in self.steps.items()}
 
     def route(self, name: str) -> RouteSpec:
         return self.routes[name]
@@ -378,7 +423,7 @@ def _step_params(item: Any) -> dict:
     return {}
 
 
-def _expand_step(item: Any) -> dict[str, Any]:
+def _expand_step(item: Any, custom: dict[str, str] | None = None) -> dict[str, Any]:
     """`retrieve` or `{retrieve: {top_k: 4, budget_ms: 500}}` -> a Step's fields."""
     params: dict[str, Any]
     if isinstance(item, str):
@@ -389,9 +434,10 @@ def _expand_step(item: Any) -> dict[str, Any]:
     else:
         raise ValueError(f"a step is a name or a one-key mapping of name to parameters, got {item!r}")
     kind = name.split(".", 1)[0]
-    service = STEP_SERVICES.get(kind)
+    service = (custom or {}).get(name) or STEP_SERVICES.get(kind)
     if service is None:
-        raise ValueError(f"unknown step {name!r}; steps start with one of {sorted(STEP_SERVICES)}")
+        declared = f"; or declare it under `steps:` (steps: {{{name}: {{service: <its service>}}}})" if isinstance(name, str) else ""
+        raise ValueError(f"unknown step {name!r}; steps start with one of {sorted(STEP_SERVICES)}{declared}")
     if kind == "guard" and name not in GATES:
         raise ValueError(f"unknown gate {name!r}; gates are {', '.join(GATES)}")
     if not isinstance(params, dict):
@@ -408,7 +454,7 @@ def parse_config(text: str, source: str = "<text>") -> MeshConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must be a mapping at the top level"])
     try:
-        config = MeshConfig.model_validate(raw)
+        config = MeshConfig.model_validate(raw, context={"custom_steps": custom_steps_of(raw)})
     except ValidationError as exc:
         problems = [line for error in exc.errors() for line in _describe(error).split(_MANY)]
         problems += [p for p in reference_problems(raw) if p not in problems]  # found even past a type error

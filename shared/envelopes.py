@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared import subjects
@@ -33,8 +34,12 @@ class Refusal:
     answerable: bool
 
 
-def step_service(name: str) -> str | None:
-    """The service that runs a step of this name, as the config's slips name them; None if none does."""
+def step_service(name: str, custom: Mapping[str, str] | None = None) -> str | None:
+    """The service that runs a step of this name, as the config's slips name them; None if none does.
+
+    `custom`: the config's own steps ({name: service}, its `steps:` section)."""
+    if custom and name in custom:
+        return custom[name]
     kind = name.split(".", 1)[0]
     service = STEP_SERVICES.get(kind)
     if service is None or (kind == "guard" and name not in GATES):
@@ -63,7 +68,7 @@ def reply_address_ok(env: Envelope) -> bool:
     return env.reply_to is None or env.reply_to == subjects.reply_address(env.client, env.request_id)
 
 
-def check(env: Envelope, service: str, limits: LimitsSpec, key: bytes | None, now: float | None = None) -> Refusal | None:
+def check(env: Envelope, service: str, limits: LimitsSpec, key: bytes | None, now: float | None = None, custom: Mapping[str, str] | None = None) -> Refusal | None:
     """None when `service` may run this envelope's hop; else why not.
 
     The fallback takes envelopes at any cursor (a failure can happen anywhere, or after
@@ -79,7 +84,7 @@ def check(env: Envelope, service: str, limits: LimitsSpec, key: bytes | None, no
     if not env.slip or len(env.slip) > limits.max_slip_steps:
         return Refusal("slip", f"the slip has {len(env.slip)} steps; 1 to {limits.max_slip_steps} are allowed", answerable)
     for index, step in enumerate(env.slip):
-        if step_service(step.name) != step.service:
+        if step_service(step.name, custom) != step.service:
             return Refusal("step", f"slip step {index} {step.name!r} is not a step the {step.service!r} service runs", answerable)
     if env.deadline - env.created_at > limits.max_deadline_s or env.created_at > now + CLOCK_SKEW_S:
         return Refusal("deadline", f"the deadline is {env.deadline - env.created_at:.0f} s after the request; at most {limits.max_deadline_s:.0f} s is allowed", answerable)

@@ -34,16 +34,6 @@ HOPS_IN_FLIGHT = Gauge("baton_hops_in_flight", "Hop messages this service is wor
 MODEL_TOKENS = Counter("baton_model_tokens_total", "Tokens per model", ["model", "direction"])
 
 
-def broker_middlewares(service: str) -> tuple:
-    """FastStream's own message metrics for the subscribers it still runs (the fallback's
-    advisory listener); the hop consumers count their messages in HOP_MESSAGES."""
-    if not os.environ.get("BATON_METRICS_PORT"):
-        return ()
-    from faststream.nats.prometheus import NatsPrometheusMiddleware
-
-    return (NatsPrometheusMiddleware(registry=REGISTRY, app_name=service),)
-
-
 def serve(service: str) -> int | None:
     """Start the /metrics endpoint when BATON_METRICS_PORT is set; returns the port."""
     port = os.environ.get("BATON_METRICS_PORT")

@@ -171,11 +171,12 @@ def _auth_table():
     return sys.modules[name]
 
 
-def write_local_auth(state_dir: Path, clients: tuple[str, ...] = ()) -> tuple[Path, dict[str, str]]:
-    """Fresh passwords for every user of the table (plus the CLI's client and `clients`):
-    the server's config and credentials.json, both readable by this user only."""
+def write_local_auth(state_dir: Path, clients: tuple[str, ...] = (), steps: tuple[str, ...] = ()) -> tuple[Path, dict[str, str]]:
+    """Fresh passwords for every user of the table (plus the CLI's client, `clients` and the
+    services of the config's own steps): the server's config and credentials.json, both
+    readable by this user only."""
     table = _auth_table()
-    users = table.local_users(tuple(clients))
+    users = table.local_users(tuple(clients), tuple(steps))
     passwords = {name: secrets.token_urlsafe(24) for name in users}
     state_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / AUTH_CONF_FILE

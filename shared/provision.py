@@ -62,7 +62,7 @@ async def provision(js: JetStreamContext, settings: Settings, replicas: int | No
         if sorted(existing.subjects or []) != sorted(config.subjects):
             existing.subjects = config.subjects
             await js.update_stream(existing)
-    for service in subjects.SERVICES:
+    for service in services(settings):
         await ensure_consumer(js, service, settings)
     for bucket, ttl in buckets(settings):
         await ensure_bucket(js, bucket, ttl, replicas)
@@ -80,6 +80,14 @@ def buckets(settings: Settings) -> list[tuple[str, float]]:
         (subjects.BUDGETS_BUCKET, 3 * 24 * 3600),
         (subjects.SHADOW_BUCKET, settings.results_ttl_s),
     ]
+
+
+def services(settings: Settings) -> list[str]:
+    """The built-in services and those of the config's own steps (each has its durable consumer)."""
+    from shared.config import load_config
+
+    custom = load_config(settings.config).custom_steps.values()
+    return list(dict.fromkeys([*subjects.SERVICES, *custom]))
 
 
 async def ensure_consumer(js: JetStreamContext, service: str, settings: Settings) -> None:

@@ -16,7 +16,7 @@ DISCLAIMER = "disclaimer"  # a note the client must see before the answer
 
 def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
     outputs = env.context.outputs
-    answer, citations = renumber_citations(outputs.get(ANSWER, ""), _citations(env))
+    answer, citations = renumber_citations(env.context.answer, _citations(env))
     if outputs.get(DISCLAIMER):
         answer = f"{outputs[DISCLAIMER]}\n\n{answer}"
     return Reply(
@@ -24,7 +24,7 @@ def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
         ok=True,
         answer=answer,
         citations=citations,
-        degraded=bool(outputs.get(DEGRADED, False)),
+        degraded=env.context.degraded,
         **_accounting(env, trace_id),
     )
 
@@ -36,7 +36,7 @@ def error_reply(request_id: str, error: Error, env: Envelope | None = None, trac
 
 def _citations(env: Envelope) -> list[Citation]:
     passages = env.context.passages
-    cited = env.context.outputs.get(CITATIONS, [])
+    cited = env.context.citations
     return [
         Citation(index=index, source=passages[index - 1].source, title=passages[index - 1].title)
         for index in cited

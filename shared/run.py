@@ -16,7 +16,7 @@ import sys
 from shared.config import ConfigError
 
 
-def run(service: str) -> None:
+def _process(service: str) -> None:
     logging.basicConfig(
         level=os.environ.get("BATON_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s {service}[{os.getpid()}] %(levelname)s %(message)s",
@@ -27,15 +27,79 @@ def run(service: str) -> None:
         uvloop.install()
     except ImportError:
         pass
+
+
+def run(service: str) -> None:
+    _process(service)
     try:
         module = importlib.import_module(f"services.{service}.app")
-    except ConfigError as exc:
+        asyncio.run(module.mesh.run())
+    except (ConfigError, StartupError) as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
-    except StartupError as exc:
+
+
+def step_of(target: str, step_name: str | None = None):
+    """The one @step registered by `target` (a .py file or a module name); StartupError otherwise."""
+    from shared.steps import steps_of
+
+    module = _import(target)
+    registered = steps_of(module.__name__)
+    found = [spec for spec in registered if step_name in (None, spec.name)]
+    if len(found) != 1:
+        names = [spec.name for spec in registered]
+        what = "no step" if not names else f"several steps {names}; pick one with --step"
+        raise StartupError(f"{target}: {what}{' named ' + repr(step_name) if step_name else ''} registered with @step(...)")
+    return found[0]
+
+
+def serve(target: str, step_name: str | None = None) -> None:
+    """Run the custom step in `target` (a .py file or a module name) as its service:
+    `baton serve examples/agent_step.py`. The config must declare it under `steps:`."""
+    from shared.config import load_config
+    from shared.mesh import Mesh
+    from shared.settings import settings
+    from shared.steps import runner
+
+    try:
+        spec = step_of(target, step_name)
+        config = load_config(settings().config)
+        service = config.custom_steps.get(spec.name)
+        if service is None:
+            raise StartupError(f"step {spec.name!r} is not declared in {settings().config}: add `steps: {{{spec.name}: {{service: {spec.name}}}}}`")
+    except (ConfigError, StartupError) as exc:
+        print(f"baton serve: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _process(service)
+    mesh = Mesh(service)
+    mesh.step_handler(runner(spec))
+    try:
+        asyncio.run(mesh.run())
+    except (ConfigError, StartupError) as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(module.app.run())
+
+
+def _import(target: str):
+    """A module from a file path or a dotted name."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(target)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise StartupError(f"no such file: {target}")
+        name = path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise StartupError(f"cannot import {target!r}: {exc}") from None
 
 
 async def settle_memory() -> None:

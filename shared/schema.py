@@ -160,6 +160,36 @@ class Context(_Wire):
     outputs: dict[str, Any] = Field(default_factory=dict)  # intermediate output per step name
     question: str = ""  # the question as later steps should see it (possibly redacted)
 
+    # The outputs every step agrees on, typed. They travel in `outputs` (its keys are the
+    # wire contract, so services of two versions still read each other's envelopes).
+
+    @property
+    def answer(self) -> str:
+        """The text the client will receive (gates may rewrite it)."""
+        return str(self.outputs.get("answer", ""))
+
+    @answer.setter
+    def answer(self, text: str) -> None:
+        self.outputs["answer"] = text
+
+    @property
+    def citations(self) -> list[int]:
+        """1-based indexes into `passages` that the answer cites."""
+        return list(self.outputs.get("citations", []))
+
+    @citations.setter
+    def citations(self, cited: list[int]) -> None:
+        self.outputs["citations"] = list(cited)
+
+    @property
+    def degraded(self) -> bool:
+        """The answer is the fallback's, from the passages alone."""
+        return bool(self.outputs.get("degraded", False))
+
+    @degraded.setter
+    def degraded(self, value: bool) -> None:
+        self.outputs["degraded"] = value
+
 
 class Envelope(_Wire):
     """The request in flight: the slip travels with it (Routing Slip pattern)."""

@@ -88,14 +88,6 @@ def server_list(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-def broker_security(config: Settings):
-    """The same credentials, in the form FastStream's NatsBroker takes."""
-    from faststream.nats.security import NatsUserPassword
-
-    options = nats_credentials(config)
-    return NatsUserPassword(options["user"], options["password"]) if options else None
-
-
 def nats_credentials(config: Settings) -> dict[str, str]:
     """Connect options for the configured NATS user, if any."""
     if not config.nats_user:

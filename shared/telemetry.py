@@ -31,7 +31,6 @@ from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared import attributes as A
-from shared.replies import ANSWER
 from shared.schema import ChatMessage, Envelope, Error, Event, Passage, Reply
 
 DEFAULT_PROJECT = "baton"
@@ -201,7 +200,7 @@ def record_events(span: Span, events: list[Event], env: Envelope | None = None) 
 def gate_output(step: str, env: Envelope) -> str:
     """What a gate passed on: the question after the input gate, the answer after the output gate."""
     if step == "guard.output":
-        return str(env.context.outputs.get(ANSWER, ""))
+        return env.context.answer
     if step == "guard.retrieval":
         return "\n\n".join(p.text for p in env.context.passages)
     return env.context.question

@@ -229,14 +229,16 @@ def admin() -> User:
     )
 
 
-def service(name: str) -> User:
+def service(name: str, custom: tuple[str, ...] = ()) -> User:
+    """A service's user; `custom`: the services of the config's own steps (`steps:`), which
+    any hop may forward to and which may finish a request like a built-in."""
     durable = subjects.durable(name)
     publish = [
         *pull_consumer(durable),
-        *(subjects.step(target) for target in STEP_TARGETS),
+        *(subjects.step(target) for target in (*STEP_TARGETS, *custom)),
         *results_read(),
         *kv_write(RESULTS),
-        *(p for bucket in FINISHER_BUCKETS for p in (*kv_read(bucket), *kv_write(bucket)) if name in FINISHERS),
+        *(p for bucket in FINISHER_BUCKETS for p in (*kv_read(bucket), *kv_write(bucket)) if name in FINISHERS or name in custom),
         *kv_read(CONFIG),
         *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
@@ -276,15 +278,22 @@ def gateway() -> User:
     )
 
 
-def local_users(clients: tuple[str, ...] = ()) -> dict[str, User]:
-    """The users of a mesh `baton up` runs: the table's, the CLI's client and any clients asked for."""
-    extra = [client(name) for name in (LOCAL_CLIENT, *clients) if name not in USERS]
-    return {**USERS, **{u.name: u for u in extra}}
+def mesh_users(custom: tuple[str, ...] = ()) -> dict[str, User]:
+    """The table: the admin, every service (the built-ins and `custom`, the services of the
+    config's own steps), the gateway and the known clients."""
+    services = (*subjects.SERVICES, *(c for c in custom if c not in subjects.SERVICES))
+    return {u.name: u for u in (admin(), *(service(s, custom) for s in services), gateway(), *(client(c) for c in CLIENTS))}
 
 
-USERS: dict[str, User] = {
-    u.name: u for u in (admin(), *(service(s) for s in subjects.SERVICES), gateway(), *(client(c) for c in CLIENTS))
-}
+def local_users(clients: tuple[str, ...] = (), steps: tuple[str, ...] = ()) -> dict[str, User]:
+    """The users of a mesh `baton up` runs: the table's (with the config's own step services),
+    the CLI's client and any clients asked for."""
+    users = mesh_users(steps)
+    extra = [client(name) for name in (LOCAL_CLIENT, *clients) if name not in users]
+    return {**users, **{u.name: u for u in extra}}
+
+
+USERS: dict[str, User] = mesh_users()
 
 # Development passwords: compose and the tests use these; production sets the same
 # variables from a secret store (deploy/k8s: the baton-nats-users Secret).

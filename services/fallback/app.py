@@ -4,30 +4,28 @@ import logging
 import time
 from contextlib import suppress
 
+from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from services.fallback import dead_letters
 from services.fallback.policy import NO_CONTEXT_ANSWER, decide, retry_slip, skip_retrieval_slip
-from services.generator.local import LocalExtractive
-from services.guardrail.gates import output_gate
+from shared.local_model import LocalExtractive
 from shared import subjects
-from shared.mesh import Mesh, decode_raw
+from shared.config import MeshConfig
+from shared.mesh import Channel, Mesh
+from shared.pii import redact, redaction_kinds
 from shared.retry import retrying
-from shared.replies import ANSWER, CITATIONS, DEGRADED
 from shared.schema import Envelope, Error, ErrorCode, Event
 
 mesh = Mesh("fallback")
-app = mesh.app
 local = LocalExtractive()
 log = logging.getLogger("baton.fallback")
 ADVISORY_PATIENCE_S = 60.0
 
 
-@mesh.subscriber()
-async def recover(body: bytes) -> None:
-    env = await mesh.parse_envelope(body, at_step=False)
-    if env is None:
-        return
+@mesh.consume(Channel(subjects.FALLBACK, Envelope, "step.fallback", "A failed step's envelope (error set): retry another model, degrade, or refuse."))
+async def recover(message: Msg) -> None:
+    env = await mesh.parse_envelope(message.data)
     if env.error is None:
         env.error = Error(code=ErrorCode.INTERNAL, message="sent to fallback without an error")
     with mesh.hop("fallback", env) as span:
@@ -50,29 +48,31 @@ async def recover(body: bytes) -> None:
         await mesh.finish(env)
 
 
-def degrade(env: Envelope, config) -> None:
-    """Answer from the passages already retrieved, with the same output redaction."""
+def degrade(env: Envelope, config: MeshConfig) -> None:
+    """Answer from the passages already retrieved, redacted as the output gate redacts."""
+    assert env.error is not None
     if env.error.code == ErrorCode.NO_CONTEXT:
-        env.context.outputs.update({ANSWER: NO_CONTEXT_ANSWER, CITATIONS: [], DEGRADED: True})
-        env.error = None
-        return
-    generation = local.generate(env.context.question, env.context.passages)
-    checked = output_gate(generation.text, config.guard)
-    env.context.outputs[ANSWER] = checked.text if checked.text is not None else generation.text
-    env.context.outputs[CITATIONS] = generation.citations
-    env.context.outputs[DEGRADED] = True
+        env.context.answer, env.context.citations = NO_CONTEXT_ANSWER, []
+    else:
+        generation = local.generate(env.context.question, env.context.passages)
+        env.context.answer = redact(generation.text, redaction_kinds(config.guard.redact))[0]
+        env.context.citations = generation.citations
+    env.context.degraded = True
     env.error = None
 
 
-@mesh.broker.subscriber(subjects.MAX_DELIVERIES_ADVISORY, queue="fallback", decoder=decode_raw, no_reply=True)
-async def exhausted(body: bytes) -> None:
+@mesh.after_start
+async def listen_for_exhausted_hops() -> None:
+    await mesh.subscribe(subjects.MAX_DELIVERIES_ADVISORY, exhausted, queue="fallback")
+
+
+async def exhausted(advisory: Msg) -> None:
     """A hop ran out of deliveries: keep it as a dead letter and end the request with an error."""
-    consumer, seq, deliveries = dead_letters.read_advisory(body)
-    js = mesh.broker.config.connection_state.stream
+    consumer, seq, deliveries = dead_letters.read_advisory(advisory.data)
     try:
         # The advisory is not stored: if JetStream is briefly unavailable, keep asking.
         message = await retrying(
-            lambda _: js.get_msg(subjects.STREAM, seq),
+            lambda _: mesh.stored_message(seq),
             deadline=time.time() + ADVISORY_PATIENCE_S,
             retries=20,
             retryable=lambda exc: not isinstance(exc, NotFoundError),
@@ -82,13 +82,13 @@ async def exhausted(body: bytes) -> None:
     headers = dict(message.headers or {})
     letter = dead_letters.describe(consumer, seq, deliveries, message.data or b"", headers)
     log.error("request %s: %s ran out of deliveries (%d); dead-lettered", letter.request_id, consumer, deliveries)
-    bucket = await mesh.broker.key_value(subjects.DEAD_LETTERS_BUCKET, declare=False)
+    bucket = await mesh.kv(subjects.DEAD_LETTERS_BUCKET)
     await bucket.put(letter.request_id, dead_letters.record(letter, message.data or b"", headers))
     # A request's client is the one its subject names (a reply address could name anyone's inbox).
     client = subjects.client_of(message.subject) if consumer == "router" else None
     await mesh.reply_error(letter.request_id, letter.reply_to, letter.error(), client)
     with suppress(NotFoundError):
-        await js.delete_msg(subjects.STREAM, seq)
+        await mesh.delete_stored_message(seq)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The generator service's model layer: the embedded local generator and remote providers."""
 
-from services.generator.local import LOCAL_MODEL, NOT_FOUND, LocalExtractive
+from shared.local_model import LOCAL_MODEL, NOT_FOUND, LocalExtractive
 from services.generator.providers import (
     DEFAULT_OPENAI_BASE_URL,
     Generation,

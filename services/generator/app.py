@@ -8,25 +8,26 @@ from services.generator.models import TASK_PROMPTS, ModelPool, NoModelAvailable,
 from shared import metrics, subjects, telemetry
 from services.generator.providers import build_messages, estimate_tokens
 from services.generator.shadow import ShadowRunner
-from services.guardrail.pii import redact
+from shared.pii import redact, redaction_kinds
 from shared.breakers import Breakers
 from shared.budgets import TenantLedger, request_budget_left
 from shared.experiments import stable_fraction
-from shared.mesh import Mesh, StepFailed
-from services.generator.local import split_sentences
-from shared.replies import ANSWER, CITATIONS, cited_first
+from shared.bookkeeping import REPLY_ADDRESS
+from shared.mesh import Channel, Mesh, StepFailed
+from shared.local_model import split_sentences
+from shared.replies import cited_first
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("generator")
-app = mesh.app
+mesh.runtime.sends(Channel(subjects.chunk_address(REPLY_ADDRESS), str, "chunk", "Partial answer text of a streamed request (Request.stream = true), before the Reply."))
 pools: dict[str, ModelPool] = {}  # one per config version: clients follow the model catalog
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)
 shadows = ShadowRunner(mesh)
 
 
-@app.after_startup
+@mesh.before_consuming
 async def share_breakers() -> None:
-    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
+    await breakers.attach(await mesh.kv(subjects.BREAKERS_BUCKET))
 
 
 async def pool_for(env: Envelope) -> ModelPool:
@@ -36,7 +37,7 @@ async def pool_for(env: Envelope) -> ModelPool:
     return pools[config.digest]
 
 
-@app.after_shutdown
+@mesh.on_stop
 async def close_pools() -> None:
     await breakers.detach()
     for pool in pools.values():
@@ -45,6 +46,7 @@ async def close_pools() -> None:
 
 @mesh.step_handler
 async def generate(env: Envelope, record: StepRecord) -> None:
+    """Run the generate step: the chosen model answers; usage and cost are recorded."""
     params = env.current.params
     pool = await pool_for(env)
     config = pool.config
@@ -89,8 +91,8 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     telemetry.record_generation(span, generation, record.cost_usd, traced_answer(generation.text, config))
     metrics.MODEL_TOKENS.labels(choice.name, "input").inc(generation.usage.input_tokens)
     metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
-    env.context.outputs[ANSWER] = generation.text
-    env.context.outputs[CITATIONS] = generation.citations
+    env.context.answer = generation.text
+    env.context.citations = generation.citations
     env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "cost_usd": record.cost_usd}))
     shadow = config.routes[env.route].shadow
@@ -117,7 +119,7 @@ def traced_answer(text: str, config) -> str | None:
     """The answer for the span, with content tracing on: redacted as the output gate would."""
     if not telemetry.content_tracing():
         return None
-    return redact(text, list(config.guard.redact) + ["secret"])[0]
+    return redact(text, redaction_kinds(config.guard.redact))[0]
 
 
 async def budget_left(env: Envelope, config) -> float | None:
@@ -126,7 +128,7 @@ async def budget_left(env: Envelope, config) -> float | None:
     tenant_name = env.request.metadata.get("tenant", "")
     tenant = config.tenants.get(tenant_name)
     if tenant is not None and tenant.daily_budget_usd is not None:
-        ledger = TenantLedger(await mesh.broker.key_value(subjects.BUDGETS_BUCKET, declare=False))
+        ledger = TenantLedger(await mesh.kv(subjects.BUDGETS_BUCKET))
         tenant_left = max(0.0, tenant.daily_budget_usd - await ledger.spent_today(tenant_name))
         left = tenant_left if left is None else min(left, tenant_left)
     return left
@@ -171,7 +173,7 @@ def chunk_sender(env: Envelope):
     address = subjects.chunk_address(env.reply_to)
 
     async def send(text: str) -> None:
-        await mesh.broker.publish(text.encode(), address)
+        await mesh.publish(address, text.encode())
 
     return send
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.generator.local import LocalExtractive, split_sentences
+from shared.local_model import LocalExtractive, split_sentences
 from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages, estimate_tokens
 from shared.breakers import Breakers
 from shared.budgets import estimate_cost

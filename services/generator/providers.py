@@ -22,6 +22,7 @@ import httpx
 
 from services.generator.transport import KeepAliveTransport
 from shared.config import ModelSpec
+from shared.generation import Generation, estimate_tokens
 from shared.schema import ChatMessage, Passage, Usage
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -38,24 +39,6 @@ DEFAULT_SYSTEM_PROMPT = (
 
 _CITATION = re.compile(r"\[(\d{1,3})\]")
 _ERROR_DETAIL_CHARS = 300  # how much of a provider's error body a message may quote
-
-
-@dataclass
-class Generation:
-    """One finished answer of a model, local or remote."""
-
-    text: str
-    model: str
-    provider: str
-    usage: Usage
-    citations: list[int] = field(default_factory=list)  # 1-based passage numbers cited in `text`
-    finish_reason: str = "stop"
-    grounded: bool = True  # False when the answer is not backed by any passage
-    response_id: str | None = None  # the provider's id of this answer
-    response_model: str = ""  # the model the provider says answered; `model` may become the catalog alias
-
-    def __post_init__(self) -> None:
-        self.response_model = self.response_model or self.model
 
 
 class ProviderError(Exception):
@@ -81,13 +64,6 @@ class ProviderError(Exception):
 
     def __repr__(self) -> str:
         return f"ProviderError(kind={self.kind!r}, status={self.status!r}, message={self.message!r})"
-
-
-def estimate_tokens(text: str) -> int:
-    """About one token per four characters: good enough for budgets when a provider gives no usage."""
-    if not text:
-        return 0
-    return max(1, round(len(text) / 4))
 
 
 def citations_in(text: str, limit: int | None = None) -> list[int]:

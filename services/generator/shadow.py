@@ -50,7 +50,7 @@ class ShadowRunner:
         record["latency_ms"] = round((time.time() - started) * 1000, 2)
         metrics.SHADOW_CALLS.labels(model, record["outcome"]).inc()
         try:
-            bucket = await self.mesh.broker.key_value(subjects.SHADOW_BUCKET, declare=False)
+            bucket = await self.mesh.kv(subjects.SHADOW_BUCKET)
             await bucket.put(request_id, json.dumps(record).encode())
         except Exception:
             log.exception("request %s: could not store the shadow answer", request_id)

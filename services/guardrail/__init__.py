@@ -2,7 +2,7 @@
 
 from services.guardrail.gates import ALWAYS_REDACT, GateResult, input_gate, output_gate, retrieval_gate
 from services.guardrail.injection import InjectionResult, detect_injection
-from services.guardrail.pii import KINDS, Finding, find_pii, iban_valid, luhn_valid, redact
+from shared.pii import KINDS, Finding, find_pii, iban_valid, luhn_valid, redact
 
 __all__ = [
     "ALWAYS_REDACT",

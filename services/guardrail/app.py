@@ -8,31 +8,32 @@ from services.guardrail.gates import input_gate, output_gate, retrieval_gate
 from services.guardrail import injection_model, judge
 from shared import subjects
 from shared.breakers import Breakers
-from services.guardrail.pii import redact
+from shared.pii import redact, redaction_kinds
 from shared.mesh import Mesh, StepFailed
-from shared.replies import ANSWER
 from shared.schema import Envelope, ErrorCode, Event, StepRecord
 
 mesh = Mesh("guardrail")
-app = mesh.app
 breakers = Breakers(mesh.config.breakers.threshold, mesh.config.breakers.cooldown_s)  # the judge's, shared in KV
-http = httpx.AsyncClient()
+http: httpx.AsyncClient | None = None  # the judge's client, made on start
 
-@app.on_startup  # before the subscriber starts pulling: no request waits for this
+@mesh.before_consuming  # no request waits for this
 async def warm_up() -> None:
+    global http
+    http = httpx.AsyncClient()
     if mesh.config.guard.injection_model and injection_model.available():
         injection_model.warm()  # load the offline detector now, not on the first request
 
 
-@app.after_startup
+@mesh.before_consuming
 async def share_breakers() -> None:
-    await breakers.attach(await mesh.broker.key_value(subjects.BREAKERS_BUCKET, declare=False))
+    await breakers.attach(await mesh.kv(subjects.BREAKERS_BUCKET))
 
 
-@app.after_shutdown
+@mesh.on_stop
 async def close_judge() -> None:
     await breakers.detach()
-    await http.aclose()
+    if http is not None:
+        await http.aclose()
 
 
 FAILURE_CODES = {
@@ -44,6 +45,7 @@ FAILURE_CODES = {
 
 @mesh.step_handler
 async def guard(env: Envelope, record: StepRecord) -> None:
+    """Run a gate (guard.input, guard.retrieval, guard.output): pass, fixed or fail."""
     name, params = env.current.name, env.current.params
     spec = (await mesh.config_for(env)).guard
     if name == "guard.input":
@@ -65,14 +67,14 @@ async def guard(env: Envelope, record: StepRecord) -> None:
             env.context.passages = result.passages  # instructions hidden in documents never reach a model
     else:
         result = output_gate(
-            env.context.outputs.get(ANSWER, ""),
+            env.context.answer,
             spec,
             passages=env.context.passages,
             min_grounded=optional_float(params, "min_grounded"),
             response_schema=env.request.response_schema,
         )
         if result.verdict == "fixed":
-            env.context.outputs[ANSWER] = result.text
+            env.context.answer = result.text
     env.events.append(Event(kind="gate", step=name, data=result.to_event_data()))
     if result.verdict == "fail":
         raise StepFailed(FAILURE_CODES[name], f"{name} refused: {result.reason}", details=[{"gate": name, "score": result.score}])
@@ -84,6 +86,7 @@ async def ask_the_judge(env: Envelope, params: dict) -> None:
         spec = judge.spec_from(params, (await mesh.config_for(env)).models, dict(os.environ))
     except ValueError as exc:
         raise StepFailed(ErrorCode.INTERNAL, f"guard.input judge misconfigured: {exc}") from exc
+    assert http is not None, "made on start"
     result = await judge.judge(env.context.question, spec, http, breakers)
     env.events.append(Event(kind="gate", step="guard.input.judge", data=result.to_event_data()))
     if result.blocks(spec):
@@ -98,7 +101,7 @@ def optional_float(params: dict, key: str) -> float | None:
 def scrub_request(env: Envelope, question: str, spec) -> None:
     """No model downstream sees the redacted values, and no hop carries them on."""
     env.context.question = question
-    kinds = list(spec.redact) + ["secret"]
+    kinds = redaction_kinds(spec.redact)
     env.context.history = [turn.model_copy(update={"content": redact(turn.content, kinds)[0]}) for turn in env.context.history]
     request = env.request
     if request.prompt is not None:

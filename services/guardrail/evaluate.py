@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from services.guardrail.gates import injection_layer
-from services.guardrail.pii import KINDS, find_pii
+from shared.pii import KINDS, find_pii
 from shared.config import GuardSpec
 
 LABELS: tuple[str, ...] = ("injection", "pii")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from services.guardrail.grounding import groundedness, term_overlap
 from services.guardrail.indirect import neutralize_passages
 from services.guardrail.injection import InjectionResult, combine, detect_injection, normalize
-from services.guardrail.pii import KINDS, Finding, redact
+from shared.pii import ALWAYS_REDACT, KINDS, Finding, redact
 from shared.config import GuardSpec
 from shared.schema import Passage
 
@@ -49,7 +49,6 @@ Verdict = Literal["pass", "fixed", "fail"]
 
 # Credentials are redacted even when config does not list them: no answer or prompt
 # ever needs a live API key.
-ALWAYS_REDACT: tuple[str, ...] = ("secret",)
 # How many of the best passages must share terms with the question.
 TOP_PASSAGES = 3
 # A sentence is supported when this share of its content terms is in one passage.

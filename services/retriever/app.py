@@ -6,15 +6,22 @@ from shared.run import StartupError
 from shared.schema import Envelope, Event, StepRecord
 
 mesh = Mesh("retriever")
-app = mesh.app
-try:
-    retriever = Retriever.load(mesh.settings.index_dir)
-except IndexMissingError as exc:
-    raise StartupError(str(exc)) from exc
+retriever: Retriever | None = None  # loaded on start, not at import
+
+
+@mesh.before_consuming
+async def load_index() -> None:
+    global retriever
+    try:
+        retriever = Retriever.load(mesh.settings.index_dir)
+    except IndexMissingError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 @mesh.step_handler
 async def retrieve(env: Envelope, record: StepRecord) -> None:
+    """Run the retrieve step at the envelope's cursor; passages join the context."""
+    assert retriever is not None, "the index is loaded on start"
     retriever.reload_if_changed()  # a re-ingest is picked up without a restart
     params = env.current.params
     top_k = int(params.get("top_k", (await mesh.config_for(env)).retrieval.default_top_k))

@@ -5,20 +5,20 @@ import logging
 import time
 import uuid
 
+from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.fairness import ClientSlots
-from shared.mesh import Mesh, Terminate, validation_details
+from shared.mesh import Channel, Mesh, Terminate, validation_details
 from shared import cache
 from shared.cache import cache_key
 from shared.embedder import shared_embedder
 from shared.schema import Error, ErrorCode, Event, Request, unknown_request_fields
 
 mesh = Mesh("router")
-app = mesh.app
 routers: dict[str, Router] = {}  # one per config version: each compiles its rules once
 log = logging.getLogger("baton.router")
 
@@ -27,9 +27,9 @@ ROUTING_HOLD_S = 60.0  # a request being routed holds its slot at most this long
 ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 
 
-@mesh.subscriber()
-async def route(body: bytes) -> None:
-    message = mesh.current_message()
+@mesh.consume(Channel(subjects.request("{client_id}"), Request, "request", "A client's Request; the router validates it, picks a route and writes the slip."))
+async def route(message: Msg) -> None:
+    body = message.data
     headers = message.headers or {}
     named_id = headers.get(subjects.H_REQUEST_ID)
     request_id = named_id or uuid.uuid4().hex
@@ -94,7 +94,7 @@ async def handle(message, body: bytes, client: str, request_id: str, reply_to: s
         span.set_attributes({**telemetry.envelope_attributes(env), A.CONFIG_VERSION: env.config_version})
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
-            bucket = await mesh.broker.key_value(subjects.CACHE_BUCKET, declare=False)
+            bucket = await mesh.kv(subjects.CACHE_BUCKET)
             hit, event = await cache.lookup(bucket, key), {"hit": True}
             if hit is None and (found := await cache.semantic_lookup(bucket, env)) is not None:
                 hit, event = found[0], {"hit": True, "semantic": True, "paraphrase_of": found[1]}
@@ -143,19 +143,19 @@ def published_at(message) -> float:
         return time.time()
 
 
-@app.after_startup
+@mesh.after_start
 async def follow_replies() -> None:
     """Every Reply to a client's inbox ends one of its requests in flight."""
 
-    async def seen(msg) -> None:
+    async def seen(msg: Msg) -> None:
         parts = msg.subject.split(".")
         if len(parts) == 4:
             slots.release(parts[1], parts[3])
 
-    await mesh.nc.subscribe(ANY_CLIENT_REPLY, cb=seen)
+    await mesh.subscribe(ANY_CLIENT_REPLY, seen)
 
 
-@app.on_startup  # before the subscriber starts pulling: no request waits for this
+@mesh.before_consuming  # no request waits for this
 async def warm_up() -> None:
     router_for(mesh.config)  # train the classifier now, not on the first request
     shared_embedder()  # and load the semantic cache's embedder

@@ -34,7 +34,7 @@ def python_blocks() -> dict[str, str]:
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     named = {}
     for code in blocks:
-        name = "client" if "BatonClient" in code else "openai" if "from openai" in code else "nats-py" if "import nats" in code else None
+        name = "client" if "BatonClient" in code else "openai" if "from openai" in code else "nats-py" if "import nats" in code else "step" if "from shared.steps" in code else None
         assert name is not None, f"a README snippet this test does not know how to run:\n{code}"
         named[name] = code
     return named
@@ -148,3 +148,16 @@ def test_make_install_says_what_it_is_doing():
     pip = next(line for line in dry.stdout.splitlines() if "pip install" in line)
     assert "--quiet" not in pip and " -q " not in pip
     assert "echo" in dry.stdout and "installing" in dry.stdout
+
+
+def test_the_readme_step_is_a_step_that_runs():
+    from shared.schema import Passage
+    from shared.steps import REGISTRY, StepInput, StepOutput
+
+    namespace: dict = {}
+    exec(compile(python_blocks()["step"], "README.md", "exec"), namespace)
+    assert "agent" in REGISTRY
+    passages = [Passage(source="a", text="Oil the chain.", score=1.0), Passage(source="b", text="Wipe it first.", score=0.9)]
+    data = StepInput(request_id="q-1", route="agentic", question="How do I care for my chain?", passages=passages, time_left_s=5)
+    out = namespace["agent"](data, namespace["Params"]())
+    assert isinstance(out, StepOutput) and out.answer == "Oil the chain. Wipe it first."

@@ -726,7 +726,7 @@ def test_deploy_provision_script_provisions_as_admin_and_is_refused_to_a_service
 
 # What a regression of the service code looks like, and the fix: named in the failure.
 DIAGNOSES = {
-    "unexpected keyword argument 'user'": "shared/mesh.py must connect with security=NatsUserPassword(user, password) (shared/settings.py broker_security), not user=/password=",
+    "unexpected keyword argument 'user'": "shared/runtime.py must connect with nats_credentials(settings) (shared/settings.py)",
 }
 
 

@@ -349,3 +349,12 @@ def redact(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, list[Finding]]
         cursor = finding.end
     pieces.append(text[cursor:])
     return "".join(pieces), findings
+
+
+# Redacted from every answer and every trace whatever the config says: secrets.
+ALWAYS_REDACT: tuple[str, ...] = ("secret",)
+
+
+def redaction_kinds(configured: Iterable[str]) -> list[str]:
+    """The kinds to redact: the config's `guard.redact`, and always secrets."""
+    return list(dict.fromkeys([*configured, *ALWAYS_REDACT]))

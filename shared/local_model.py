@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from services.generator.providers import Generation, estimate_tokens
+from shared.generation import Generation, estimate_tokens
 from shared.schema import ChatMessage, Passage, Usage
 
 try:  # stemming makes "lubricate" meet "lubrication"; without PyStemmer terms match exactly
