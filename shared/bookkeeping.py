@@ -73,6 +73,8 @@ class RequestBook:
 
     async def remember_turn(self, env: Envelope, reply: Reply) -> None:
         """Append the turn to the session; the question as the gates left it (redacted)."""
+        if not env.request.session_id:
+            return
         try:
             store = await self.sessions()
             await store.append(env.request.session_id, ChatMessage(role="user", content=env.context.question), ChatMessage(role="assistant", content=reply.answer or ""))

@@ -264,7 +264,7 @@ def _near_duplicate(a: _Candidate, b: _Candidate) -> bool:
 
 def _compose(chosen: list[_Candidate]) -> str:
     """Best passage first; sentences of one passage in reading order, cited once per run."""
-    best_of = {}
+    best_of: dict[int, float] = {}
     for candidate in chosen:
         best_of[candidate.passage] = max(best_of.get(candidate.passage, 0.0), candidate.score)
     ordered = sorted(chosen, key=lambda c: (-best_of[c.passage], c.passage, c.position))
