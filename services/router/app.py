@@ -1,22 +1,18 @@
 """router: validates each Request, picks its route, writes the slip, passes the baton."""
 
-import json
 import logging
 import time
-import uuid
 
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
-from shared import metrics, subjects, telemetry
-from shared.fairness import ClientSlots
-from shared.mesh import Channel, Mesh, Terminate, validation_details
-from shared import cache
+from shared import cache, intake, metrics, subjects, telemetry
 from shared.cache import cache_key
 from shared.embedder import shared_embedder
-from shared.schema import Error, ErrorCode, Event, Request, unknown_request_fields
+from shared.fairness import ClientSlots
+from shared.mesh import Channel, Mesh, Terminate
+from shared.schema import Envelope, Error, ErrorCode, Event, Request
 
 mesh = Mesh("router")
 routers: dict[str, Router] = {}  # one per config version: each compiles its rules once
@@ -29,15 +25,12 @@ ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 
 @mesh.consume(Channel(subjects.request("{client_id}"), Request, "request", "A client's Request; the router validates it, picks a route and writes the slip."))
 async def route(message: Msg) -> None:
-    body = message.data
-    headers = message.headers or {}
-    named_id = headers.get(subjects.H_REQUEST_ID)
-    request_id = named_id or uuid.uuid4().hex
-    reply_to = headers.get(subjects.H_REPLY_TO)
-    client = subjects.client_of(message.subject)
-    if not subjects.valid_client_id(client):
+    """The entry hop: address the message, wait for the client's turn, then route it."""
+    addressed = intake.address(subjects.client_of(message.subject), message.headers or {})
+    if isinstance(addressed, intake.Refusal) and not addressed.answerable:
         # No inbox could be named for it, no key stored under it: nobody to answer.
-        raise Terminate("client_id", f"the client id {client[:80]!r} in the subject is not 1-64 letters, digits, '-' or '_'", request_id, client)
+        raise Terminate("client_id", addressed.error.message, addressed.request_id, addressed.client)
+    client, request_id = addressed.client, addressed.request_id
     limit = mesh.config.max_in_flight(client)
     if not slots.has_room(client, request_id, limit):
         metrics.CLIENT_WAITS.inc()
@@ -46,47 +39,29 @@ async def route(message: Msg) -> None:
     slots.hold(client, request_id, time.time() + ROUTING_HOLD_S)
     in_mesh = False
     try:
-        in_mesh = await handle(message, body, client, request_id, reply_to, named=named_id is not None)
+        in_mesh = await handle(message, addressed)
     finally:
         if not in_mesh:
             slots.release(client, request_id)
 
 
-async def handle(message, body: bytes, client: str, request_id: str, reply_to: str | None, *, named: bool) -> bool:
-    """Route one request; True when it went on into the mesh (its Reply is still to come).
-    `named`: the client named the request id (else the router made one up)."""
-    error = check_address(client, request_id, reply_to) if named or reply_to is None else Error(
-        code=ErrorCode.INVALID_REQUEST, message=f"a request with a reply address needs a {subjects.H_REQUEST_ID} header (the address names it)"
-    )
-    if error is not None:
-        # Answering would write to a subject that is not this client's inbox for this
-        # request (another client's, or not a subject at all): refuse, and keep the
-        # refusal under the request id for the real client to find.
-        log.warning("request %r from client %s: %s", request_id[:130], client, error.message)
-        await mesh.reply_error(request_id, None, error, client=client)
+async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> bool:
+    """Route one request; True when it went on into the mesh (its Reply is still to come)."""
+    if isinstance(addressed, intake.Refusal):
+        log.warning("request %r from client %s: %s", addressed.request_id[:130], addressed.client, addressed.error.message)
+        await refuse(addressed)
         return False
-    with mesh.hop("route", **{A.REQUEST_ID: request_id}) as span:
-        error = check_request(request_id, body)
-        if isinstance(error, Error):
-            await mesh.reply_error(request_id, reply_to, error, client=client)
+    with mesh.hop("route", **{A.REQUEST_ID: addressed.request_id}) as span:
+        arrival = intake.admit(addressed, message.data, mesh.settings.max_request_bytes)
+        if isinstance(arrival, intake.Refusal):
+            await refuse(arrival)
             return False
-        request = error
-        router = router_for(mesh.config)
-        try:
-            decision = router.decide(request)
-        except UnknownRoute as exc:
-            await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)), client=client)
+        client, request_id, reply_to, request = arrival.client, arrival.request_id, arrival.reply_to, arrival.request
+        env = plan(arrival, router_for(mesh.config), published_at(message))
+        if isinstance(env, Error):
+            await mesh.reply_error(request_id, reply_to, env, client=client)
             return False
-        log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
-        # The deadline counts from when the client published: time queued before routing is not free.
-        env = router.envelope(request_id, request, decision, reply_to, now=published_at(message))
-        env.client = client
         mesh.seal(env)
-        if env.remaining_s() <= 0:
-            waited_ms, budget_ms = (time.time() - env.created_at) * 1000, (env.deadline - env.created_at) * 1000
-            error = Error(code=ErrorCode.DEADLINE_EXCEEDED, message=f"the request waited {waited_ms:.0f} ms to be routed, past its {budget_ms:.0f} ms budget", step="route")
-            await mesh.reply_error(request_id, reply_to, error, client=client)
-            return False
         if request.session_id:
             env.context.history = await (await mesh.sessions()).history(request.session_id) + env.context.history
         # No prompt text here, even with content tracing on: routing runs before the
@@ -126,13 +101,26 @@ async def handle(message, body: bytes, client: str, request_id: str, reply_to: s
         return True
 
 
-def check_address(client: str, request_id: str, reply_to: str | None) -> Error | None:
-    """Only the exact literal inbox of this client for this request may receive its Reply."""
-    if reply_to is None or reply_to == subjects.reply_address(client, request_id):
-        return None
-    if not subjects.valid_request_id(request_id):
-        return Error(code=ErrorCode.INVALID_REQUEST, message="the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='")
-    return Error(code=ErrorCode.INVALID_REQUEST, message=f"the reply address must be exactly {subjects.reply_address(client, request_id)} (or absent)")
+def plan(arrival: intake.Arrival, router: Router, published: float, now: float | None = None) -> Envelope | Error:
+    """The route step itself: the decision and the envelope that carries it, or why there is none.
+
+    The deadline counts from when the client published: time queued before routing is not free."""
+    try:
+        decision = router.decide(arrival.request)
+    except UnknownRoute as exc:
+        return Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc))
+    log.debug("request %s -> route %s (%s, confidence %.2f)", arrival.request_id, decision.route, decision.reason, decision.confidence)
+    env = router.envelope(arrival.request_id, arrival.request, decision, arrival.reply_to, now=published)
+    env.client = arrival.client
+    now = time.time() if now is None else now
+    if env.deadline <= now:
+        waited_ms, budget_ms = (now - env.created_at) * 1000, (env.deadline - env.created_at) * 1000
+        return Error(code=ErrorCode.DEADLINE_EXCEEDED, message=f"the request waited {waited_ms:.0f} ms to be routed, past its {budget_ms:.0f} ms budget", step="route")
+    return env
+
+
+async def refuse(refusal: intake.Refusal) -> None:
+    await mesh.reply_error(refusal.request_id, refusal.reply_to, refusal.error, client=refusal.client)
 
 
 def published_at(message) -> float:
@@ -166,30 +154,6 @@ def router_for(config) -> Router:
         routers.clear()  # only the active version routes new requests
         routers[config.digest] = Router(config)
     return routers[config.digest]
-
-
-def check_request(request_id: str, body: bytes) -> Request | Error:
-    """The parsed Request, or the structured Error that names what is wrong with it."""
-    if not subjects.valid_request_id(request_id):
-        return Error(code=ErrorCode.INVALID_REQUEST, message="the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='")
-    if len(body) > mesh.settings.max_request_bytes:
-        return Error(code=ErrorCode.PAYLOAD_TOO_LARGE, message=f"the request is {len(body)} bytes; the limit is {mesh.settings.max_request_bytes}")
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Error(code=ErrorCode.INVALID_REQUEST, message=f"the request body is not UTF-8 JSON (bad byte at position {exc.start})")
-    try:
-        request = Request.model_validate_json(body)
-    except ValidationError as exc:
-        details = validation_details(exc)
-        message = "invalid request: " + "; ".join(f"{d['field']}: {d['problem']}" for d in details)
-        return Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details)
-    unknown = unknown_request_fields(json.loads(body))
-    if unknown:
-        details = [{"field": name, "problem": "unknown field"} for name in unknown]
-        message = f"invalid request: unknown field {', '.join(map(repr, unknown))}; this mesh's Request (schema v{request.schema_version}) has {', '.join(Request.model_fields)}"
-        return Error(code=ErrorCode.INVALID_REQUEST, message=message, details=details)
-    return request
 
 
 if __name__ == "__main__":

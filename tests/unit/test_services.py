@@ -54,33 +54,6 @@ def test_importing_a_service_starts_nothing(service, tmp_path):
     assert started == {"threads": [], "sockets": 0, "tracer_provider": "ProxyTracerProvider", "connected": False}
 
 
-# -- the router's request check --------------------------------------------------------
-
-
-def test_check_request_parses_a_good_request():
-    from services.router.app import check_request
-
-    request = check_request("q-1", b'{"prompt": "How do I fix a puncture?"}')
-    assert isinstance(request, Request) and request.prompt == "How do I fix a puncture?"
-
-
-@pytest.mark.parametrize(
-    "request_id, body, code, says",
-    [
-        ("bad id!", b'{"prompt": "hi"}', ErrorCode.INVALID_REQUEST, "Baton-Request-Id"),
-        ("q-1", b"\xff\xfe", ErrorCode.INVALID_REQUEST, "not UTF-8"),
-        ("q-1", b'{"prompt": 3}', ErrorCode.INVALID_REQUEST, "prompt"),
-        ("q-1", b'{"prompt": "hi", "tempreature": 1}', ErrorCode.INVALID_REQUEST, "unknown field 'tempreature'"),
-        ("q-1", b'{"prompt": "' + b"x" * 2_000_000 + b'"}', ErrorCode.PAYLOAD_TOO_LARGE, "the limit is"),
-    ],
-)
-def test_check_request_names_what_is_wrong(request_id, body, code, says):
-    from services.router.app import check_request
-
-    error = check_request(request_id, body)
-    assert isinstance(error, Error) and error.code == code and says in error.message
-
-
 # -- the guardrail's scrub ---------------------------------------------------------------
 
 
