@@ -11,6 +11,8 @@ shared/subjects.py.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
@@ -18,18 +20,44 @@ from faststream.specification import AsyncAPI
 
 from shared import subjects
 from shared.runtime import Channel
+from shared.schema import Envelope
+from shared.settings import ROOT
 
 SERVICES = ("router", "retriever", "generator", "guardrail", "fallback")
+# Your own steps are documented too: `BATON_DOC_STEPS=my_step.py make docs` adds each
+# module's @step (comma-separated); the shipped example shows what such a channel is.
+EXAMPLE_STEPS = ("examples/agent_step.py",)
 
 
-def channels() -> list[Channel]:
-    """Every service's registrations, each subject once."""
+def channels(step_modules: tuple[str, ...] = EXAMPLE_STEPS) -> list[Channel]:
+    """Every service's registrations and the custom steps' consumers, each subject once."""
     found: dict[tuple[str, bool], Channel] = {}
     for service in SERVICES:
         mesh = importlib.import_module(f"services.{service}.app").mesh
         for channel in mesh.runtime.channels:
             found.setdefault((channel.address, channel.sends), channel)
+    for channel in map(custom_channel, step_modules):
+        found.setdefault((channel.address, channel.sends), channel)
     return list(found.values())
+
+
+def custom_channel(target: str) -> Channel:
+    """The consumer `baton serve target` runs: the step's envelope in, its config parameters named."""
+    from shared.run import step_of
+
+    found = Path(target)
+    spec = step_of(target if found.exists() or found.is_absolute() else str(ROOT / target))
+    taken = ""
+    if spec.params is not None:
+        fields = ", ".join(f"{name} ({info.annotation.__name__ if isinstance(info.annotation, type) else info.annotation}, default {info.default!r})" for name, info in spec.params.model_fields.items())
+        taken = f" Its parameters, from the route's step entry in the config: {fields}."
+    description = f"{spec.description} (custom step `{spec.name}` from {target}, run by `baton serve {target}`).{taken}"
+    return Channel(subjects.step(spec.name), Envelope, f"step.{spec.name}", description)
+
+
+def step_modules_from_env() -> tuple[str, ...]:
+    extra = tuple(m.strip() for m in os.environ.get("BATON_DOC_STEPS", "").split(",") if m.strip())
+    return (*EXAMPLE_STEPS, *extra)
 
 
 def document_app(registered: list[Channel]) -> FastStream:
@@ -66,4 +94,4 @@ def _taking(channel: Channel):
     return takes
 
 
-app = document_app(channels())
+app = document_app(channels(step_modules_from_env()))

@@ -207,6 +207,9 @@ def test_the_asyncapi_contract_names_every_subject_with_its_model():
     addresses = {channel["address"] for channel in schema["channels"].values()}
     assert {"baton.v1.request.{client_id}", "_INBOX.{client_id}.reply.{request_id}"} <= addresses
     assert {subjects.step(s) for s in ("retriever", "generator", "guardrail", "fallback")} <= addresses
+    # A custom step's consumer is documented like a built-in, with the parameters the config may give it.
+    agent = next(c for c in schema["channels"].values() if c["address"] == subjects.step("agent"))
+    assert "baton serve examples/agent_step.py" in agent["description"] and "max_drafts (int, default 2)" in agent["description"]
     names = json.dumps(schema["components"]["schemas"])
     for model in ("Request", "Envelope", "Reply", "Error"):
         assert f'"{model}"' in names

@@ -92,6 +92,31 @@ def test_generated_files_match_the_permission_table():
     assert auth.stale() == [], "run: python deploy/nats/generate_auth.py"
 
 
+def test_a_config_with_its_own_step_gets_that_steps_user_in_every_generated_file(tmp_path, capsys):
+    config = yaml.safe_load((ROOT / "shared" / "default_config.yaml").read_text())
+    config["steps"] = {"agent": {"service": "agent"}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    users = auth.users_of(path)
+    agent = users["agent"]
+    assert auth.allowed(agent, "pub", f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM}.{subjects.durable('agent')}")
+    assert auth.allowed(users["router"], "pub", subjects.step("agent")), "the hop before it must reach it"
+    assert not auth.allowed(agent, "pub", subjects.request("client-acme"))
+    for path_, render in auth.OUTPUTS.items():
+        assert "BATON_AGENT_PASSWORD" in render(users), path_
+    # The shipped files are the default config's: for this config they are stale, and it says how to fix that.
+    assert auth.main(["--check", "--config", str(path)]) == 1
+    assert f"--config {path}" in capsys.readouterr().out
+
+
+def test_a_broken_config_for_the_table_is_a_sentence_not_a_traceback(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("routes: [")
+    with pytest.raises(SystemExit) as stop:
+        auth.users_of(path)
+    assert str(stop.value).startswith("generate_auth: ")
+
+
 # -- the NATS users ----------------------------------------------------------------------------
 
 
