@@ -169,6 +169,7 @@ def _step_modules(settings: Settings, modules: list[str]) -> dict[str, str]:
     """{service: module} for each --step module, checked now: one @step each, declared in the config."""
     from shared.config import ConfigError, load_config
     from shared.run import StartupError, step_of
+    from shared.steps import config_problems
 
     found = {}
     try:
@@ -178,6 +179,8 @@ def _step_modules(settings: Settings, modules: list[str]) -> dict[str, str]:
             service = config.custom_steps.get(spec.name)
             if service is None:
                 raise StartupError(f"step {spec.name!r} ({module}) is not declared in {settings.config}: add `steps: {{{spec.name}: {{service: {spec.name}}}}}`")
+            if problems := config_problems(spec, config.routes):
+                raise StartupError(f"{settings.config} gives {module} parameters it refuses: " + " | ".join(problems))
             found[service] = str(Path(module).resolve()) if module.endswith(".py") else module
     except (ConfigError, StartupError) as exc:
         _fail(str(exc), BAD_INPUT)

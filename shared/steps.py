@@ -126,6 +126,27 @@ def parameters(spec: StepSpec, raw: dict[str, Any]) -> Any:
         raise StepFailed(ErrorCode.INTERNAL, f"{spec.name}: bad parameters in the config: {problems}") from None
 
 
+def config_problems(spec: StepSpec, routes: dict[str, Any]) -> list[str]:
+    """Each route entry of this step whose parameters its `params` model refuses, as a sentence.
+
+    Checked before anything starts (`baton up --step`), so a typo in the config is not
+    found by the first request that reaches the step. (The step checks them again on
+    every message: a live config can change under it.)"""
+    if spec.params is None:
+        return []
+    problems = []
+    for route, route_spec in routes.items():
+        for entry in route_spec.steps:
+            if entry.name != spec.name:
+                continue
+            try:
+                spec.params.model_validate(entry.params)
+            except ValidationError as exc:
+                found = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+                problems.append(f"route {route!r}, step {spec.name!r}: {found}")
+    return problems
+
+
 def apply(env: Envelope, name: str, output: StepOutput) -> None:
     if not isinstance(output, StepOutput):
         raise StepFailed(ErrorCode.INTERNAL, f"{name} returned {type(output).__name__}, not a StepOutput")

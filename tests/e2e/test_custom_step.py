@@ -117,3 +117,13 @@ def test_baton_up_refuses_a_step_module_the_config_does_not_declare_before_start
     assert done.returncode == 2
     assert "step 'agent'" in done.stderr and "is not declared" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "mesh.json").exists()
+
+
+def test_baton_up_refuses_parameters_the_step_would_refuse_before_starting_anything(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(agentic_config()))  # its agentic_bad route asks for 9 drafts
+    env = {"BATON_CONFIG": str(tmp_path / "config.yaml"), "BATON_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "baton", "up", "--step", AGENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "route 'agentic_bad', step 'agent': max_drafts: Input should be less than or equal to 5" in done.stderr
+    assert "'agentic'" not in done.stderr and "Traceback" not in done.stderr  # the good route is not blamed
+    assert not (tmp_path / "mesh.json").exists()
