@@ -35,7 +35,7 @@ async def recover(message: Msg) -> None:
         event = Event(kind="fallback", step=env.error.step, data={"reason": env.error.code.value, "action": decision.action, "why": decision.reason, "model": decision.model})
         env.events.append(event)
         mesh.observe(span, env, [event])
-        if decision.action == "retry_model":
+        if decision.action == "retry_model" and decision.model is not None:
             retry_slip(env, decision.model)
             await mesh.forward(env)
             return
@@ -85,7 +85,7 @@ async def exhausted(advisory: Msg) -> None:
     bucket = await mesh.kv(subjects.DEAD_LETTERS_BUCKET)
     await bucket.put(letter.request_id, dead_letters.record(letter, message.data or b"", headers))
     # A request's client is the one its subject names (a reply address could name anyone's inbox).
-    client = subjects.client_of(message.subject) if consumer == "router" else None
+    client = subjects.client_of(message.subject or "") if consumer == "router" else None
     await mesh.reply_error(letter.request_id, letter.reply_to, letter.error(), client)
     with suppress(NotFoundError):
         await mesh.delete_stored_message(seq)

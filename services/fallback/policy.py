@@ -65,12 +65,13 @@ def decide(env: Envelope, config: MeshConfig, now: float | None = None) -> Decis
 
 def _next_model(env: Envelope, chain: list[str]) -> str | None:
     tried = {record.model for record in env.steps if record.model}
-    tried |= {event.data.get("model") for event in env.events if event.kind in ("model", "fallback")}
+    tried |= {str(event.data["model"]) for event in env.events if event.kind in ("model", "fallback") and event.data.get("model")}
     return next((model for model in chain if model not in tried), None)
 
 
 def retry_slip(env: Envelope, model: str) -> None:
     """Point the cursor back at the generate step that failed (or wrote the refused answer), pinned to `model`."""
+    assert env.error is not None, "only a failed envelope is retried"
     failed = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
     index = max(i for i, step in enumerate(env.slip[: failed + 1]) if step.service == "generator")
     env.slip[index].params = {**env.slip[index].params, "models": [model]}
@@ -86,6 +87,7 @@ NO_CONTEXT_DISCLAIMER = "Note: the knowledge base has nothing on this; the answe
 
 def skip_retrieval_slip(env: Envelope) -> None:
     """Go on after the failed retrieval gate with no passages, and mark the answer."""
+    assert env.error is not None, "only a failed envelope goes on without context"
     failed = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
     env.context.passages = []
     env.context.outputs["disclaimer"] = NO_CONTEXT_DISCLAIMER

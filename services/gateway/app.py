@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +290,7 @@ def _server_span(tracer: trace.Tracer, route: str, endpoint: Callable[[HttpReque
     return traced
 
 
-async def _ending(body: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
+async def _ending(body: AsyncIterable[Any], span: trace.Span) -> AsyncIterator[Any]:
     try:
         async for part in body:
             yield part
@@ -414,6 +414,7 @@ def main() -> None:
     port = int(os.environ.get("BATON_GATEWAY_PORT", "8080"))
     timeout_s = float(os.environ.get("BATON_GATEWAY_TIMEOUT_S", "60"))
     client_id = os.environ.get("BATON_GATEWAY_CLIENT_ID", "gateway")
+    credentials: dict[str, Any] = nats_credentials(settings)
     try:
         api_keys = parse_keys(os.environ.get(KEYS_ENV))
         app = create_app(
@@ -423,7 +424,7 @@ def main() -> None:
             client_id=client_id,
             timeout_s=timeout_s,
             tracer=setup_tracing("gateway"),
-            **nats_credentials(settings),
+            **credentials,
         )
     except (ValueError, ConfigError) as exc:  # ConfigError is a ValueError; neither names a key
         print(f"baton gateway: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -22,7 +22,7 @@ from shared.schema import ChatMessage, Reply, Request
 
 MODEL_PREFIX = "baton/"
 AUTO = "baton/auto"
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES: dict[str, Literal["system", "user", "assistant"]] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SESSION_ID = re.compile(r"^[A-Za-z0-9_\-=]{1,128}$")
 MAX_USER_CHARS = 256
 # Every body field the gateway acts on (or refuses with a reason below); any other is a
@@ -142,6 +142,7 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
     max_cost_usd = _number_in(data, "max_cost_usd", 0, math.inf)
     extensions = {} if (cache := _optional(data, "cache", bool)) is None else {"cache": cache}
 
+    given: dict[str, Any] = {name: value for name, value in sampling.items() if value is not None}
     try:
         request = Request(
             messages=messages,
@@ -152,7 +153,7 @@ def parse_chat_request(body: bytes, *, routes: Collection[str], tenant: str | No
             max_latency_ms=max_latency_ms,
             max_cost_usd=max_cost_usd,
             stream=stream,
-            **{name: value for name, value in sampling.items() if value is not None},
+            **given,
             **extensions,
         )
     except ValidationError as exc:

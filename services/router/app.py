@@ -51,7 +51,7 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
         log.warning("request %r from client %s: %s", addressed.request_id[:130], addressed.client, addressed.error.message)
         await refuse(addressed)
         return False
-    with mesh.hop("route", **{A.REQUEST_ID: addressed.request_id}) as span:
+    with mesh.hop("route", None, **{A.REQUEST_ID: addressed.request_id}) as span:
         arrival = intake.admit(addressed, message.data, mesh.settings.max_request_bytes)
         if isinstance(arrival, intake.Refusal):
             await refuse(arrival)
@@ -66,11 +66,11 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
             env.context.history = await (await mesh.sessions()).history(request.session_id) + env.context.history
         # No prompt text here, even with content tracing on: routing runs before the
         # input gate redacts, so the first text on any span is the gate's output.
-        span.set_attributes({**telemetry.envelope_attributes(env), A.CONFIG_VERSION: env.config_version})
+        span.set_attributes(telemetry.envelope_attributes(env) | {A.CONFIG_VERSION: env.config_version})
         key = cache_key(env) if (await mesh.config_for(env)).routes[env.route].cache.enabled else None
         if key is not None:
             bucket = await mesh.kv(subjects.CACHE_BUCKET)
-            hit, event = await cache.lookup(bucket, key), {"hit": True}
+            hit, event = await cache.lookup(bucket, key), dict[str, object](hit=True)
             if hit is None and (found := await cache.semantic_lookup(bucket, env)) is not None:
                 hit, event = found[0], {"hit": True, "semantic": True, "paraphrase_of": found[1]}
             if hit is not None and request.session_id and hit.question is None:
@@ -81,7 +81,7 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
                 mesh.observe(span, env, env.events)
                 reply = cache.served_from_cache(hit.reply, env, telemetry.trace_id_of(span))
                 telemetry.record_reply(span, reply)
-                if request.session_id:  # a hit is a turn too: the follow-up needs it
+                if request.session_id and hit.question is not None:  # a hit is a turn too: the follow-up needs it
                     env.context.question = hit.question
                     await mesh.remember_turn(env, reply)
                 await mesh.deliver(reply, reply_to, client)
