@@ -18,7 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from services.generator.model_http import ModelHTTP, json_body
+from services.generator.model_http import ModelHTTP, ProxiedHTTP, json_body
 from services.generator.providers import OpenAICompatible
 from services.generator.transport import KeepAliveTransport
 
@@ -312,14 +312,23 @@ async def test_providers_use_it_unless_a_proxy_is_configured(monkeypatch: pytest
 # --- ModelHTTP: the providers' client over the same connections -------------------------------
 
 
-async def test_model_http_sends_what_httpx_sent_and_reuses_the_connection() -> None:
+@pytest.fixture(params=[ModelHTTP, ProxiedHTTP])
+def model_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type[ModelHTTP] | type[ProxiedHTTP]:
+    """Both clients a provider may get must behave alike (ProxiedHTTP here without a proxy: httpx direct)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    return request.param
+
+
+async def test_model_http_sends_what_httpx_sent_and_reuses_the_connection(model_client: type[ModelHTTP]) -> None:
     async def answer(peer: Peer) -> None:
         while await peer.next_request():
             await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nRetry-After: 3\r\nContent-Length: 11\r\n\r\n{\"ok\":true}")
 
     payload = {"question": "wie schnell fährt ein Rad?", "n": 1}
     async with loopback(answer) as (url, peers):
-        http = ModelHTTP()
+        http = model_client()
         try:
             first = await http.post(f"{url}/v1/chat/completions", [(b"Content-Type", b"application/json")], json_body(payload), 2)
             second = await http.post(f"{url}/v1/chat/completions", [(b"Content-Type", b"application/json")], b"{}", 2)
@@ -350,7 +359,7 @@ async def test_model_http_decodes_an_answer_the_server_compressed_unasked() -> N
     assert response.json() == {"ok": True}
 
 
-async def test_model_http_streams_and_maps_failures_to_httpx_errors() -> None:
+async def test_model_http_streams_and_maps_failures_to_httpx_errors(model_client: type[ModelHTTP]) -> None:
     async def answer(peer: Peer) -> None:
         await peer.next_request()
         await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n")
@@ -358,7 +367,7 @@ async def test_model_http_streams_and_maps_failures_to_httpx_errors() -> None:
         await asyncio.sleep(10)  # the second request is never answered
 
     async with loopback(answer) as (url, peers):
-        http = ModelHTTP()
+        http = model_client()
         try:
             async with http.stream(url, [], b"{}", 2) as response:
                 lines = [line async for line in response.aiter_lines()]
@@ -367,7 +376,7 @@ async def test_model_http_streams_and_maps_failures_to_httpx_errors() -> None:
         finally:
             await http.aclose()
         with pytest.raises(httpx.ConnectError):
-            await ModelHTTP().post("http://127.0.0.1:9/v1", [], b"{}", 2)
+            await model_client().post("http://127.0.0.1:9/v1", [], b"{}", 2)
         with pytest.raises(httpx.UnsupportedProtocol):
-            await ModelHTTP().post("ftp://127.0.0.1/v1", [], b"{}", 2)
+            await model_client().post("ftp://127.0.0.1/v1", [], b"{}", 2)
     assert lines == ["data: 1", "", "data: 2", ""] and len(peers) == 1  # the streamed answer's connection was reused
