@@ -480,8 +480,9 @@ class _CorpusIndex:
     chunks: list[dict[str, str]]
 
 
-# Distinct searches whose hits a loaded build remembers: a retriever mostly sees the same
-# few hundred questions, and BM25 over the same build gives the same hits every time.
+# Distinct searches whose hits a loaded build remembers. BM25 over one build gives the same
+# hits for the same query every time, and questions repeat (FAQs, a client's retry): a
+# repeated search skips tokenizing, stemming and scoring, and builds only its Passages.
 _REMEMBERED_SEARCHES = 1024
 
 Hit = tuple[float, str, int]  # (score, corpus, chunk position)
