@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from services.generator.model_http import Answer, ModelClient, json_body
 from services.generator.providers import Generation, HTTPProvider, ProviderError, citations_in, estimate_tokens, parse_retry_after, resolve_spec
 from shared.config import ModelSpec
 from shared.schema import ChatMessage, Usage
@@ -194,7 +195,7 @@ class AnthropicMessages(HTTPProvider):
         api_key: str | None,
         model: str,
         timeout_s: float = 30,
-        client: httpx.AsyncClient | None = None,
+        client: ModelClient | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -208,7 +209,7 @@ class AnthropicMessages(HTTPProvider):
         env: Mapping[str, str],
         *,
         name: str = "",
-        client: httpx.AsyncClient | None = None,
+        client: ModelClient | None = None,
     ) -> AnthropicMessages:
         """A client for a catalog entry; `name` is the catalog key, used when the spec names no model."""
         model, base_url, api_key = resolve_spec(spec, env, name, DEFAULT_ANTHROPIC_BASE_URL)
@@ -248,7 +249,7 @@ class AnthropicMessages(HTTPProvider):
     def _error(self, kind: str, message: str, **extra: Any) -> ProviderError:
         return ProviderError(kind, self._scrub(f"{PROVIDER}/{self.model}: {message}"), **extra)
 
-    def _status_error(self, response: httpx.Response) -> ProviderError:
+    def _status_error(self, response: Answer | httpx.Response) -> ProviderError:
         status = response.status_code
         if status == 429:
             kind = "rate_limited"
@@ -297,9 +298,7 @@ class AnthropicMessages(HTTPProvider):
         try:
             # httpx timeouts bound each phase; asyncio.timeout bounds a server that trickles bytes.
             async with asyncio.timeout(timeout):
-                response = await self._client.post(
-                    self._url, json=payload, headers=self._headers(False), timeout=httpx.Timeout(timeout)
-                )
+                response = await self._client.post(self._url, self._request_headers(False), json_body(payload), timeout)
         except TimeoutError:
             raise self._error("timeout", f"no complete answer from {self._url} within {timeout:g}s") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -308,7 +307,7 @@ class AnthropicMessages(HTTPProvider):
             raise self._status_error(response)
         return self._parse_message(response, system, turns)
 
-    def _parse_message(self, response: httpx.Response, system: str, turns: Sequence[Mapping[str, str]]) -> Generation:
+    def _parse_message(self, response: Answer, system: str, turns: Sequence[Mapping[str, str]]) -> Generation:
         try:
             body = response.json()
         except ValueError:
@@ -367,9 +366,7 @@ class AnthropicMessages(HTTPProvider):
         state = _StreamState(model=self.model)
         started = False
         try:
-            async with self._client.stream(
-                "POST", self._url, json=payload, headers=self._headers(True), timeout=httpx.Timeout(timeout)
-            ) as response:
+            async with self._client.stream(self._url, self._request_headers(True), json_body(payload), timeout) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise self._status_error(response)

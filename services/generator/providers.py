@@ -13,14 +13,13 @@ import email.utils
 import json
 import re
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from services.generator.transport import KeepAliveTransport
+from services.generator.model_http import Answer, ModelClient, json_body, new_client
 from shared.config import ModelSpec
 from shared.generation import Generation, estimate_tokens
 from shared.schema import ChatMessage, Passage, Usage
@@ -159,7 +158,7 @@ def _parse_usage(raw: Any) -> Usage | None:
     return Usage(input_tokens=prompt, output_tokens=completion)
 
 
-def _error_detail(response: httpx.Response) -> str:
+def _error_detail(response: Answer | httpx.Response) -> str:
     """The provider's own explanation from an error body: {"error": {"message": ...}} and variants."""
     try:
         body = response.json()
@@ -218,32 +217,28 @@ def resolve_spec(spec: ModelSpec, env: Mapping[str, str], name: str, default_bas
     return model, base_url, api_key
 
 
-def _new_client() -> httpx.AsyncClient:
-    """httpx with KeepAliveTransport, unless a proxy is configured.
-
-    httpcore's pool polls every idle connection on every request and anyio wraps every
-    socket operation: with 64 calls in flight that cost more CPU than the HTTP itself
-    (`python -m bench.hotpath --profile generator`). KeepAliveTransport takes the most
-    recently used idle connection and scans nothing; it speaks no proxy protocol, so
-    with a proxy configured httpx's own transport goes through it.
-    """
-    proxies = urllib.request.getproxies()
-    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
-        return httpx.AsyncClient()
-    return httpx.AsyncClient(transport=KeepAliveTransport())
-
-
 class HTTPProvider:
-    """What every HTTP model client shares: its httpx client's lifetime, and never leaking the key."""
+    """What every HTTP model client shares: its HTTP client's lifetime, and never leaking the key."""
 
     _api_key: str | None
-    _client: httpx.AsyncClient
+    _client: ModelClient
     _owns_client: bool
 
-    def _own(self, api_key: str | None, client: httpx.AsyncClient | None) -> None:
+    def _own(self, api_key: str | None, client: ModelClient | None) -> None:
         self._api_key = api_key or None
         self._owns_client = client is None
-        self._client = client or _new_client()
+        self._client = client or new_client()
+        self._wire_headers: dict[bool, list[tuple[bytes, bytes]]] = {}
+
+    def _headers(self, stream: bool) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _request_headers(self, stream: bool) -> list[tuple[bytes, bytes]]:
+        """`_headers` as bytes, built once per client (they only change with `stream`)."""
+        wire = self._wire_headers.get(stream)
+        if wire is None:
+            wire = self._wire_headers[stream] = [(name.encode(), value.encode()) for name, value in self._headers(stream).items()]
+        return wire
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
@@ -274,7 +269,7 @@ class OpenAICompatible(HTTPProvider):
         api_key: str | None,
         model: str,
         timeout_s: float = 30,
-        client: httpx.AsyncClient | None = None,
+        client: ModelClient | None = None,
         *,
         provider: str = "openai",
     ):
@@ -291,7 +286,7 @@ class OpenAICompatible(HTTPProvider):
         env: Mapping[str, str],
         *,
         name: str = "",
-        client: httpx.AsyncClient | None = None,
+        client: ModelClient | None = None,
     ) -> OpenAICompatible:
         """A client for a catalog entry; `name` is the catalog key, used when the spec names no model."""
         model, base_url, api_key = resolve_spec(spec, env, name, _DEFAULT_BASE_URLS.get(spec.provider, DEFAULT_OPENAI_BASE_URL))
@@ -326,7 +321,7 @@ class OpenAICompatible(HTTPProvider):
     def _error(self, kind: str, message: str, **extra: Any) -> ProviderError:
         return ProviderError(kind, self._scrub(f"{self.provider}/{self.model}: {message}"), **extra)
 
-    def _status_error(self, response: httpx.Response) -> ProviderError:
+    def _status_error(self, response: Answer | httpx.Response) -> ProviderError:
         status = response.status_code
         kind = _status_kind(status)
         detail = _error_detail(response)
@@ -364,9 +359,7 @@ class OpenAICompatible(HTTPProvider):
         try:
             # httpx timeouts bound each phase; asyncio.timeout bounds a server that trickles bytes.
             async with asyncio.timeout(timeout):
-                response = await self._client.post(
-                    self._url, json=payload, headers=self._headers(False), timeout=httpx.Timeout(timeout)
-                )
+                response = await self._client.post(self._url, self._request_headers(False), json_body(payload), timeout)
         except TimeoutError:
             raise self._error("timeout", f"no complete answer from {self._url} within {timeout:g}s") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -375,7 +368,7 @@ class OpenAICompatible(HTTPProvider):
             raise self._status_error(response)
         return self._parse_completion(response, wire)
 
-    def _parse_completion(self, response: httpx.Response, wire: Sequence[Mapping[str, Any]]) -> Generation:
+    def _parse_completion(self, response: Answer, wire: Sequence[Mapping[str, Any]]) -> Generation:
         try:
             body = response.json()
         except ValueError:
@@ -422,9 +415,7 @@ class OpenAICompatible(HTTPProvider):
         state = _StreamState(model=self.model)
         started = False
         try:
-            async with self._client.stream(
-                "POST", self._url, json=payload, headers=self._headers(True), timeout=httpx.Timeout(timeout)
-            ) as response:
+            async with self._client.stream(self._url, self._request_headers(True), json_body(payload), timeout) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise self._status_error(response)

@@ -18,7 +18,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import h11
 import httpx
@@ -127,6 +127,24 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._discard()
             raise
 
+    async def read(self) -> bytes:
+        """The whole body; the connection goes back to the pool (or is closed) either way."""
+        connection = self._connection
+        if connection is None:
+            raise httpx.StreamClosed()
+        parts = []
+        try:
+            while True:
+                event = await connection.next_event(self._read_timeout)
+                if isinstance(event, h11.Data):
+                    parts.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._complete = True
+                    break
+        finally:
+            await self.aclose()
+        return b"".join(parts)
+
     async def aclose(self) -> None:
         connection = self._connection
         if connection is None:
@@ -157,9 +175,18 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        origin = _origin_of(request.url)
         timeouts = request.extensions.get("timeout", {})
         message = _encode_request(request, await request.aread())
+        head, stream = await self.open(_origin_of(request.url), message, timeouts)
+        return httpx.Response(
+            head.status_code,
+            headers=head.headers.raw_items(),
+            stream=stream,
+            extensions={"http_version": b"HTTP/" + head.http_version, "reason_phrase": head.reason},
+        )
+
+    async def open(self, origin: Origin, message: list[h11.Event], timeouts: Mapping[str, float | None]) -> tuple[h11.Response, _ResponseStream]:
+        """Send one request; its answer's head, and its body to read (and then close)."""
         connection = self._take_idle(origin)
         if connection is not None:
             try:
@@ -179,7 +206,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             for connection in stack:
                 connection.close()
 
-    async def _exchange(self, origin: Origin, connection: _Connection, message: list[h11.Event], timeouts: dict) -> httpx.Response:
+    async def _exchange(self, origin: Origin, connection: _Connection, message: list[h11.Event], timeouts: Mapping[str, float | None]) -> tuple[h11.Response, _ResponseStream]:
         read_timeout = timeouts.get("read")
         try:
             connection.heard_back = False
@@ -192,12 +219,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         except BaseException:
             connection.close()
             raise
-        return httpx.Response(
-            event.status_code,
-            headers=event.headers.raw_items(),
-            stream=_ResponseStream(self, origin, connection, read_timeout),
-            extensions={"http_version": b"HTTP/" + event.http_version, "reason_phrase": event.reason},
-        )
+        return event, _ResponseStream(self, origin, connection, read_timeout)
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
         scheme, host, port = origin

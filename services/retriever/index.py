@@ -480,6 +480,15 @@ class _CorpusIndex:
     chunks: list[dict[str, str]]
 
 
+# Distinct searches whose hits a loaded build remembers. BM25 over one build gives the same
+# hits for the same query every time, and questions repeat (FAQs, a client's retry): a
+# repeated search skips tokenizing, stemming and scoring, and builds only its Passages.
+_REMEMBERED_SEARCHES = 1024
+
+Hit = tuple[float, str, int]  # (score, corpus, chunk position)
+SearchKey = tuple[str, int, tuple[str, ...]]  # (query, top_k, corpora searched)
+
+
 @dataclass(frozen=True)
 class _State:
     """One immutable loaded build; a reload swaps the whole object so searches never mix builds."""
@@ -489,11 +498,13 @@ class _State:
     stat: tuple[int, int, int]
     tokenizer: _Tokenizer
     corpora: dict[str, _CorpusIndex]
+    # Hits of recent searches of this build; it goes away with the build.
+    hits: dict[SearchKey, list[Hit]] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _stat_key(path: Path) -> tuple[int, int, int]:
+def _stat_key(path: Path | str) -> tuple[int, int, int]:
     # The inode changes on every os.replace, which catches rebuilds inside one mtime tick.
-    info = path.stat()
+    info = os.stat(path)
     return (info.st_mtime_ns, info.st_ino, info.st_size)
 
 
@@ -572,6 +583,7 @@ class Retriever:
     def __init__(self, index_dir: Path, state: _State):
         self.index_dir = index_dir
         self._state = state
+        self._manifest = str(index_dir / MANIFEST)  # stat-ed on every search: build the path once
 
     @classmethod
     def load(cls, index_dir: Path) -> Retriever:
@@ -595,15 +607,25 @@ class Retriever:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         state = self._state
+        key = (query, top_k, tuple(corpora) if corpora else ())
+        hits = state.hits.get(key)
+        if hits is None:  # only valid searches are remembered, so a hit needs no re-check
+            hits = self._search(state, query, top_k, corpora)
+            if len(state.hits) >= _REMEMBERED_SEARCHES:
+                state.hits.clear()  # a bound, not an LRU: cheap and safe across threads
+            state.hits[key] = hits
+        return [_passage(state.corpora[name], position, score) for score, name, position in hits]
+
+    def _search(self, state: _State, query: str, top_k: int, corpora: list[str] | None) -> list[Hit]:
         chosen = self._choose(state, corpora)
         tokens = state.tokenizer(query)
         if not tokens:
             return []
-        hits: list[tuple[float, str, int]] = []
+        hits: list[Hit] = []
         for index in chosen:
             hits.extend(_top_hits(index, tokens, top_k))
         hits.sort(key=lambda hit: (-hit[0], hit[1], hit[2]))
-        return [_passage(state.corpora[name], position, score) for score, name, position in hits[:top_k]]
+        return hits[:top_k]
 
     def reload_if_changed(self) -> bool:
         """Load a newer build if the manifest changed; True when it did.
@@ -611,9 +633,8 @@ class Retriever:
         Cheap when nothing changed (one stat). A failed reload keeps serving the old
         index: a broken rebuild should not take search down.
         """
-        manifest_path = self.index_dir / MANIFEST
         try:
-            stat = _stat_key(manifest_path)
+            stat = _stat_key(self._manifest)
         except OSError:
             return False
         current = self._state
@@ -622,7 +643,7 @@ class Retriever:
         try:
             manifest = _read_manifest(self.index_dir)
             if (manifest["build_id"], manifest.get("built_at", "")) == (current.build_id, current.built_at):
-                self._state = _State(current.build_id, current.built_at, stat, current.tokenizer, current.corpora)
+                self._state = _State(current.build_id, current.built_at, stat, current.tokenizer, current.corpora, current.hits)
                 return False
             self._state = _load_state(self.index_dir)
         except (RetrieverError, OSError, ValueError, KeyError) as exc:

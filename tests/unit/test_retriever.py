@@ -209,6 +209,18 @@ def test_unmatched_query_returns_nothing_and_top_k_is_respected(retriever: Retri
         retriever.search("chain", top_k=0)
 
 
+def test_a_repeated_search_answers_alike_with_passages_of_its_own(retriever: Retriever) -> None:
+    # A build remembers the hits of recent searches; what callers get must not be shared.
+    first = retriever.search("how worn is my chain", top_k=2, corpora=["handbook"])
+    first[0].text = "changed by a gate downstream"
+    again = retriever.search("how worn is my chain", top_k=2, corpora=["handbook"])
+    assert [p.source for p in again] == [p.source for p in first] and again[0].text != first[0].text
+    assert again == retriever.search("how worn is my chain", top_k=2, corpora=["handbook"])
+    assert len(retriever.search("how worn is my chain", top_k=1, corpora=["handbook"])) == 1
+    with pytest.raises(ValueError, match="'manuals'"):
+        retriever.search("how worn is my chain", top_k=2, corpora=["manuals"])
+
+
 def test_missing_index_says_to_run_ingest(tmp_path: Path) -> None:
     with pytest.raises(IndexMissingError, match=r"baton ingest PATH"):
         Retriever.load(tmp_path / "never-built")

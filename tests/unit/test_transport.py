@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from services.generator.model_http import ModelHTTP, ProxiedHTTP, json_body
 from services.generator.providers import OpenAICompatible
 from services.generator.transport import KeepAliveTransport
 
@@ -303,5 +305,78 @@ async def test_providers_use_it_unless_a_proxy_is_configured(monkeypatch: pytest
     if proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy)
     async with OpenAICompatible("http://127.0.0.1:9/v1", None, "m") as provider:
-        uses_it = isinstance(provider._client._transport, KeepAliveTransport)
+        uses_it = isinstance(provider._client, ModelHTTP) and isinstance(provider._client._transport, KeepAliveTransport)
     assert uses_it is (proxy is None)
+
+
+# --- ModelHTTP: the providers' client over the same connections -------------------------------
+
+
+@pytest.fixture(params=[ModelHTTP, ProxiedHTTP])
+def model_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type[ModelHTTP] | type[ProxiedHTTP]:
+    """Both clients a provider may get must behave alike (ProxiedHTTP here without a proxy: httpx direct)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    return request.param
+
+
+async def test_model_http_sends_what_httpx_sent_and_reuses_the_connection(model_client: type[ModelHTTP]) -> None:
+    async def answer(peer: Peer) -> None:
+        while await peer.next_request():
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nRetry-After: 3\r\nContent-Length: 11\r\n\r\n{\"ok\":true}")
+
+    payload = {"question": "wie schnell fährt ein Rad?", "n": 1}
+    async with loopback(answer) as (url, peers):
+        http = model_client()
+        try:
+            first = await http.post(f"{url}/v1/chat/completions", [(b"Content-Type", b"application/json")], json_body(payload), 2)
+            second = await http.post(f"{url}/v1/chat/completions", [(b"Content-Type", b"application/json")], b"{}", 2)
+        finally:
+            await http.aclose()
+    assert (first.status_code, first.json(), first.text, first.headers["retry-after"]) == (200, {"ok": True}, '{"ok":true}', "3")
+    assert second.json() == {"ok": True} and len(peers) == 1  # one keep-alive connection
+    [(head, body), _] = peers[0].requests
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and re.search(rb"(?i)\r\nhost: 127\.0\.0\.1:\d+\r\n", head)
+    assert re.search(rb"(?i)\r\ncontent-type: application/json\r\n", head) and re.search(rb"(?i)\r\nuser-agent: python-httpx/", head)
+    # The body byte for byte as httpx's json= wrote it: compact, UTF-8, not ASCII-escaped.
+    assert body == json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() and "fährt".encode() in body
+
+
+async def test_model_http_decodes_an_answer_the_server_compressed_unasked() -> None:
+    packed = gzip.compress(b'{"ok":true}')
+
+    async def answer(peer: Peer) -> None:
+        await peer.next_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(packed), packed))
+
+    async with loopback(answer) as (url, _):
+        http = ModelHTTP()
+        try:
+            response = await http.post(url, [], b"{}", 2)
+        finally:
+            await http.aclose()
+    assert response.json() == {"ok": True}
+
+
+async def test_model_http_streams_and_maps_failures_to_httpx_errors(model_client: type[ModelHTTP]) -> None:
+    async def answer(peer: Peer) -> None:
+        await peer.next_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+        await peer.next_request()
+        await asyncio.sleep(10)  # the second request is never answered
+
+    async with loopback(answer) as (url, peers):
+        http = model_client()
+        try:
+            async with http.stream(url, [], b"{}", 2) as response:
+                lines = [line async for line in response.aiter_lines()]
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(url, [], b"{}", 0.2)
+        finally:
+            await http.aclose()
+        with pytest.raises(httpx.ConnectError):
+            await model_client().post("http://127.0.0.1:9/v1", [], b"{}", 2)
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await model_client().post("ftp://127.0.0.1/v1", [], b"{}", 2)
+    assert lines == ["data: 1", "", "data: 2", ""] and len(peers) == 1  # the streamed answer's connection was reused
