@@ -210,7 +210,7 @@ def test_unmatched_query_returns_nothing_and_top_k_is_respected(retriever: Retri
 
 
 def test_a_repeated_search_answers_alike_with_passages_of_its_own(retriever: Retriever) -> None:
-    # A build remembers the hits of recent searches; what callers get must not be shared.
+    # Searches answer alike, and what a caller gets (a gate may edit it) is its own.
     first = retriever.search("how worn is my chain", top_k=2, corpora=["handbook"])
     first[0].text = "changed by a gate downstream"
     again = retriever.search("how worn is my chain", top_k=2, corpora=["handbook"])
