@@ -15,7 +15,6 @@ from opentelemetry import trace
 
 from shared import metrics, subjects, telemetry
 from shared.budgets import TenantLedger
-from shared.cache import CACHE_KEY
 from shared.cache import store as cache_store
 from shared.replies import answer_reply, error_reply
 from shared.runtime import Channel, HopRuntime, current_message_or_none
@@ -53,7 +52,7 @@ class RequestBook:
         """After an answer: fill the cache, add the cost to the tenant's day."""
         try:
             config = await self.runtime.configs.get(env.config_version)
-            key = env.context.outputs.get(CACHE_KEY)
+            key = env.context.cache_key
             if key and reply.ok and not reply.degraded:
                 bucket = await self.runtime.kv(subjects.CACHE_BUCKET)
                 await cache_store(bucket, key, reply, config.routes[env.route].cache.ttl_s, env.context.question)

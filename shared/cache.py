@@ -35,7 +35,6 @@ from nats.js.kv import KeyValue
 
 from shared.schema import Envelope, Reply
 
-CACHE_KEY = "cache_key"  # where the router leaves the key on the envelope's outputs
 
 
 def normalize(text: str) -> str:

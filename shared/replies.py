@@ -7,18 +7,11 @@ import time
 
 from shared.schema import Citation, Envelope, Error, Reply, Usage
 
-# Keys of Envelope.context.outputs that every step agrees on.
-ANSWER = "answer"  # the text the client will receive (guards may rewrite it)
-CITATIONS = "citations"  # 1-based indexes into context.passages
-DEGRADED = "degraded"
-DISCLAIMER = "disclaimer"  # a note the client must see before the answer
-
 
 def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
-    outputs = env.context.outputs
     answer, citations = renumber_citations(env.context.answer, _citations(env))
-    if outputs.get(DISCLAIMER):
-        answer = f"{outputs[DISCLAIMER]}\n\n{answer}"
+    if env.context.disclaimer:
+        answer = f"{env.context.disclaimer}\n\n{answer}"
     return Reply(
         request_id=env.request_id,
         ok=True,
@@ -97,5 +90,5 @@ def _accounting(env: Envelope, trace_id: str | None) -> dict:
         "config_version": env.config_version,
         "trace_id": trace_id,
         "session_id": env.request.session_id,
-        "variant": env.context.outputs.get("variant"),
+        "variant": env.context.variant,
     }

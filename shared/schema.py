@@ -190,6 +190,33 @@ class Context(_Wire):
     def degraded(self, value: bool) -> None:
         self.outputs["degraded"] = value
 
+    @property
+    def disclaimer(self) -> str | None:
+        """A note the client must read before the answer (the fallback's, when it answered without context)."""
+        return self.outputs.get("disclaimer") or None
+
+    @disclaimer.setter
+    def disclaimer(self, text: str) -> None:
+        self.outputs["disclaimer"] = text
+
+    @property
+    def variant(self) -> str | None:
+        """The A/B arm of the route's experiment this request is in, if any."""
+        return self.outputs.get("variant")
+
+    @variant.setter
+    def variant(self, name: str) -> None:
+        self.outputs["variant"] = name
+
+    @property
+    def cache_key(self) -> str | None:
+        """Where the last hop files the answer in the reply cache (the router left it; None: not cached)."""
+        return self.outputs.get("cache_key")
+
+    @cache_key.setter
+    def cache_key(self, key: str) -> None:
+        self.outputs["cache_key"] = key
+
 
 class Envelope(_Wire):
     """The request in flight: the slip travels with it (Routing Slip pattern)."""

@@ -90,7 +90,7 @@ def skip_retrieval_slip(env: Envelope) -> None:
     assert env.error is not None, "only a failed envelope goes on without context"
     failed = next(i for i, step in enumerate(env.slip) if step.name == env.error.step)
     env.context.passages = []
-    env.context.outputs["disclaimer"] = NO_CONTEXT_DISCLAIMER
+    env.context.disclaimer = NO_CONTEXT_DISCLAIMER
     env.cursor = failed + 1
     env.attempt += 1
     env.error = None

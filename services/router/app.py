@@ -86,7 +86,7 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
                     await mesh.remember_turn(env, reply)
                 await mesh.deliver(reply, reply_to, client)
                 return False
-            env.context.outputs[cache.CACHE_KEY] = key
+            env.context.cache_key = key
             await cache.remember(bucket, env, key)
         mesh.observe(span, env, env.events)
         ack = await mesh.forward(env)

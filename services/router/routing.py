@@ -133,7 +133,7 @@ class Router:
             for step in env.slip:
                 if step.service == "generator":
                     step.params["models"] = list(variant.models)
-            env.context.outputs[VARIANT] = variant.name
+            env.context.variant = variant.name
             event.data["variant"] = variant.name
         env.events.append(event)
         return env
@@ -151,7 +151,6 @@ class Router:
         return variants[-1]
 
 
-VARIANT = "variant"  # where the chosen A/B arm is kept on the envelope's outputs
 
 
 def experiment_unit(request: Request, request_id: str) -> str:
