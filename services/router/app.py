@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
 from shared import metrics, subjects, telemetry
+from shared import fairness
 from shared.fairness import ClientSlots
 from shared.mesh import Channel, Mesh, Terminate, validation_details
 from shared import cache
@@ -24,7 +25,6 @@ log = logging.getLogger("baton.router")
 
 slots = ClientSlots()  # each client's requests in flight, from routing to the Reply
 ROUTING_HOLD_S = 60.0  # a request being routed holds its slot at most this long (until it has a deadline)
-ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 
 
 @mesh.consume(Channel(subjects.request("{client_id}"), Request, "request", "A client's Request; the router validates it, picks a route and writes the slip."))
@@ -77,7 +77,7 @@ async def handle(message, body: bytes, client: str, request_id: str, reply_to: s
         except UnknownRoute as exc:
             await mesh.reply_error(request_id, reply_to, Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc)), client=client)
             return False
-        log.info("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
+        log.debug("request %s -> route %s (%s, confidence %.2f)", request_id, decision.route, decision.reason, decision.confidence)
         # The deadline counts from when the client published: time queued before routing is not free.
         env = router.envelope(request_id, request, decision, reply_to, now=published_at(message))
         env.client = client
@@ -145,14 +145,12 @@ def published_at(message) -> float:
 
 @mesh.after_start
 async def follow_replies() -> None:
-    """Every Reply to a client's inbox ends one of its requests in flight."""
+    """Each request a service finished ends one of its client's requests in flight."""
 
     async def seen(msg: Msg) -> None:
-        parts = msg.subject.split(".")
-        if len(parts) == 4:
-            slots.release(parts[1], parts[3])
+        slots.release_all(fairness.decode(msg.data))
 
-    await mesh.subscribe(ANY_CLIENT_REPLY, seen)
+    await mesh.subscribe(subjects.FINISHED, seen)
 
 
 @mesh.before_consuming  # no request waits for this
