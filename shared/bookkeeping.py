@@ -43,7 +43,7 @@ class RequestBook:
             runtime.on_stop(self.finished.flush)
 
     async def _send_finished(self, body: bytes) -> None:
-        await self.runtime.publish(subjects.FINISHED, body)
+        await self.runtime.publish(subjects.FINISHED, body, traced=False)  # about many requests: part of no trace
 
     async def finish(self, env: Envelope) -> Reply:
         """After the last step (or the fallback's last word): the Reply, recorded and delivered."""

@@ -104,6 +104,7 @@ class ClientSlots:
                 self.release(client, request_id)  # handed a slot it will never use: pass it on
             else:
                 waiter.served.cancel()
+                self._hand_over(client)  # off the queue now, so newcomers need not wait behind it
             raise
 
 

@@ -72,7 +72,7 @@ class Recorder:
         self.buckets: dict[str, FakeBucket] = {}
         self.fail_publishes = fail_publishes
 
-        async def publish(subject, body, headers=None, *, durable=False):
+        async def publish(subject, body, headers=None, *, durable=False, traced=True):
             if self.fail_publishes:
                 self.fail_publishes -= 1
                 raise ConnectionError("no responders: a leader election")
