@@ -16,6 +16,7 @@ from opentelemetry import trace
 from shared import metrics, subjects, telemetry
 from shared.budgets import TenantLedger
 from shared.cache import store as cache_store
+from shared.fairness import FinishedNotes
 from shared.replies import answer_reply, error_reply
 from shared.runtime import Channel, HopRuntime, current_message_or_none
 from shared.schema import ChatMessage, Envelope, Error, ErrorCode, Reply
@@ -24,6 +25,7 @@ from shared.sessions import SessionStore
 log = logging.getLogger("baton.bookkeeping")
 REPLY_ADDRESS = "_INBOX.{client_id}.reply.{request_id}"  # as the contract names it: subjects.reply_address
 REPLY_CHANNEL = Channel(REPLY_ADDRESS, Reply, "reply", "The one Reply to a request: an answer or a structured error.", sends=True)
+FINISHED_CHANNEL = Channel(subjects.FINISHED, list[tuple[str, str]], "finished", "Requests this service finished, as [client id, request id] pairs, for the router's per-client limit.", sends=True)
 
 
 class RequestBook:
@@ -31,6 +33,16 @@ class RequestBook:
         self.runtime = runtime
         self._sessions: SessionStore | None = None
         runtime.sends(REPLY_CHANNEL)
+        # The router frees the slot of a request it answers itself; any other service
+        # tells it which requests it finished (shared/fairness.py).
+        self.finished: FinishedNotes | None = None
+        if runtime.service != "router":
+            self.finished = FinishedNotes(self._send_finished)
+            runtime.sends(FINISHED_CHANNEL)
+            runtime.on_stop(self.finished.flush)
+
+    async def _send_finished(self, body: bytes) -> None:
+        await self.runtime.publish(subjects.FINISHED, body, traced=False)  # about many requests: part of no trace
 
     async def finish(self, env: Envelope) -> Reply:
         """After the last step (or the fallback's last word): the Reply, recorded and delivered."""
@@ -95,7 +107,10 @@ class RequestBook:
         if reply_to is not None and reply_to != subjects.reply_address(client, reply.request_id):
             log.warning("%s: not sending request %r's reply to %r: not the client's inbox", self.runtime.service, reply.request_id[:130], reply_to[:200])
             reply_to = None
-        if store and subjects.valid_request_id(reply.request_id) and subjects.valid_client_id(client):  # a hostile id is answered, not stored
+        valid = subjects.valid_request_id(reply.request_id) and subjects.valid_client_id(client)  # a hostile id is answered, not stored
+        if valid and self.finished is not None:
+            self.finished.note(client, reply.request_id)  # sent a moment later, with others
+        if store and valid:
             key = subjects.result_key(client, reply.request_id)
             results = await self.runtime.kv(subjects.RESULTS_BUCKET)
             try:

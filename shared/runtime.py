@@ -210,13 +210,14 @@ class HopRuntime:
 
     # -- the one publish API -------------------------------------------------------
 
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None, *, durable: bool = False) -> PubAck | None:
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None, *, durable: bool = False, traced: bool = True) -> PubAck | None:
         """Publish with the current trace context in the headers.
 
         durable: into the stream, acknowledged (a hop: its Nats-Msg-Id de-duplicates a repeat);
-        else core NATS (a Reply or a chunk to a client's inbox: not stored, not retried)."""
+        else core NATS (a Reply or a chunk to a client's inbox: not stored, not retried).
+        traced=False: no trace context (a message about many requests, like the finished notes)."""
         assert self.nc is not None and self.js is not None, "the runtime is not started"
-        headers = telemetry.inject(headers or {})
+        headers = telemetry.inject(headers or {}) if traced else headers
         if durable:
             return await self.js.publish(subject, body, stream=subjects.STREAM, headers=headers)
         await self.nc.publish(subject, body, headers=headers)

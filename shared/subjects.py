@@ -70,6 +70,10 @@ def step(service: str) -> str:
 
 FALLBACK = step("fallback")
 
+# Requests a service finished (or refused), in batches, for the router's per-client count
+# of requests in flight (shared/fairness.py). Core NATS, outside the stream's subjects.
+FINISHED = f"{PREFIX}.finished"
+
 
 
 def chunk_address(reply_to: str) -> str:

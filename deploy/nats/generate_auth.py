@@ -22,8 +22,8 @@ see deploy/README.md for how each was found):
   generator share circuit breakers (KV); the generator also stores shadow answers and
   sends streamed chunks; the fallback also handles the max-deliveries advisory (reads
   and deletes the exhausted hop). Every service writes the dead-letter bucket (a poison
-  message is terminated at once and kept there); the router also watches every client's
-  reply subject (a Reply ends a request its client had in flight).
+  message is terminated at once and kept there); every service but the router tells the
+  router which requests it finished (`baton.v1.finished`: the per-client limit).
   No service may publish a request (that would be impersonating a client), and no
   service may create, change or delete streams, consumers or buckets.
 - a client: publish its own request subject, receive under `_INBOX.<client>`, read its
@@ -169,10 +169,10 @@ def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
     if name == "router":
         # The semantic cache's per-scope index of questions lives in the cache bucket:
-        # the router adds each new question to it (compare-and-set writes). It sees every
-        # Reply go by: each one ends a request its client had in flight (the per-client
-        # limit, shared/fairness.py).
-        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], [ANY_CLIENT_REPLY]
+        # the router adds each new question to it (compare-and-set writes). The services
+        # tell it which requests they finished: each ends a request its client had in
+        # flight (the per-client limit, shared/fairness.py).
+        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], [subjects.FINISHED]
     if name == "guardrail":
         # The judge layer's circuit breakers, shared with the generator's in one bucket.
         return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS)], []
@@ -243,6 +243,8 @@ def service(name: str, custom: tuple[str, ...] = ()) -> User:
         *kv_read(CONFIG),
         *kv_watch(CONFIG),
         ANY_CLIENT_REPLY,
+        # Tell the router which requests this service finished (its per-client limit).
+        *((subjects.FINISHED,) if name != "router" else ()),
         # A message no delivery could ever handle (a poison message) is terminated and kept here.
         f"$JS.API.STREAM.INFO.{kv_stream(DEAD_LETTERS)}",
         *kv_write(DEAD_LETTERS),

@@ -7,7 +7,7 @@ from nats.aio.msg import Msg
 
 from services.router.routing import Router, UnknownRoute
 from shared import attributes as A
-from shared import cache, intake, metrics, subjects, telemetry
+from shared import cache, fairness, intake, metrics, subjects, telemetry
 from shared.cache import cache_key
 from shared.embedder import shared_embedder
 from shared.fairness import ClientSlots
@@ -20,7 +20,6 @@ log = logging.getLogger("baton.router")
 
 slots = ClientSlots()  # each client's requests in flight, from routing to the Reply
 ROUTING_HOLD_S = 60.0  # a request being routed holds its slot at most this long (until it has a deadline)
-ANY_CLIENT_REPLY = "_INBOX.*.reply.*"
 
 
 @mesh.consume(Channel(subjects.request("{client_id}"), Request, "request", "A client's Request; the router validates it, picks a route and writes the slip."))
@@ -133,14 +132,12 @@ def published_at(message) -> float:
 
 @mesh.after_start
 async def follow_replies() -> None:
-    """Every Reply to a client's inbox ends one of its requests in flight."""
+    """Each request a service finished ends one of its client's requests in flight."""
 
     async def seen(msg: Msg) -> None:
-        parts = msg.subject.split(".")
-        if len(parts) == 4:
-            slots.release(parts[1], parts[3])
+        slots.release_all(fairness.decode(msg.data))
 
-    await mesh.subscribe(ANY_CLIENT_REPLY, seen)
+    await mesh.subscribe(subjects.FINISHED, seen)
 
 
 @mesh.before_consuming  # no request waits for this

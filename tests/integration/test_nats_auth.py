@@ -225,6 +225,7 @@ PUB_PROBES = [
     "$JS.API.INFO",
     "$JS.API.STREAM.LIST",
     "$SYS.REQ.SERVER.PING",
+    S.FINISHED,
 ]
 SUB_PROBES = [
     f"{S.inbox_prefix(ACME)}.>",
@@ -244,6 +245,7 @@ SUB_PROBES = [
     S.MAX_DELIVERIES_ADVISORY,
     "$JS.EVENT.ADVISORY.>",
     "$JS.ACK.>",
+    S.FINISHED,
 ]
 PROBES = [("pub", s) for s in PUB_PROBES] + [("sub", s) for s in SUB_PROBES]
 
@@ -296,6 +298,12 @@ RULES: list[tuple[str, str, str, bool, str]] = [
     ("generator", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{S.STREAM}.router", False, "a service pulls only from its own consumer"),
     ("generator", "pub", f"$JS.ACK.{S.STREAM}.router.1.1.1.1.1.0", False, "a service acks only its own messages"),
     ("router", "sub", f"{S.inbox_prefix('generator')}.>", False, "a service reads only its own inbox"),
+    ("router", "sub", S.FINISHED, True, "the router learns which requests finished (the per-client limit)"),
+    ("guardrail", "pub", S.FINISHED, True, "a service that finishes a request tells the router"),
+    ("fallback", "pub", S.FINISHED, True, "a service that finishes a request tells the router"),
+    (ACME, "pub", S.FINISHED, False, "no client frees its own slots: it would escape its in-flight limit"),
+    (ACME, "sub", S.FINISHED, False, "no client sees which requests of others finished"),
+    ("router", "sub", f"{S.inbox_prefix(ACME)}.reply.*", False, "the router does not read clients' Replies"),
     (auth.GATEWAY, "pub", S.request(auth.GATEWAY), True, "the gateway is a client under its own id"),
     (auth.GATEWAY, "pub", S.request(ACME), False, "the gateway does not publish as another client"),
     (auth.GATEWAY, "sub", f"{S.inbox_prefix(ACME)}.>", False, "the gateway reads only its own inbox"),

@@ -9,7 +9,8 @@ import pytest
 
 from shared import envelopes, subjects
 from shared.config import LimitsSpec
-from shared.fairness import ClientSlots
+from shared import fairness
+from shared.fairness import ClientSlots, FinishedNotes
 from shared.schema import Envelope, Request, Step
 
 KEY = b"k" * 32
@@ -126,7 +127,69 @@ async def test_a_request_nobody_answers_frees_its_slot_at_its_deadline():
     started = time.monotonic()
     await asyncio.wait_for(slots.wait_for_room("c", "r2", limit=1), 2)
     assert 0.1 < time.monotonic() - started < 1.5
-    assert slots.in_flight("c") == 0
+    assert slots.in_flight("c") == 1 and slots.has_room("c", "r2", limit=1)  # r1 is gone; r2 holds the slot it was handed
+
+
+async def test_a_freed_slot_goes_to_the_clients_oldest_waiter_and_wakes_no_other():
+    slots = ClientSlots()
+    deadline = time.time() + 30
+    slots.hold("flood", "f0", deadline)
+    waiting = [asyncio.create_task(slots.wait_for_room("flood", f"w{i}", limit=1)) for i in range(3)]
+    await asyncio.sleep(0.02)
+    assert not slots.has_room("flood", "late", limit=1)  # a newcomer queues behind the waiters
+    slots.release("flood", "f0")
+    await asyncio.sleep(0.02)
+    assert [t.done() for t in waiting] == [True, False, False]
+    assert slots.in_flight("flood") == 1 and slots.has_room("flood", "w0", limit=1)  # handed over, already held
+    slots.release("flood", "w0")
+    await asyncio.sleep(0.02)
+    assert [t.done() for t in waiting] == [True, True, False]
+    waiting[2].cancel()
+    slots.release("flood", "w1")
+    await asyncio.sleep(0.02)
+    assert slots.in_flight("flood") == 0 and slots.has_room("flood", "late", limit=1)  # a cancelled waiter takes nothing
+
+
+async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_the_slot_on():
+    slots = ClientSlots()
+    slots.hold("c", "r0", time.time() + 30)
+    first = asyncio.create_task(slots.wait_for_room("c", "r1", limit=1))
+    second = asyncio.create_task(slots.wait_for_room("c", "r2", limit=1))
+    await asyncio.sleep(0.02)
+    slots.release("c", "r0")  # r1 is handed the slot, but is cancelled before it runs
+    first.cancel()
+    await asyncio.sleep(0.02)
+    assert first.cancelled() and second.done()
+    assert slots.in_flight("c") == 1 and slots.has_room("c", "r2", limit=1)
+
+
+# -- what the finishing services tell the router -------------------------------------------
+
+
+async def test_finished_requests_reach_the_router_as_one_small_message_per_window():
+    sent: list[bytes] = []
+
+    async def send(body: bytes) -> None:
+        sent.append(body)
+
+    notes = FinishedNotes(send, window_s=0.02)
+    notes.note("acme", "q-1")
+    notes.note("globex", "q-2")
+    assert sent == []  # not yet: more may finish within the window
+    await asyncio.sleep(0.06)
+    assert [fairness.decode(body) for body in sent] == [[("acme", "q-1"), ("globex", "q-2")]]
+    notes.note("acme", "q-3")
+    await notes.flush()  # on stop: nothing pending is lost
+    assert fairness.decode(sent[-1]) == [("acme", "q-3")]
+    slots = ClientSlots()
+    slots.hold("acme", "q-1", time.time() + 30)
+    slots.release_all(fairness.decode(sent[0]))
+    assert slots.in_flight("acme") == 0
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b'{"acme": "q-1"}', b'[["acme"]]', b'[["acme", 3]]', b"[1, 2]"])
+def test_a_malformed_finished_note_names_no_request(body):
+    assert fairness.decode(body) == []
 
 
 # -- credentials of the local mesh ---------------------------------------------------------

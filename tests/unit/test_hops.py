@@ -72,7 +72,7 @@ class Recorder:
         self.buckets: dict[str, FakeBucket] = {}
         self.fail_publishes = fail_publishes
 
-        async def publish(subject, body, headers=None, *, durable=False):
+        async def publish(subject, body, headers=None, *, durable=False, traced=True):
             if self.fail_publishes:
                 self.fail_publishes -= 1
                 raise ConnectionError("no responders: a leader election")
@@ -131,6 +131,17 @@ async def test_the_last_step_stores_the_reply_once_and_sends_it_to_the_clients_i
     # Redelivered after the Reply went out (its ack was lost): nothing is sent twice.
     again = await mesh.deliver(passes, FakeMessage(body(envelope(cursor=2)), delivered=2))
     assert len(mesh.published) == 1 and again.settled == [("ack", None)]
+
+
+async def test_the_hop_that_finishes_a_request_tells_the_router_and_no_other_hop_does():
+    mesh = Recorder()
+    await mesh.deliver(passes, FakeMessage(body(envelope(cursor=0))))  # forwarded: not finished
+    await mesh.deliver(passes, FakeMessage(body(envelope(cursor=2))))
+    await asyncio.sleep(0.05)  # the notes of a few milliseconds travel together
+    finished = [sent for subject, sent, _, durable in mesh.published if subject == subjects.FINISHED]
+    assert finished == [[["acme", "q-1"]]]
+    # The router answers only requests it never let into the mesh: it frees those slots itself.
+    assert RequestBook(HopRuntime("router", Settings(envelope_key=None))).finished is None
 
 
 async def test_a_failed_step_goes_to_the_fallback_with_its_error():
