@@ -168,11 +168,11 @@ ROUTER_READS = (SESSIONS, CACHE)
 def extra_for(name: str) -> tuple[list[str], list[str]]:
     """What one service needs beyond every service's share: (publish, subscribe)."""
     if name == "router":
-        # The semantic cache's per-scope index of questions lives in the cache bucket:
-        # the router adds each new question to it (compare-and-set writes). The services
+        # The semantic cache's index of questions lives in the cache bucket, one key per
+        # question: the router adds each new one and watches the others'. The services
         # tell it which requests they finished: each ends a request its client had in
         # flight (the per-client limit, shared/fairness.py).
-        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE)], [subjects.FINISHED]
+        return [*(p for bucket in ROUTER_READS for p in kv_read(bucket)), *kv_write(CACHE), *kv_watch(CACHE)], [subjects.FINISHED]
     if name == "guardrail":
         # The judge layer's circuit breakers, shared with the generator's in one bucket.
         return [*kv_read(BREAKERS), *kv_watch(BREAKERS), *kv_write(BREAKERS)], []

@@ -19,6 +19,7 @@ routers: dict[str, Router] = {}  # one per config version: each compiles its rul
 log = logging.getLogger("baton.router")
 
 slots = ClientSlots()  # each client's requests in flight, from routing to the Reply
+semantic = cache.SemanticIndex()  # the questions every replica indexed, for paraphrase hits
 ROUTING_HOLD_S = 60.0  # a request being routed holds its slot at most this long (until it has a deadline)
 
 
@@ -70,7 +71,7 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
         if key is not None:
             bucket = await mesh.kv(subjects.CACHE_BUCKET)
             hit, event = await cache.lookup(bucket, key), dict[str, object](hit=True)
-            if hit is None and (found := await cache.semantic_lookup(bucket, env)) is not None:
+            if hit is None and (found := await cache.semantic_lookup(bucket, semantic, env)) is not None:
                 hit, event = found[0], {"hit": True, "semantic": True, "paraphrase_of": found[1]}
             if hit is not None and request.session_id and hit.question is None:
                 hit = None  # no gated question to record as the session's turn: answer afresh
@@ -86,7 +87,7 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
                 await mesh.deliver(reply, reply_to, client)
                 return False
             env.context.cache_key = key
-            await cache.remember(bucket, env, key)
+            await cache.remember(bucket, semantic, env, key)
         mesh.observe(span, env, env.events)
         ack = await mesh.forward(env)
         if ack.duplicate and message.metadata.num_delivered == 1:
@@ -138,6 +139,16 @@ async def follow_replies() -> None:
         slots.release_all(fairness.decode(msg.data))
 
     await mesh.subscribe(subjects.FINISHED, seen)
+
+
+@mesh.before_consuming
+async def follow_semantic_index() -> None:
+    await semantic.attach(await mesh.kv(subjects.CACHE_BUCKET))
+
+
+@mesh.on_stop
+async def stop_following() -> None:
+    await semantic.detach()
 
 
 @mesh.before_consuming  # no request waits for this

@@ -44,7 +44,7 @@ def test_the_same_question_about_another_product_place_or_size_never_hits(a, b):
 
 
 async def test_a_question_with_personal_data_is_never_indexed():
-    from shared.cache import remember
+    from shared.cache import SemanticIndex, remember, scope_key
     from shared.schema import Envelope, Request
 
     class NoKV:  # any KV call would be a write of the question
@@ -53,4 +53,6 @@ async def test_a_question_with_personal_data_is_never_indexed():
 
     env = Envelope(request_id="r1", request=Request(prompt="x"), route="factual", slip=[], deadline=0.0)
     env.context.question = "My email is jane.doe@example.com, how do I bleed Shimano brakes?"
-    await remember(NoKV(), env, "key")
+    index = SemanticIndex()
+    await remember(NoKV(), index, env, "key")
+    assert index.nearest(scope_key(env), shared_embedder().embed(env.context.question)) == []
