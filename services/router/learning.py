@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,28 +99,41 @@ def join_rows(parts: Sequence[Row], widths: Sequence[int]) -> Row:
     return np.concatenate([cols + off for (cols, _), off in zip(parts, offsets)]), np.concatenate([vals for _, vals in parts])
 
 
-# Columns densified at a time when multiplying sparse rows: bounds the transient memory
-# (a few hundred rows x 4096 x 8 bytes, ~10 MB at most).
-_CHUNK = 4096
+class _Flat:
+    """Sparse rows as three flat arrays (row, column, value), for products without scipy.
+
+    Products densify one narrow block of columns at a time, reused: the transient memory
+    stays under a few megabytes, so none is left behind as heap the process cannot give back.
+    """
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.size = len(rows)
+        self.rows = np.repeat(np.arange(len(rows), dtype=np.intp), [len(cols) for cols, _ in rows])
+        self.cols = np.concatenate([cols for cols, _ in rows]) if rows else np.zeros(0, np.intp)
+        self.vals = np.concatenate([vals for _, vals in rows]) if rows else np.zeros(0)
 
 
-def _column_chunks(rows: Sequence[Row], width: int) -> list[tuple[int, np.ndarray]]:
-    flat_rows = np.concatenate([np.full(len(cols), i, dtype=np.intp) for i, (cols, _) in enumerate(rows)]) if rows else np.zeros(0, np.intp)
-    flat_cols = np.concatenate([cols for cols, _ in rows]) if rows else np.zeros(0, np.intp)
-    flat_vals = np.concatenate([vals for _, vals in rows]) if rows else np.zeros(0)
-    chunks = []
-    for start in range(0, width, _CHUNK):
-        at = (flat_cols >= start) & (flat_cols < start + _CHUNK)
-        block = np.zeros((len(rows), min(_CHUNK, width - start)))
-        block[flat_rows[at], flat_cols[at] - start] = flat_vals[at]
-        chunks.append((start, block))
-    return chunks
+# Columns densified at a time: a few hundred rows x 512 columns is under a megabyte.
+_CHUNK = 512
+
+
+def _column_blocks(rows: Sequence[Row], width: int) -> Iterator[tuple[int, np.ndarray]]:
+    flat = _Flat(rows)
+    order = np.argsort(flat.cols, kind="stable")
+    cols, at_rows, vals = flat.cols[order], flat.rows[order], flat.vals[order]
+    bounds = np.searchsorted(cols, np.arange(0, width + _CHUNK, _CHUNK))
+    block = np.zeros((flat.size, _CHUNK))
+    for k, start in enumerate(range(0, width, _CHUNK)):
+        lo, hi = bounds[k], bounds[k + 1]
+        block[:] = 0.0
+        block[at_rows[lo:hi], cols[lo:hi] - start] = vals[lo:hi]
+        yield start, block[:, : min(_CHUNK, width - start)]
 
 
 def gram(rows: Sequence[Row], width: int) -> np.ndarray:
     """X X^T of the sparse rows."""
     matrix = np.zeros((len(rows), len(rows)))
-    for _, block in _column_chunks(rows, width):
+    for _, block in _column_blocks(rows, width):
         matrix += block @ block.T
     return matrix
 
@@ -128,7 +141,7 @@ def gram(rows: Sequence[Row], width: int) -> np.ndarray:
 def primal(rows: Sequence[Row], width: int, dual: np.ndarray) -> np.ndarray:
     """The weights X^T A (routes x width) of dual coefficients A (rows x routes)."""
     coef = np.zeros((dual.shape[1], width))
-    for start, block in _column_chunks(rows, width):
+    for start, block in _column_blocks(rows, width):
         coef[:, start:start + block.shape[1]] = dual.T @ block
     return coef
 
