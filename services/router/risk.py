@@ -114,7 +114,7 @@ def assess_request_risk(text: str) -> RiskAssessment:
     whole = assess_risk(text)
     material = [reason for reason in whole.reasons if reason not in own.reasons]
     remaining = 1.0 - own.score
-    for label, weight, pattern in _CUES:
+    for label, weight, _ in _CUES:
         if any(reason.startswith(label + " (") for reason in material):
             remaining *= 1.0 - weight * MATERIAL_WEIGHT
     return RiskAssessment(round(1.0 - remaining, 4), [*own.reasons, *(f"{reason} in pasted text" for reason in material)])
