@@ -29,9 +29,6 @@ import numpy as np
 
 Row = tuple[np.ndarray, np.ndarray]  # (column indices, values) of one sparse row
 
-_WHITE_SPACES = re.compile(r"\s\s+")
-
-
 def word_ngrams(token_pattern: str, low: int, high: int) -> Callable[[str], list[str]]:
     """scikit-learn's `analyzer="word"`: lower-case, tokens by pattern, then n-grams joined by spaces."""
     pattern = re.compile(token_pattern)
@@ -50,14 +47,20 @@ def char_wb_ngrams(low: int, high: int) -> Callable[[str], list[str]]:
     """scikit-learn's `analyzer="char_wb"`: character n-grams inside space-padded words."""
 
     def analyze(text: str) -> list[str]:
+        # scikit-learn's own loop: plain appends beat slicing comprehensions on short words.
         grams: list[str] = []
-        for word in _WHITE_SPACES.sub(" ", text.lower()).split():
+        append = grams.append
+        for word in text.lower().split():  # split() already treats any run of white space as one
             padded = f" {word} "
+            size = len(padded)
             for n in range(low, high + 1):
-                if len(padded) <= n:
-                    grams.append(padded)  # a word no longer than n counts once, whole
-                    break
-                grams.extend(padded[i:i + n] for i in range(len(padded) - n + 1))
+                offset = 0
+                append(padded[:n])
+                while offset + n < size:
+                    offset += 1
+                    append(padded[offset:offset + n])
+                if offset == 0:
+                    break  # a word no longer than n counts once, whole
         return grams
 
     return analyze
@@ -85,11 +88,12 @@ class Tfidf:
         return len(self.vocabulary)
 
     def row(self, text: str) -> Row:
-        counts = Counter(term for term in self.analyze(text) if term in self.vocabulary)
-        if not counts:
+        vocabulary = self.vocabulary
+        known = [(vocabulary[term], count) for term, count in Counter(self.analyze(text)).items() if term in vocabulary]
+        if not known:
             return np.zeros(0, dtype=np.intp), np.zeros(0)
-        index = np.fromiter((self.vocabulary[term] for term in counts), dtype=np.intp, count=len(counts))
-        weights = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * self.idf[index]
+        index = np.fromiter((i for i, _ in known), dtype=np.intp, count=len(known))
+        weights = (1.0 + np.log(np.fromiter((c for _, c in known), dtype=np.float64, count=len(known)))) * self.idf[index]
         return index, weights / np.linalg.norm(weights)
 
 
