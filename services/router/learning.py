@@ -103,30 +103,21 @@ def join_rows(parts: Sequence[Row], widths: Sequence[int]) -> Row:
     return np.concatenate([cols + off for (cols, _), off in zip(parts, offsets)]), np.concatenate([vals for _, vals in parts])
 
 
-class _Flat:
-    """Sparse rows as three flat arrays (row, column, value), for products without scipy.
-
-    Products densify one narrow block of columns at a time, reused: the transient memory
-    stays under a few megabytes, so none is left behind as heap the process cannot give back.
-    """
-
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.size = len(rows)
-        self.rows = np.repeat(np.arange(len(rows), dtype=np.intp), [len(cols) for cols, _ in rows])
-        self.cols = np.concatenate([cols for cols, _ in rows]) if rows else np.zeros(0, np.intp)
-        self.vals = np.concatenate([vals for _, vals in rows]) if rows else np.zeros(0)
-
-
-# Columns densified at a time: a few hundred rows x 512 columns is under a megabyte.
+# Columns densified at a time: a few hundred rows x 512 columns is under a megabyte. Products
+# densify one such block, reused, so no large transient is left behind as heap the process
+# cannot give back (seen: +25 MB RSS with whole-matrix blocks).
 _CHUNK = 512
 
 
 def _column_blocks(rows: Sequence[Row], width: int) -> Iterator[tuple[int, np.ndarray]]:
-    flat = _Flat(rows)
-    order = np.argsort(flat.cols, kind="stable")
-    cols, at_rows, vals = flat.cols[order], flat.rows[order], flat.vals[order]
+    """The rows as dense blocks of _CHUNK columns (one array, refilled): products without scipy."""
+    all_rows = np.repeat(np.arange(len(rows), dtype=np.intp), [len(cols) for cols, _ in rows])
+    all_cols = np.concatenate([cols for cols, _ in rows]) if rows else np.zeros(0, np.intp)
+    all_vals = np.concatenate([vals for _, vals in rows]) if rows else np.zeros(0)
+    order = np.argsort(all_cols, kind="stable")
+    cols, at_rows, vals = all_cols[order], all_rows[order], all_vals[order]
     bounds = np.searchsorted(cols, np.arange(0, width + _CHUNK, _CHUNK))
-    block = np.zeros((flat.size, _CHUNK))
+    block = np.zeros((len(rows), _CHUNK))
     for k, start in enumerate(range(0, width, _CHUNK)):
         lo, hi = bounds[k], bounds[k + 1]
         block[:] = 0.0
@@ -148,11 +139,6 @@ def primal(rows: Sequence[Row], width: int, dual: np.ndarray) -> np.ndarray:
     for start, block in _column_blocks(rows, width):
         coef[:, start:start + block.shape[1]] = dual.T @ block
     return coef
-
-
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def fit_softmax(kernel: np.ndarray, targets: np.ndarray, weights: np.ndarray, c: float, n_classes: int, *, tolerance: float = 1e-8) -> np.ndarray:
