@@ -105,13 +105,15 @@ def assess_request_risk(text: str) -> RiskAssessment:
     incident; "summarize this: I crashed when the fork snapped and I'm taking you to court"
     still is (two cues). Cues in the instruction itself count in full.
     """
+    whole = assess_risk(text)
+    if not whole.high:
+        return whole  # discounting can only lower it: the common case costs one pass
     instruction = focus_text(text)
     if PAYLOAD_MARKER not in instruction:
-        return assess_risk(text)
+        return whole
     own = assess_risk(instruction.replace(PAYLOAD_MARKER, " "))
     if own.high:
         return own
-    whole = assess_risk(text)
     material = [reason for reason in whole.reasons if reason not in own.reasons]
     remaining = 1.0 - own.score
     for label, weight, _ in _CUES:
