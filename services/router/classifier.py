@@ -30,16 +30,12 @@ run time) to the TF-IDF features.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from scipy import sparse
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from threadpoolctl import threadpool_limits
+
+from services.router.learning import Row, Tfidf, char_wb_ngrams, fit_softmax, gram, join_rows, primal, stratified_folds, word_ngrams
 
 if TYPE_CHECKING:
     from shared.config import MeshConfig
@@ -52,11 +48,10 @@ KEYWORD_WEIGHT = 0.5
 # probabilities, which min_confidence then thresholds meaningfully.
 TFIDF_C = 20.0
 EMBEDDINGS_C = 20.0
-EMBEDDINGS_SCALE = 0.5  # weight of the embedding block against the two TF-IDF blocks (best on routing_eval)
+EMBEDDINGS_SCALE = 0.75  # weight of the embedding block against the two TF-IDF blocks (session 3: best on the dev part and on 5-fold CV over the examples)
 RANDOM_STATE = 0
-# How many examples a route has is an authoring accident, not a traffic prior: with no
-# intercept, text sharing nothing with any example gets a flat (unconfident) distribution.
-FIT_INTERCEPT = False
+# No intercept: how many examples a route has is an authoring accident, not a traffic
+# prior, and text sharing nothing with any example gets a flat (unconfident) distribution.
 PAYLOAD_MARKER = "xxpayload"
 
 
@@ -132,10 +127,12 @@ def _is_payload(head: str, brk: str, tail: str) -> bool:
 
 
 class _Features(Protocol):
-    def fit_transform(self, texts: list[str]) -> Any: ...
+    width: int
 
-    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """One text as (column indices, values): the fast path for a single prediction."""
+    def fit(self, texts: list[str]) -> list[Row]: ...
+
+    def vectorize(self, text: str) -> Row:
+        """One text as (column indices, values)."""
         ...
 
 
@@ -143,39 +140,26 @@ class _TfidfFeatures:
     """Word 1-2 grams for phrasing, char_wb 2-5 grams for misspellings and short texts."""
 
     def __init__(self) -> None:
-        self._words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w[\w'&-]*\b")
-        self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True)
-        self._parts: list[tuple[Any, dict[str, int], np.ndarray, int]] = []
+        self._blocks: list[Tfidf] = []
 
-    def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
+    @property
+    def width(self) -> int:
+        return sum(block.width for block in self._blocks)
+
+    def fit(self, texts: list[str]) -> list[Row]:
         focused = [focus_text(t) for t in texts]
-        blocks = [self._words.fit_transform(focused), self._chars.fit_transform(focused)]
-        self._parts, offset = [], 0
-        for vectorizer, block in zip((self._words, self._chars), blocks):
-            self._parts.append((vectorizer.build_analyzer(), vectorizer.vocabulary_, vectorizer.idf_, offset))
-            offset += block.shape[1]
-        return sparse.hstack(blocks, format="csr")
+        self._blocks = [Tfidf.fit(_WORDS, focused), Tfidf.fit(_CHARS, focused)]
+        return [self._row(text) for text in focused]
 
-    def transform(self, texts: list[str]) -> sparse.csr_matrix:
-        focused = [focus_text(t) for t in texts]
-        return sparse.hstack([self._words.transform(focused), self._chars.transform(focused)], format="csr")
+    def vectorize(self, text: str) -> Row:
+        return self._row(focus_text(text))
 
-    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        # The same numbers as transform() (sublinear tf x idf, l2 per vectorizer) without
-        # scikit-learn's per-call validation, which costs more than the arithmetic.
-        focused = focus_text(text)
-        columns, values = [], []
-        for analyze, vocabulary, idf, offset in self._parts:
-            counts = Counter(term for term in analyze(focused) if term in vocabulary)
-            if not counts:
-                continue
-            index = np.fromiter((vocabulary[term] for term in counts), dtype=np.intp, count=len(counts))
-            weights = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * idf[index]
-            columns.append(index + offset)
-            values.append(weights / np.linalg.norm(weights))
-        if not columns:
-            return np.zeros(0, dtype=np.intp), np.zeros(0)
-        return np.concatenate(columns), np.concatenate(values)
+    def _row(self, focused: str) -> Row:
+        return join_rows([block.row(focused) for block in self._blocks], [block.width for block in self._blocks])
+
+
+_WORDS = word_ngrams(r"(?u)\b\w[\w'&-]*\b", 1, 2)
+_CHARS = char_wb_ngrams(2, 5)
 
 
 class _EmbeddingFeatures:
@@ -193,19 +177,20 @@ class _EmbeddingFeatures:
         self._embedder = shared_embedder()
         self._tfidf = _TfidfFeatures()
 
-    def fit_transform(self, texts: list[str]) -> sparse.csr_matrix:
-        dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
-        return sparse.hstack([self._tfidf.fit_transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
+    @property
+    def width(self) -> int:
+        return self._tfidf.width + self._embedder.dims
 
-    def transform(self, texts: list[str]) -> sparse.csr_matrix:
-        dense = self._embedder.embed_many([focus_text(t) for t in texts]).astype(np.float64)
-        return sparse.hstack([self._tfidf.transform(texts), sparse.csr_matrix(dense * EMBEDDINGS_SCALE)], format="csr")
+    def fit(self, texts: list[str]) -> list[Row]:
+        rows = self._tfidf.fit(texts)
+        return [self._with_embedding(row, text) for row, text in zip(rows, texts)]
 
-    def vectorize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        columns, values = self._tfidf.vectorize(text)
-        offset = sum(len(vocabulary) for _, vocabulary, _, _ in self._tfidf._parts)
+    def vectorize(self, text: str) -> Row:
+        return self._with_embedding(self._tfidf.vectorize(text), text)
+
+    def _with_embedding(self, row: Row, text: str) -> Row:
         dense = self._embedder.embed(focus_text(text)).astype(np.float64) * EMBEDDINGS_SCALE
-        return np.concatenate([columns, offset + np.arange(dense.shape[0])]), np.concatenate([values, dense])
+        return join_rows([row, (np.arange(dense.shape[0]), dense)], [self._tfidf.width, dense.shape[0]])
 
 
 def available_backends() -> list[str]:
@@ -228,7 +213,6 @@ class RouteClassifier:
     temperature: float = 1.0  # learned by cross-validation; <1 sharpens, >1 softens
     _features: _Features | None = field(repr=False, default=None)
     _coef: np.ndarray | None = field(repr=False, default=None)  # (routes, features), already divided by temperature
-    _intercept: np.ndarray | None = field(repr=False, default=None)
 
     @classmethod
     def train(cls, examples: dict[str, list[str]], keywords: dict[str, list[str]] | None = None, *, backend: str = "tfidf") -> RouteClassifier:
@@ -245,14 +229,13 @@ class RouteClassifier:
         if len(routes) == 1:
             return cls(routes=routes, backend=backend)
         texts, labels, weights = _training_set(examples, keywords or {}, routes)
-        matrix = features.fit_transform(texts)
+        rows = features.fit(texts)
+        kernel = gram(rows, features.width)
         targets = np.array([routes.index(label) for label in labels])
         c = TFIDF_C if backend == "tfidf" else EMBEDDINGS_C
-        # The problem is tiny: BLAS threads only add contention (seen: 10x slower on a busy host).
-        with threadpool_limits(limits=1):
-            coef, intercept = _fit_linear(matrix, targets, weights, c, len(routes))
-            temperature = _fit_temperature(matrix, targets, weights, c, len(routes))
-        return cls(routes=routes, backend=backend, temperature=temperature, _features=features, _coef=coef / temperature, _intercept=intercept / temperature)
+        dual = fit_softmax(kernel, targets, weights, c, len(routes))
+        temperature = _fit_temperature(kernel, targets, weights, c, len(routes))
+        return cls(routes=routes, backend=backend, temperature=temperature, _features=features, _coef=primal(rows, features.width, dual) / temperature)
 
     @classmethod
     def from_config(cls, config: MeshConfig, *, backend: str | None = None) -> RouteClassifier:
@@ -266,10 +249,10 @@ class RouteClassifier:
 
     def predict(self, text: str) -> list[tuple[str, float]]:
         """Every known route with its probability, best first; the probabilities sum to 1."""
-        if self._features is None or self._coef is None or self._intercept is None:
+        if self._features is None or self._coef is None:
             return [(self.routes[0], 1.0)]
         columns, values = self._features.vectorize(text)
-        probs = _softmax(self._coef[:, columns] @ values + self._intercept)
+        probs = _softmax(self._coef[:, columns] @ values)
         # Stable sort: equal probabilities keep the config's route order.
         order = sorted(range(len(self.routes)), key=lambda i: -probs[i])
         return [(self.routes[i], float(probs[i])) for i in order]
@@ -294,47 +277,33 @@ def _training_set(examples: dict[str, list[str]], keywords: dict[str, list[str]]
     return texts, labels, np.array(weights)
 
 
-def _fit_linear(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression; one weight row per route, so prediction is one softmax."""
-    # newton-cg converges in a handful of steps here, ten times faster than lbfgs.
-    model = LogisticRegression(C=c, solver="newton-cg", max_iter=1000, random_state=RANDOM_STATE, fit_intercept=FIT_INTERCEPT)
-    model.fit(matrix, targets, sample_weight=weights)
-    coef, intercept = np.asarray(model.coef_), np.asarray(model.intercept_)
-    if n_routes == 2 and coef.shape[0] == 1:
-        # scikit-learn keeps one row w for two classes (p1 = sigmoid(w.x + b));
-        # the rows [-w/2, w/2] give the same probabilities under a softmax.
-        return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    return coef, intercept
-
-
 CALIBRATION_FOLDS = 5
 # Below this many examples in some route, held-out logits are noise: keep the raw probabilities.
 CALIBRATION_MIN_EXAMPLES = 5
 _TEMPERATURES = np.exp(np.linspace(np.log(0.2), np.log(2.0), 41))
 
 
-def _fit_temperature(matrix: Any, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> float:
+def _fit_temperature(kernel: np.ndarray, targets: np.ndarray, weights: np.ndarray, c: float, n_routes: int) -> float:
     """The softmax temperature that makes held-out confidences honest.
 
     With a dozen examples per route a logistic regression's raw probabilities say
     little (they depend mostly on C). Cross-validated logits over the examples
     (keywords always stay in training) pick the temperature with the lowest held-out
     log-loss, so min_confidence compares against something like an accuracy.
-    The vectorizer is shared across folds: a small leak that keeps training fast.
+    The vocabulary is shared across folds: a small leak that keeps training fast. On the
+    Gram matrix a fold costs a few milliseconds, so this stays at start-up.
     """
     real = np.flatnonzero(weights >= 1.0)
     hints = np.flatnonzero(weights < 1.0)
     smallest = int(np.bincount(targets[real], minlength=n_routes).min())
     if smallest < CALIBRATION_MIN_EXAMPLES:
         return 1.0
-    folds = min(CALIBRATION_FOLDS, smallest)
     logits, truth = [], []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=RANDOM_STATE)
-    for train_at, test_at in splitter.split(real, targets[real]):
+    for train_at, test_at in stratified_folds(targets[real], min(CALIBRATION_FOLDS, smallest), seed=RANDOM_STATE):
         train = np.concatenate([real[train_at], hints])
-        coef, intercept = _fit_linear(matrix[train], targets[train], weights[train], c, n_routes)
         held_out = real[test_at]
-        logits.append(np.asarray(matrix[held_out] @ coef.T) + intercept)
+        dual = fit_softmax(kernel[np.ix_(train, train)], targets[train], weights[train], c, n_routes)
+        logits.append(kernel[np.ix_(held_out, train)] @ dual)
         truth.append(targets[held_out])
     stacked, gold = np.vstack(logits), np.concatenate(truth)
     losses = [_log_loss(stacked / t, gold) for t in _TEMPERATURES]

@@ -16,6 +16,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from services.router.classifier import PAYLOAD_MARKER, focus_text
+
 RISK_ROUTE = "high_risk"
 RISK_THRESHOLD = 0.5
 D = TypeVar("D")  # the router's RouteDecision (a dataclass with risk and risk_reasons fields)
@@ -91,13 +93,42 @@ def assess_risk(text: str) -> RiskAssessment:
     return RiskAssessment(round(1.0 - remaining, 4), reasons)
 
 
+# Cues found only in pasted material ("rephrase this: ... crash damage is not covered") count
+# at this share of their weight: one cue there is not enough to escalate, two are.
+MATERIAL_WEIGHT = 0.5
+
+
+def assess_request_risk(text: str) -> RiskAssessment:
+    """Risk of a request whose pasted material (see focus_text) may mention incidents.
+
+    A text task about a warranty letter that says "crash damage is not covered" is not an
+    incident; "summarize this: I crashed when the fork snapped and I'm taking you to court"
+    still is (two cues). Cues in the instruction itself count in full.
+    """
+    whole = assess_risk(text)
+    if not whole.high:
+        return whole  # discounting can only lower it: the common case costs one pass
+    instruction = focus_text(text)
+    if PAYLOAD_MARKER not in instruction:
+        return whole
+    own = assess_risk(instruction.replace(PAYLOAD_MARKER, " "))
+    if own.high:
+        return own
+    material = [reason for reason in whole.reasons if reason not in own.reasons]
+    remaining = 1.0 - own.score
+    for label, weight, _ in _CUES:
+        if any(reason.startswith(label + " (") for reason in material):
+            remaining *= 1.0 - weight * MATERIAL_WEIGHT
+    return RiskAssessment(round(1.0 - remaining, 4), [*own.reasons, *(f"{reason} in pasted text" for reason in material)])
+
+
 def escalate_for_risk(decision: D, text: str, routes: Collection[str]) -> D:
     """The decision with its risk score and reasons, moved to the high-risk route when the
     text is high-risk. A route hint is the caller's explicit choice and stays; without a
     high-risk route in the config nothing moves."""
     if decision.reason == "route hint" or RISK_ROUTE not in routes:
         return decision
-    risk = assess_risk(text)
+    risk = assess_request_risk(text)
     scored = replace(decision, risk=risk.score, risk_reasons=tuple(risk.reasons))
     if not risk.high or decision.route == RISK_ROUTE:
         return scored

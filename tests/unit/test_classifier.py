@@ -145,14 +145,69 @@ def test_keywords_are_hints_that_join_the_training_set():
     assert with_hint[0][0] == "help"
 
 
-def test_the_fast_single_text_path_matches_scikit_learn(classifier):
-    # predict() bypasses TfidfVectorizer.transform for speed; the numbers must be identical.
-    features = classifier._features
-    for text in ["Can you condense these notes? Ride at 8, cafe at 10, home by noon, lights on.", "hi!!", "qqqq"]:
+def _sklearn_reference(config):
+    """The training set and scikit-learn's TF-IDF over it, the way the router used to build it."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from services.router.classifier import _training_set
+
+    examples = {name: list(route.examples) for name, route in config.routes.items()}
+    hints = {name: list(route.hints) for name, route in config.routes.items()}
+    routes = tuple(name for name, texts in examples.items() if texts)
+    texts, labels, weights = _training_set(examples, hints, routes)
+    focused = [focus_text(t) for t in texts]
+    words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w[\w'&-]*\b").fit(focused)
+    chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(focused)
+
+    def dense(text: str) -> np.ndarray:
+        return np.concatenate([words.transform([focus_text(text)]).toarray()[0], chars.transform([focus_text(text)]).toarray()[0]])
+
+    return texts, np.array([routes.index(label) for label in labels]), weights, dense
+
+
+def test_the_numpy_tfidf_gives_scikit_learns_numbers(config):
+    # The router runs without scikit-learn; its TF-IDF must stay the one the examples were tuned with.
+    from services.router.classifier import _TfidfFeatures
+
+    texts, _, _, reference = _sklearn_reference(config)
+    features = _TfidfFeatures()
+    features.fit(texts)
+    probes = ["Can you condense these notes? Ride at 8, cafe at 10, home by noon, lights on.", "hi!!", "qqqq", "a", "I'm  off -- e-bike's   gone & so's my lock", texts[5]]
+    for text in probes:
         columns, values = features.vectorize(text)
-        dense = np.zeros(features.transform([text]).shape[1])
-        dense[columns] = values
-        assert np.allclose(dense, features.transform([text]).toarray()[0])
+        ours = np.zeros(features.width)
+        ours[columns] = values
+        assert np.allclose(ours, reference(text), atol=1e-12), text
+
+
+def test_the_numpy_logistic_regression_finds_scikit_learns_weights(config):
+    from sklearn.linear_model import LogisticRegression
+
+    from services.router.classifier import TFIDF_C, _TfidfFeatures
+    from services.router.learning import fit_softmax, gram, primal
+
+    texts, targets, weights, reference = _sklearn_reference(config)
+    matrix = np.stack([reference(text) for text in texts])
+    expected = LogisticRegression(C=TFIDF_C, solver="newton-cg", fit_intercept=False, tol=1e-10, max_iter=1000).fit(matrix, targets, sample_weight=weights).coef_
+    features = _TfidfFeatures()
+    rows = features.fit(texts)
+    coef = primal(rows, features.width, fit_softmax(gram(rows, features.width), targets, weights, TFIDF_C, int(targets.max()) + 1))
+    assert np.abs(coef - expected).max() < 1e-6 * np.abs(expected).max()
+
+
+def test_the_router_runs_without_scikit_learn_or_scipy():
+    # They cost the router ~60 MB of resident memory for a few hundred examples.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from shared.config import load_config; from shared.settings import ROOT;"
+        "from services.router.routing import Router; from shared.schema import Request;"
+        "Router(load_config(ROOT / 'shared' / 'default_config.yaml')).decide(Request(prompt='hi'));"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'threadpoolctl')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_training_and_prediction_are_fast(config):

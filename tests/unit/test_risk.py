@@ -53,3 +53,29 @@ def test_ordinary_requests_stay_where_they_are(router, prompt):
 
 def test_a_route_hint_is_the_callers_choice(router):
     assert router.decide(Request(prompt="My battery is on fire", route="factual")).route == "factual"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "route"),
+    [
+        # The incident word is in the letter being reworded, not in the user's situation.
+        ("Make this sound kinder: Your claim was declined because crash damage is not covered by the frame warranty.", "rewrite"),
+        ("Label this review as praise or complaint: 'Took a small crash on the first ride and the bar tape survived, love it.'", "classify"),
+    ],
+)
+def test_one_incident_word_in_pasted_material_does_not_escalate(router, prompt, route):
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route == route
+    assert any("in pasted text" in reason for reason in decision.risk_reasons)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        # Two cues in the material, or one in the instruction itself, still escalate.
+        "Summarise this for my insurer: the fork snapped on a descent, I crashed and I am talking to a solicitor about it.",
+        "Rewrite my complaint, my daughter was injured: the stem came loose on her first ride after your service.",
+    ],
+)
+def test_strong_or_first_person_incidents_around_a_text_task_still_escalate(router, prompt):
+    assert router.decide(Request(prompt=prompt)).route == "high_risk"
