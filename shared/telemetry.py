@@ -15,16 +15,20 @@ project (BATON_TRACE_PROJECT, default "baton"; OTEL_RESOURCE_ATTRIBUTES wins).
 Tracing is on when an OTLP endpoint is configured with the standard variables
 (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) and
 OTEL_SDK_DISABLED is not true. Export is batched, off the hot path; a collector that
-is down costs dropped spans, never a failed request.
+is down costs dropped spans, never a failed request. The exporter is Baton's lean
+OTLP/HTTP one (shared/span_export.py), which honours the same OTEL_EXPORTER_OTLP_*
+variables; BATON_TRACE_EXPORTER=otlp, a gRPC protocol, TLS certificates or a credential
+provider select the SDK's own exporter instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode
@@ -32,6 +36,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from shared import attributes as A
 from shared.schema import ChatMessage, Envelope, Error, Event, Passage, Reply
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "baton"
 
@@ -54,14 +63,35 @@ def setup_tracing(service: str) -> trace.Tracer:
     if not tracing_enabled():
         return NoOpTracer()
     if _provider is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         _provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
-        _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _provider.add_span_processor(BatchSpanProcessor(span_exporter()))
     return _provider.get_tracer("baton")
+
+
+def span_exporter() -> SpanExporter:
+    """The lean OTLP/HTTP exporter (shared/span_export.py: the same bytes, a quarter of
+    the CPU), or the SDK's own when a setting asks for what only it does."""
+    from shared.span_export import LeanSpanExporter, standard_exporter_reason
+
+    reason = standard_exporter_reason()
+    if reason is None:
+        return LeanSpanExporter()
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if protocol.strip().lower() == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+        except ImportError:
+            log.warning("OTLP protocol grpc asked for, but opentelemetry-exporter-otlp-proto-grpc is not installed: exporting http/protobuf")
+        else:
+            return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    log.info("spans exported by the OpenTelemetry SDK's OTLP exporter (%s)", reason)
+    return OTLPSpanExporter()
 
 
 def resource_attributes(service: str) -> dict[str, str]:
