@@ -2,7 +2,10 @@
 encoding (the exporter's work minus the network), around `HopRuntime.hop` + `observe`
 as a hop runs them. Not a timed test: a figure to compare before and after a change.
 
-    .venv/bin/python -m bench.span_cost [--spans 20000]
+    .venv/bin/python -m bench.span_cost [--spans 20000] [--encoder wire|sdk]
+
+`--encoder wire` (the default) encodes as the services' exporter does (shared/otlp_wire.py);
+`sdk` as the OpenTelemetry SDK's OTLP exporter does (the exporter before it).
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from shared.runtime import _MESSAGE, HopRuntime
 from shared.schema import Envelope, Event, Passage, Request, Step
-from shared import telemetry
+from shared import otlp_wire, telemetry
+
+
+ENCODERS = {"wire": otlp_wire.encode_spans, "sdk": lambda spans: encode_spans(spans).SerializeToString()}
+ENCODER = "wire"
 
 
 class EncodingSink(SpanExporter):
-    """Serializes every batch as the OTLP exporter would, then drops it."""
+    """Serializes every batch as the exporter would, then drops it."""
 
     def __init__(self) -> None:
         self.spans = 0
+        self.encode = ENCODERS[ENCODER]
 
     def export(self, spans) -> SpanExportResult:
-        encode_spans(spans).SerializeToString()
+        self.encode(spans)
         self.spans += len(spans)
         return SpanExportResult.SUCCESS
 
@@ -161,7 +169,10 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="wire")
     args = parser.parse_args()
+    global ENCODER
+    ENCODER = args.encoder
     results = sorted(measure(args.spans)["cpu_us_per_span"] for _ in range(args.runs))
     print(f"CPU per hop span (hop + observe + batch export encoding): min {results[0]} us, median {results[len(results) // 2]} us, runs {results}")
     per_request = sorted(measure_requests(args.requests) for _ in range(args.runs))

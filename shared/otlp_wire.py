@@ -128,6 +128,14 @@ def _attribute(tag: bytes, key: str, value: Any) -> bytes:
         return b""
 
 
+def _span_attributes(span: ReadableSpan) -> Mapping[str, Any]:
+    """The span's attributes: the SDK's own dict when it is there (a tenth of the
+    encoding's time goes to reading them through the read-only view otherwise)."""
+    stored = getattr(span, "_attributes", None)
+    inner = getattr(stored, "_dict", None)
+    return inner if type(inner) is dict else span.attributes
+
+
 def _uint_field(tag: bytes, value: int) -> bytes:
     return tag + _varint(value) if value else b""
 
@@ -140,6 +148,7 @@ def _flags(parent: Any) -> bytes:
 def _span(span: ReadableSpan) -> bytes:
     """One Span message's payload (opentelemetry.proto.trace.v1.Span)."""
     context = span.get_span_context()
+    assert context is not None  # a finished SDK span has one
     parent = span.parent
     parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
     trace_state = context.trace_state
@@ -157,7 +166,7 @@ def _span(span: ReadableSpan) -> bytes:
         parts.append(b"\x39" + _FIXED64(span.start_time))
     if span.end_time:
         parts.append(b"\x41" + _FIXED64(span.end_time))
-    parts += _attributes(b"\x4a", span.attributes)
+    parts += _attributes(b"\x4a", _span_attributes(span))
     parts.append(_uint_field(b"\x50", span.dropped_attributes))
     for event in span.events:
         parts.append(_field(b"\x5a", _event(event)))
@@ -211,30 +220,33 @@ def _scope(scope: Any) -> bytes:
     return b"".join(parts)
 
 
-def _group(spans: Sequence[ReadableSpan]) -> list[tuple[Any, list[tuple[Any, list[bytes]]]]]:
+_Scoped = tuple[Any, list[bytes]]  # (instrumentation scope or None, its encoded spans)
+
+
+def _group(spans: Sequence[ReadableSpan]) -> list[tuple[Any, list[_Scoped]]]:
     """Encoded spans grouped by resource, then by scope, in order of first appearance.
 
     Grouped by identity first (one provider has one resource: a Resource's hash is a
     JSON dump of its attributes), then equal resources and scopes merged, as the SDK's
     dictionary of them does."""
-    by_resource: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    by_identity: dict[int, tuple[Any, dict[int, _Scoped]]] = {}
     for span in spans:
         resource = span.resource
         scope = span.instrumentation_scope or None
-        scopes = by_resource.get(id(resource))
-        if scopes is None:
-            scopes = by_resource[id(resource)] = (resource, {})
-        group = scopes[1].get(id(scope))
-        if group is None:
-            group = scopes[1][id(scope)] = (scope, [])
-        group[1].append(_span(span))
-    merged: list[tuple[Any, list[tuple[Any, list[bytes]]]]] = []
-    for resource, scopes in by_resource.values():
+        entry = by_identity.get(id(resource))
+        if entry is None:
+            entry = by_identity[id(resource)] = (resource, {})
+        scoped = entry[1].get(id(scope))
+        if scoped is None:
+            scoped = entry[1][id(scope)] = (scope, [])
+        scoped[1].append(_span(span))
+    merged: list[tuple[Any, list[_Scoped]]] = []
+    for resource, by_scope in by_identity.values():
         into = next((m for m in merged if m[0] == resource), None)
         if into is None:
             into = (resource, [])
             merged.append(into)
-        for scope, encoded in scopes.values():
+        for scope, encoded in by_scope.values():
             same = next((s for s in into[1] if s[0] is scope or (scope is not None and s[0] is not None and s[0] == scope)), None)
             if same is None:
                 into[1].append((scope, encoded))

@@ -82,7 +82,7 @@ class ExportTarget:
         except ValueError:
             log.warning("Invalid timeout value %r, using default of %s seconds", raw_timeout, DEFAULT_TIMEOUT_S)
             timeout_s = DEFAULT_TIMEOUT_S
-        return cls(url, parse_env_headers(setting("HEADERS"), liberal=True), timeout_s, compression)
+        return cls(url, dict(parse_env_headers(setting("HEADERS"), liberal=True)), timeout_s, compression)
 
 
 def standard_exporter_reason(environ: Mapping[str, str] = os.environ) -> str | None:
