@@ -51,6 +51,8 @@ CREATE INDEX IF NOT EXISTS requests_started ON requests (started_ns DESC);
 """
 
 _WAL_CHECKPOINT_PAGES = 8000  # 4 KB pages
+_KNOWN_STARTS_MAX = 16384
+_UNKNOWN = 1 << 64  # later than any start
 
 _COLUMNS = (
     "trace_id, span_id, parent_span_id, name, service, start_ns, end_ns,"
@@ -83,6 +85,9 @@ class SpanStore:
             # instead of again and again (about a fifth of the store's CPU per span).
             self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
             self._conn.executescript(_SCHEMA)
+        # request id -> a start the stored one is at or before (committed): an upper bound,
+        # so an upsert from a later span can be skipped. Bounded: cleared when full.
+        self._known_starts: dict[str, int] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -107,16 +112,24 @@ class SpanStore:
                 )
                 inserted = self._conn.total_changes - before
                 # A request's start is its earliest span seen so far; spans arrive out of order.
+                # Each request comes in one export per service: skip the upserts that could
+                # not lower what is stored, and let the rest write only when they do.
+                known = self._known_starts
+                upserts = [r for r in _earliest_per_request(records) if known.get(r[0], _UNKNOWN) > r[2]]
                 self._conn.executemany(
                     "INSERT INTO requests (request_id, trace_id, started_ns) VALUES (?, ?, ?)"
-                    " ON CONFLICT (request_id) DO UPDATE SET started_ns ="
-                    " min(started_ns, excluded.started_ns)",
-                    _earliest_per_request(records),
+                    " ON CONFLICT (request_id) DO UPDATE SET started_ns = excluded.started_ns"
+                    " WHERE excluded.started_ns < requests.started_ns",
+                    upserts,
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            if len(known) + len(upserts) > _KNOWN_STARTS_MAX:
+                known.clear()
+            for request_id, _, started_ns in upserts:
+                known[request_id] = started_ns  # the stored start is this or earlier
         return inserted
 
     def spans(self, trace_id: str) -> list[SpanRow]:
