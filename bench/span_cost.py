@@ -129,8 +129,7 @@ def one_request(mesh: HopRuntime, env: Envelope, message: SimpleNamespace) -> No
                 events = [Event(kind="retrieval", step=step, data={"count": 1, "top_score": 3.2})]
             else:
                 events = [Event(kind="gate", step=step, data={"gate": step, "verdict": "pass", "score": 0.1, "reason": "clean"})]
-            span.set_attribute(A.STEP_OUTCOME, "ok")
-            mesh_observe(mesh, span, env, events)
+            mesh_observe(mesh, span, env, events, {A.STEP_OUTCOME: "ok"})
             if step == "guard.output":
                 telemetry.record_reply(span, answer_reply(env, telemetry.trace_id_of(span)))
             else:
@@ -160,8 +159,15 @@ def measure_requests(requests: int) -> float:
     return round(cpu / requests * 1e6, 1)
 
 
-def mesh_observe(mesh: HopRuntime, span, env: Envelope, events: list[Event]) -> None:
-    telemetry.record_events(span, events) if telemetry.record_events.__code__.co_argcount == 2 else telemetry.record_events(span, events, env)
+def mesh_observe(mesh: HopRuntime, span, env: Envelope, events: list[Event], attributes: dict | None = None) -> None:
+    """`HopRuntime.observe` minus the metrics, as each version of telemetry.py takes it."""
+    arguments = telemetry.record_events.__code__.co_argcount
+    if arguments == 4:  # the hop's own attributes go with the events, in one call
+        telemetry.record_events(span, events, env, attributes)
+        return
+    if attributes:
+        span.set_attributes(attributes)
+    telemetry.record_events(span, events) if arguments == 2 else telemetry.record_events(span, events, env)
 
 
 def main() -> None:

@@ -199,32 +199,44 @@ def envelope_attributes(env: Envelope) -> dict[str, Any]:
     return attributes
 
 
-def record_events(span: Span, events: list[Event], env: Envelope | None = None) -> None:
-    """Put the decisions taken in this hop on its span, under the declared names.
+def record_events(span: Span, events: list[Event], env: Envelope | None = None, attributes: Mapping[str, Any] | None = None) -> None:
+    """Put the decisions taken in this hop on its span, under the declared names, with
+    `attributes` (the hop's own, e.g. its outcome) before them: one call into the SDK.
 
     With `env`, a retrieval also lists its documents and, with content tracing on, a
     gate shows the text it let through (the input gate's is the redacted question)."""
     if not span.is_recording():
         return
+    collected = event_attributes(events, env)
+    if attributes:
+        collected = {**attributes, **collected}
+    if collected:
+        span.set_attributes(collected)
+
+
+def event_attributes(events: list[Event], env: Envelope | None = None) -> dict[str, Any]:
+    """The span attributes of a hop's decisions (see `record_events`)."""
+    attributes: dict[str, Any] = {}
     for event in events:
         data = event.data
         if event.kind == "route":
-            span.set_attributes({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
+            attributes.update({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
             if data.get("variant"):
-                span.set_attribute(A.VARIANT, data["variant"])
+                attributes[A.VARIANT] = data["variant"]
         elif event.kind == "retrieval":
-            span.set_attributes({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
+            attributes.update({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
             if env is not None:
-                span.set_attributes(document_attributes(env.context.passages, content_tracing()))
+                attributes.update(document_attributes(env.context.passages, content_tracing()))
                 if content_tracing():
-                    span.set_attribute(A.INPUT_VALUE, env.context.question)
+                    attributes[A.INPUT_VALUE] = env.context.question
         elif event.kind == "gate":
             verdict = data.get("verdict", "")
-            span.set_attributes({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: verdict, A.GATE_SCORE: float(data.get("score") or 0.0), A.GATE_REASON: str(data.get("reason", ""))})
+            attributes.update({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: verdict, A.GATE_SCORE: float(data.get("score") or 0.0), A.GATE_REASON: str(data.get("reason", ""))})
             if verdict != "fail" and env is not None and content_tracing():
-                span.set_attribute(A.OUTPUT_VALUE, gate_output(event.step or "", env))
+                attributes[A.OUTPUT_VALUE] = gate_output(event.step or "", env)
         elif event.kind == "fallback":
-            span.set_attributes({A.FALLBACK_REASON: data["reason"], A.FALLBACK_ACTION: data["action"]})
+            attributes.update({A.FALLBACK_REASON: data["reason"], A.FALLBACK_ACTION: data["action"]})
+    return attributes
 
 
 def gate_output(step: str, env: Envelope) -> str:

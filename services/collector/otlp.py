@@ -303,14 +303,14 @@ def _span_record(data: bytes, pos: int, end: int, service: str) -> SpanRecord:
     kind = status_code = start_ns = end_ns = 0
     members: list[str] = []
     request_id: str | None = None
+    cached = _members.get
     while pos < end:
         tag = data[pos]
         if tag >= 0x80:  # field 16 (flags) and beyond
             tag, pos = _varint(data, pos)
         else:
             pos += 1
-        wire_type = tag & 7
-        if wire_type == 2:
+        if tag & 7 == 2:
             length = data[pos]
             if length >= 0x80:
                 length, pos = _varint(data, pos)
@@ -319,9 +319,7 @@ def _span_record(data: bytes, pos: int, end: int, service: str) -> SpanRecord:
             stop = pos + length
             if tag == _ATTRIBUTE_TAG:
                 record = data[pos:stop]
-                member = _members.get(record)
-                if member is None:
-                    member = _member(record)
+                member = cached(record) or _member(record)
                 members.append(member[2])
                 if member[0] == REQUEST_ID:
                     request_id = None if member[1] is None else str(member[1])
@@ -336,31 +334,40 @@ def _span_record(data: bytes, pos: int, end: int, service: str) -> SpanRecord:
             elif tag == 0x7A:  # status: merged over occurrences, as protobuf does
                 status_message, status_code = _status(data, pos, stop, status_message, status_code)
             pos = stop
-        elif tag == 0x30:  # kind
-            value, pos = _varint(data, pos)
-            kind = _int32(value)
         elif tag == 0x39:  # start_time_unix_nano
             (start_ns,) = _FIXED64.unpack_from(data, pos)
             pos += 8
         elif tag == 0x41:  # end_time_unix_nano
             (end_ns,) = _FIXED64.unpack_from(data, pos)
             pos += 8
+        elif tag == 0x30:  # kind
+            value, pos = _varint(data, pos)
+            kind = _int32(value)
         else:
-            pos = _skip(data, pos, wire_type)
+            pos = _skip(data, pos, tag & 7)
+    if len(trace_id) != 16 or trace_id == _NO_TRACE:
+        _hex_id(trace_id, "trace", "trace_id")  # raises, naming the id
+    if len(span_id) != 8 or span_id == _NO_SPAN:
+        _hex_id(span_id, "span", "span_id")
+    if start_ns >> 63 or end_ns >> 63:
+        _time(start_ns, "start_time_unix_nano"), _time(end_ns, "end_time_unix_nano")
     return SpanRecord(
-        _hex_id(trace_id, "trace", "trace_id"),
-        _hex_id(span_id, "span", "span_id"),
+        trace_id.hex(),
+        span_id.hex(),
         _hex_id(parent, "span", "parent_span_id") if parent.strip(b"\x00") else None,
         name,
         service,
-        _time(start_ns, "start_time_unix_nano"),
-        _time(end_ns, "end_time_unix_nano"),
+        start_ns,
+        end_ns,
         status_code,
         kind,
         status_message,
         "{" + ",".join(members) + "}",
         request_id,
     )
+
+
+_NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
 
 
 def _status(data: bytes, pos: int, end: int, message: str, code: int) -> tuple[str, int]:
