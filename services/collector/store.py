@@ -54,6 +54,7 @@ CREATE INDEX IF NOT EXISTS requests_started ON requests (started_ns DESC);
 """
 
 _WAL_CHECKPOINT_PAGES = 8000  # 4 KB pages
+_WAL_LIMIT_BYTES = 2 * _WAL_CHECKPOINT_PAGES * 4096
 _CHECKPOINT_SPANS = 16 * 512  # about _WAL_CHECKPOINT_PAGES of WAL with Baton's spans
 _KNOWN_STARTS_MAX = 16384
 _UNKNOWN = 1 << 64  # later than any start
@@ -89,6 +90,7 @@ class SpanStore:
             # it stalled ingest for up to a second. This bound only catches a checkpointer
             # that falls far behind.
             self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES * 8}")
+            self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")  # a restarted WAL shrinks back
             self._conn.executescript(_SCHEMA)
         # request id -> a start the stored one is at or before (committed): an upper bound,
         # so an upsert from a later span can be skipped. Bounded: cleared when full.
@@ -208,7 +210,7 @@ class Checkpointer:
 
     def __init__(self, path: str, lock: threading.Lock) -> None:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_CHECKPOINT_PAGES * 4096 * 2}")
+        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
         self._writer_lock = lock
         self._pending = 0
         self._wake = threading.Event()
