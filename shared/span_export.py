@@ -111,10 +111,13 @@ class LeanSpanExporter(SpanExporter):
         parts = urlsplit(self.target.url)
         self._host, self._port = parts.hostname or "localhost", parts.port or 80
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._headers = {"Content-Type": "application/x-protobuf", "User-Agent": "baton-otlp-exporter", **self.target.headers}
+        # Lower-case names, as the SDK's exporter keeps them: a configured header replaces a default.
+        self._headers = {"content-type": "application/x-protobuf", "user-agent": "baton-otlp-exporter",
+                         **{name.lower(): value for name, value in self.target.headers.items()}}
         if self.target.compression != "none":
-            self._headers.setdefault("Content-Encoding", self.target.compression)
+            self._headers.setdefault("content-encoding", self.target.compression)
         self._connection: http.client.HTTPConnection | None = None
+        self._pid = os.getpid()  # a forked child opens its own connection
         self._stopping = threading.Event()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -161,6 +164,8 @@ class LeanSpanExporter(SpanExporter):
 
     def _send(self, body: bytes, deadline: float) -> tuple[int, str, float | None]:
         """One POST; a kept-alive connection the server has closed meanwhile is reopened once at once."""
+        if self._pid != os.getpid():
+            self._connection, self._pid = None, os.getpid()  # the parent's socket is not ours to use
         for reopened in (False, True):
             connection = self._connection
             fresh = connection is None
