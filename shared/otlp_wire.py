@@ -128,7 +128,7 @@ def _attribute(tag: bytes, key: str, value: Any) -> bytes:
         return b""
 
 
-def _span_attributes(span: ReadableSpan) -> Mapping[str, Any]:
+def _span_attributes(span: ReadableSpan) -> Mapping[str, Any] | None:
     """The span's attributes: the SDK's own dict when it is there (a tenth of the
     encoding's time goes to reading them through the read-only view otherwise)."""
     stored = getattr(span, "_attributes", None)
