@@ -1,5 +1,5 @@
-"""Collector ingestion: OTLP/HTTP protobuf batches, built with the OpenTelemetry SDK's own
-encoder, POSTed to Baton's collector (`create_app` served by uvicorn, its own process).
+"""Collector ingestion: OTLP/HTTP protobuf batches, encoded as the services' exporter does
+(shared/otlp_wire.py: the bytes of the OpenTelemetry SDK's encoder), POSTed to Baton's collector (`create_app` served by uvicorn, its own process).
 
 The spans look like Baton's: one trace per request, a chain of hop spans
 (publish → route → guard.input → retrieve → generate → chat → guard.output) with the
@@ -41,7 +41,6 @@ HOPS = [
 def build_batches(traces: int) -> tuple[list[bytes], int]:
     """Serialized ExportTraceServiceRequest bodies holding `traces` Baton-like traces."""
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -49,6 +48,7 @@ def build_batches(traces: int) -> tuple[list[bytes], int]:
     from opentelemetry.trace import SpanKind
 
     from shared import attributes as A
+    from shared.otlp_wire import encode_spans
 
     exporters: dict[str, InMemorySpanExporter] = {}
     tracers = {}
@@ -83,7 +83,7 @@ def build_batches(traces: int) -> tuple[list[bytes], int]:
         spans = exporter.get_finished_spans()
         total += len(spans)
         for start in range(0, len(spans), BATCH):
-            bodies.append(encode_spans(spans[start : start + BATCH]).SerializeToString())
+            bodies.append(encode_spans(spans[start : start + BATCH]))
     bodies.sort(key=len)  # deterministic order across services; every body is independent
     return bodies, total
 

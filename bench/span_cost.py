@@ -2,7 +2,10 @@
 encoding (the exporter's work minus the network), around `HopRuntime.hop` + `observe`
 as a hop runs them. Not a timed test: a figure to compare before and after a change.
 
-    .venv/bin/python -m bench.span_cost [--spans 20000]
+    .venv/bin/python -m bench.span_cost [--spans 20000] [--encoder wire|sdk]
+
+`--encoder wire` (the default) encodes as the services' exporter does (shared/otlp_wire.py);
+`sdk` as the OpenTelemetry SDK's OTLP exporter does (the exporter before it).
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from shared.runtime import _MESSAGE, HopRuntime
 from shared.schema import Envelope, Event, Passage, Request, Step
-from shared import telemetry
+from shared import otlp_wire, telemetry
+
+
+ENCODERS = {"wire": otlp_wire.encode_spans, "sdk": lambda spans: encode_spans(spans).SerializeToString()}
+ENCODER = "wire"
 
 
 class EncodingSink(SpanExporter):
-    """Serializes every batch as the OTLP exporter would, then drops it."""
+    """Serializes every batch as the exporter would, then drops it."""
 
     def __init__(self) -> None:
         self.spans = 0
+        self.encode = ENCODERS[ENCODER]
 
     def export(self, spans) -> SpanExportResult:
-        encode_spans(spans).SerializeToString()
+        self.encode(spans)
         self.spans += len(spans)
         return SpanExportResult.SUCCESS
 
@@ -121,8 +129,7 @@ def one_request(mesh: HopRuntime, env: Envelope, message: SimpleNamespace) -> No
                 events = [Event(kind="retrieval", step=step, data={"count": 1, "top_score": 3.2})]
             else:
                 events = [Event(kind="gate", step=step, data={"gate": step, "verdict": "pass", "score": 0.1, "reason": "clean"})]
-            span.set_attribute(A.STEP_OUTCOME, "ok")
-            mesh_observe(mesh, span, env, events)
+            mesh_observe(mesh, span, env, events, {A.STEP_OUTCOME: "ok"})
             if step == "guard.output":
                 telemetry.record_reply(span, answer_reply(env, telemetry.trace_id_of(span)))
             else:
@@ -152,8 +159,15 @@ def measure_requests(requests: int) -> float:
     return round(cpu / requests * 1e6, 1)
 
 
-def mesh_observe(mesh: HopRuntime, span, env: Envelope, events: list[Event]) -> None:
-    telemetry.record_events(span, events) if telemetry.record_events.__code__.co_argcount == 2 else telemetry.record_events(span, events, env)
+def mesh_observe(mesh: HopRuntime, span, env: Envelope, events: list[Event], attributes: dict | None = None) -> None:
+    """`HopRuntime.observe` minus the metrics, as each version of telemetry.py takes it."""
+    arguments = telemetry.record_events.__code__.co_argcount
+    if arguments == 4:  # the hop's own attributes go with the events, in one call
+        telemetry.record_events(span, events, env, attributes)
+        return
+    if attributes:
+        span.set_attributes(attributes)
+    telemetry.record_events(span, events) if arguments == 2 else telemetry.record_events(span, events, env)
 
 
 def main() -> None:
@@ -161,7 +175,10 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="wire")
     args = parser.parse_args()
+    global ENCODER
+    ENCODER = args.encoder
     results = sorted(measure(args.spans)["cpu_us_per_span"] for _ in range(args.runs))
     print(f"CPU per hop span (hop + observe + batch export encoding): min {results[0]} us, median {results[len(results) // 2]} us, runs {results}")
     per_request = sorted(measure_requests(args.requests) for _ in range(args.runs))

@@ -19,7 +19,6 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
-from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from shared import attributes as A
@@ -88,16 +87,16 @@ class Hops:
                 try:
                     await self.run_within_budget(env, step, record)
                 except StepFailed as failure:
-                    self._close(record, "failed", span)
+                    self._close(record, "failed")
                     env.steps.append(record)
                     failure.error.step = env.current.name
                     telemetry.mark_failed(span, failure.error)
-                    self.runtime.observe(span, env, env.events[events_before:])
+                    self.runtime.observe(span, env, env.events[events_before:], {A.STEP_OUTCOME: "failed"})
                     await self.fail(env, failure.error)
                     return
-                self._close(record, "ok", span)
+                self._close(record, "ok")
                 env.steps.append(record)
-                self.runtime.observe(span, env, env.events[events_before:])
+                self.runtime.observe(span, env, env.events[events_before:], {A.STEP_OUTCOME: "ok"})
                 env.cursor += 1
                 if env.done:
                     await self.book.finish(env)
@@ -148,10 +147,9 @@ class Hops:
             log.exception("%s: step %s crashed", self.service, env.current.name)
             raise StepFailed(ErrorCode.INTERNAL, f"{env.current.name} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _close(self, record: StepRecord, outcome: str, span: Span) -> None:
+    def _close(self, record: StepRecord, outcome: str) -> None:
         record.duration_ms = round((time.time() - record.started_at) * 1000, 3)
         record.outcome = outcome  # type: ignore[assignment]
-        span.set_attribute(A.STEP_OUTCOME, outcome)
         metrics.STEP_SECONDS.labels(self.service, record.step, outcome).observe(record.duration_ms / 1000)
         metrics.QUEUED_SECONDS.labels(self.service).observe(record.queued_ms / 1000)
 

@@ -391,7 +391,7 @@ class HopRuntime:
             cached = self._hop_static = (url, static)
         return cached[1]
 
-    def observe(self, span: Span, env, events) -> None:
-        """Decisions taken in this hop: onto its span and into the metrics."""
-        telemetry.record_events(span, events, env)
+    def observe(self, span: Span, env, events, attributes: dict[str, object] | None = None) -> None:
+        """Decisions taken in this hop (and its own `attributes`): onto its span in one call, and into the metrics."""
+        telemetry.record_events(span, events, env, attributes)
         metrics.observe_events(env.route, events)

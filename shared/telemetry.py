@@ -15,16 +15,20 @@ project (BATON_TRACE_PROJECT, default "baton"; OTEL_RESOURCE_ATTRIBUTES wins).
 Tracing is on when an OTLP endpoint is configured with the standard variables
 (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) and
 OTEL_SDK_DISABLED is not true. Export is batched, off the hot path; a collector that
-is down costs dropped spans, never a failed request.
+is down costs dropped spans, never a failed request. The exporter is Baton's lean
+OTLP/HTTP one (shared/span_export.py), which honours the same OTEL_EXPORTER_OTLP_*
+variables; BATON_TRACE_EXPORTER=otlp, a gRPC protocol, TLS certificates or a credential
+provider select the SDK's own exporter instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode
@@ -32,6 +36,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from shared import attributes as A
 from shared.schema import ChatMessage, Envelope, Error, Event, Passage, Reply
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "baton"
 
@@ -54,14 +63,35 @@ def setup_tracing(service: str) -> trace.Tracer:
     if not tracing_enabled():
         return NoOpTracer()
     if _provider is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         _provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
-        _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _provider.add_span_processor(BatchSpanProcessor(span_exporter()))
     return _provider.get_tracer("baton")
+
+
+def span_exporter() -> SpanExporter:
+    """The lean OTLP/HTTP exporter (shared/span_export.py: the same bytes, a quarter of
+    the CPU), or the SDK's own when a setting asks for what only it does."""
+    from shared.span_export import LeanSpanExporter, standard_exporter_reason
+
+    reason = standard_exporter_reason()
+    if reason is None:
+        return LeanSpanExporter()
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if protocol.strip().lower() == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+        except ImportError:
+            log.warning("OTLP protocol grpc asked for, but opentelemetry-exporter-otlp-proto-grpc is not installed: exporting http/protobuf")
+        else:
+            return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    log.info("spans exported by the OpenTelemetry SDK's OTLP exporter (%s)", reason)
+    return OTLPSpanExporter()
 
 
 def resource_attributes(service: str) -> dict[str, str]:
@@ -169,32 +199,44 @@ def envelope_attributes(env: Envelope) -> dict[str, Any]:
     return attributes
 
 
-def record_events(span: Span, events: list[Event], env: Envelope | None = None) -> None:
-    """Put the decisions taken in this hop on its span, under the declared names.
+def record_events(span: Span, events: list[Event], env: Envelope | None = None, attributes: Mapping[str, Any] | None = None) -> None:
+    """Put the decisions taken in this hop on its span, under the declared names, with
+    `attributes` (the hop's own, e.g. its outcome) before them: one call into the SDK.
 
     With `env`, a retrieval also lists its documents and, with content tracing on, a
     gate shows the text it let through (the input gate's is the redacted question)."""
     if not span.is_recording():
         return
+    collected = event_attributes(events, env)
+    if attributes:
+        collected = {**attributes, **collected}
+    if collected:
+        span.set_attributes(collected)
+
+
+def event_attributes(events: list[Event], env: Envelope | None = None) -> dict[str, Any]:
+    """The span attributes of a hop's decisions (see `record_events`)."""
+    attributes: dict[str, Any] = {}
     for event in events:
         data = event.data
         if event.kind == "route":
-            span.set_attributes({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
+            attributes.update({A.ROUTE: data["route"], A.ROUTE_REASON: data["reason"], A.ROUTE_CONFIDENCE: data["confidence"], A.ROUTE_COMPLEXITY: data.get("complexity", 0.0)})
             if data.get("variant"):
-                span.set_attribute(A.VARIANT, data["variant"])
+                attributes[A.VARIANT] = data["variant"]
         elif event.kind == "retrieval":
-            span.set_attributes({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
+            attributes.update({A.RETRIEVAL_COUNT: data["count"], A.RETRIEVAL_TOP_SCORE: data["top_score"]})
             if env is not None:
-                span.set_attributes(document_attributes(env.context.passages, content_tracing()))
+                attributes.update(document_attributes(env.context.passages, content_tracing()))
                 if content_tracing():
-                    span.set_attribute(A.INPUT_VALUE, env.context.question)
+                    attributes[A.INPUT_VALUE] = env.context.question
         elif event.kind == "gate":
             verdict = data.get("verdict", "")
-            span.set_attributes({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: verdict, A.GATE_SCORE: float(data.get("score") or 0.0), A.GATE_REASON: str(data.get("reason", ""))})
+            attributes.update({A.GATE_NAME: data.get("gate", event.step or ""), A.GATE_VERDICT: verdict, A.GATE_SCORE: float(data.get("score") or 0.0), A.GATE_REASON: str(data.get("reason", ""))})
             if verdict != "fail" and env is not None and content_tracing():
-                span.set_attribute(A.OUTPUT_VALUE, gate_output(event.step or "", env))
+                attributes[A.OUTPUT_VALUE] = gate_output(event.step or "", env)
         elif event.kind == "fallback":
-            span.set_attributes({A.FALLBACK_REASON: data["reason"], A.FALLBACK_ACTION: data["action"]})
+            attributes.update({A.FALLBACK_REASON: data["reason"], A.FALLBACK_ACTION: data["action"]})
+    return attributes
 
 
 def gate_output(step: str, env: Envelope) -> str:

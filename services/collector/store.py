@@ -18,6 +18,7 @@ its WITHOUT ROWID layout (CREATE ... IF NOT EXISTS) and works unchanged, only sl
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .otlp import SpanRecord, SpanRow, record_of
+
+log = logging.getLogger("baton.collector")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -51,6 +54,10 @@ CREATE INDEX IF NOT EXISTS requests_started ON requests (started_ns DESC);
 """
 
 _WAL_CHECKPOINT_PAGES = 8000  # 4 KB pages
+_WAL_LIMIT_BYTES = 2 * _WAL_CHECKPOINT_PAGES * 4096
+_CHECKPOINT_SPANS = 16 * 512  # about _WAL_CHECKPOINT_PAGES of WAL with Baton's spans
+_KNOWN_STARTS_MAX = 16384
+_UNKNOWN = 1 << 64  # later than any start
 
 _COLUMNS = (
     "trace_id, span_id, parent_span_id, name, service, start_ns, end_ns,"
@@ -78,13 +85,21 @@ class SpanStore:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the ingest writer
             self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is crash-safe, just not durable to the last commit
-            # Checkpoint every ~32 MB of WAL, not SQLite's 4 MB: each export rewrites index pages
-            # scattered by the random ids, and a rarer checkpoint copies each page back once
-            # instead of again and again (about a fifth of the store's CPU per span).
-            self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+            # Checkpoints run in the background (Checkpointer), not in the export that
+            # happens to fill the WAL: a checkpoint syncs the file, and an export waiting on
+            # it stalled ingest for up to a second. This bound only catches a checkpointer
+            # that falls far behind.
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES * 8}")
+            self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")  # a restarted WAL shrinks back
             self._conn.executescript(_SCHEMA)
+        # request id -> a start the stored one is at or before (committed): an upper bound,
+        # so an upsert from a later span can be skipped. Bounded: cleared when full.
+        self._known_starts: dict[str, int] = {}
+        self._checkpointer = Checkpointer(path, self._lock) if path != ":memory:" else None
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._lock:
             self._conn.close()
 
@@ -107,16 +122,26 @@ class SpanStore:
                 )
                 inserted = self._conn.total_changes - before
                 # A request's start is its earliest span seen so far; spans arrive out of order.
+                # Each request comes in one export per service: skip the upserts that could
+                # not lower what is stored, and let the rest write only when they do.
+                known = self._known_starts
+                upserts = [r for r in _earliest_per_request(records) if known.get(r[0], _UNKNOWN) > r[2]]
                 self._conn.executemany(
                     "INSERT INTO requests (request_id, trace_id, started_ns) VALUES (?, ?, ?)"
-                    " ON CONFLICT (request_id) DO UPDATE SET started_ns ="
-                    " min(started_ns, excluded.started_ns)",
-                    _earliest_per_request(records),
+                    " ON CONFLICT (request_id) DO UPDATE SET started_ns = excluded.started_ns"
+                    " WHERE excluded.started_ns < requests.started_ns",
+                    upserts,
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            if self._checkpointer is not None:
+                self._checkpointer.wrote(len(records))
+            if len(known) + len(upserts) > _KNOWN_STARTS_MAX:
+                known.clear()
+            for request_id, _, started_ns in upserts:
+                known[request_id] = started_ns  # the stored start is this or earlier
         return inserted
 
     def spans(self, trace_id: str) -> list[SpanRow]:
@@ -167,6 +192,59 @@ class SpanStore:
     def span_count(self) -> int:
         with self._lock:
             return self._conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file from its own thread and connection.
+
+    A PASSIVE checkpoint neither waits for nor blocks the ingest writer, and its file
+    sync is off the export path. It runs once every `_CHECKPOINT_SPANS` spans written
+    (about every 32 MB of WAL, not SQLite's 4 MB: each export rewrites index pages
+    scattered by the random ids, and a rarer checkpoint copies each page back once
+    instead of again and again), and after a second of quiet with spans pending.
+
+    Under sustained ingest a passive checkpoint may not finish between two exports, and
+    only a finished one lets the WAL start over; so when the WAL has grown past twice
+    the interval, the few frames written meanwhile are copied with the writer held
+    (`lock`, the store's) and the WAL restarts: its size stays bounded."""
+
+    def __init__(self, path: str, lock: threading.Lock) -> None:
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
+        self._writer_lock = lock
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="collector-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wrote(self, spans: int) -> None:
+        self._pending += spans
+        if self._pending >= _CHECKPOINT_SPANS:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._pending and not self._stopping:
+                self._pending = 0
+                try:
+                    self.checkpoint()
+                except sqlite3.Error:
+                    log.exception("WAL checkpoint failed (the next one retries)")
+
+    def checkpoint(self) -> None:
+        _, wal_frames, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if wal_frames > 2 * _WAL_CHECKPOINT_PAGES:
+            with self._writer_lock:
+                self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(10)
+        self._conn.close()
 
 
 def _earliest_per_request(records: Sequence[SpanRecord]) -> list[tuple[str, str, int]]:

@@ -166,3 +166,105 @@ def test_new_store_dedupes_on_ids_and_reads_back_exactly(tmp_path: Path) -> None
     # Both spans carry request ids ("req-1" and 7); each maps to the trace, started at its span.
     assert {(r.request_id, r.started_ns) for r in store.requests(10)} == {("req-1", 10), ("7", 11)}
     store.close()
+
+
+@pytest.mark.parametrize("known_max", [16384, 1])
+def test_a_requests_start_is_its_earliest_span_whatever_the_order_of_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, known_max: int) -> None:
+    import itertools
+
+    from services.collector import store as store_module
+
+    monkeypatch.setattr(store_module, "_KNOWN_STARTS_MAX", known_max)  # 1: the skip cache forgets at once
+    starts = {"route": 30, "guard.input": 10, "generate": 50, "guard.output": 20}
+    for n, order in enumerate(itertools.permutations(starts)):
+        path = tmp_path / f"{n}.sqlite3"
+        store = SpanStore(path)
+        for i, name in enumerate(order):
+            if i == 2:  # a restarted collector: the file remembers, the process does not
+                store.close()
+                store = SpanStore(path)
+            req = ExportTraceServiceRequest()
+            span = req.resource_spans.add().scope_spans.add().spans.add(
+                trace_id=bytes([1 + i]) * 16, span_id=bytes([1 + i]) * 8, name=name,
+                start_time_unix_nano=starts[name], end_time_unix_nano=starts[name] + 1)
+            span.attributes.append(_kv(A.REQUEST_ID, string_value="req-1"))
+            store.insert_records(decode_records(req.SerializeToString(), PB))
+            seen = [starts[o] for o in order[: i + 1]]
+            assert [(r.request_id, r.trace_id, r.started_ns) for r in store.requests(5)] == [("req-1", "01" * 16, min(seen))], order
+        store.close()
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (numbers below 16: a one-byte tag)."""
+    return bytes([(number << 3) | 2]) + otlp_varint(len(payload)) + payload
+
+
+def test_records_read_from_the_wire_equal_protobufs_reading_of_odd_shapes() -> None:
+    """Valid protobuf an SDK would not write: what protobuf parses is what is stored."""
+    service = _field(1, _kv("service.name", string_value="guardrail").SerializeToString())
+    other = _field(1, _kv("host.name", string_value="h").SerializeToString())
+    span = Span(trace_id=b"\x0c" * 16, span_id=b"\x05" * 8, name="first name", kind=2, start_time_unix_nano=5, end_time_unix_nano=6)
+    span.status.message = "kept"
+    span.attributes.append(_kv(A.REQUEST_ID, string_value="r-odd"))
+    raw = span.SerializeToString()
+    raw += _field(15, b"\x18\x02")  # a second Status: merged (code from it, message from the first)
+    raw += _field(5, b"last name")  # a repeated scalar: the last wins
+    raw += b"\x30" + b"\xff" * 9 + b"\x01"  # kind -1 as a ten-byte varint (int32 enum)
+    raw += b"\x08\x07"  # field 1 (trace_id) as a varint: an unknown field, not the id
+    raw += b"\x9d\x01" + b"\x00" * 4  # field 19, fixed32: unknown
+    # The resource after the spans, in two parts that merge.
+    body = _field(1, _field(2, _field(2, raw)) + _field(1, other) + _field(1, service))
+    (row,) = decode(body, PB)
+    (record,) = decode_records(body, PB)
+    assert _comparable(record) == _comparable(record_of(row))
+    assert (record.name, record.service, record.kind, record.status_code, record.status_message) == ("last name", "guardrail", -1, 2, "kept")
+    assert record.trace_id == "0c" * 16 and record.request_id == "r-odd"
+
+
+def test_a_group_field_is_read_through_protobuf_instead() -> None:
+    span = Span(trace_id=b"\x0c" * 16, span_id=b"\x05" * 8, name="grouped")
+    raw = span.SerializeToString() + b"\xa3\x01" + b"\xa4\x01"  # an empty group, field 20: unknown
+    body = _field(1, _field(2, _field(2, raw)))
+    (record,) = decode_records(body, PB)
+    assert record.name == "grouped" and _comparable(record) == _comparable(record_of(decode(body, PB)[0]))
+
+
+def otlp_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_the_wal_stays_bounded_under_sustained_ingest_and_every_span_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints run in the background; under back-to-back exports the WAL still starts over."""
+    import os
+    import time
+
+    from services.collector import store as store_module
+
+    monkeypatch.setattr(store_module, "_WAL_CHECKPOINT_PAGES", 40)
+    monkeypatch.setattr(store_module, "_CHECKPOINT_SPANS", 64)
+    path = tmp_path / "spans.sqlite3"
+    store = SpanStore(path)
+    largest_wal = 0
+    for batch in range(60):
+        req = ExportTraceServiceRequest()
+        spans = req.resource_spans.add().scope_spans.add().spans
+        for i in range(32):
+            span = spans.add(trace_id=bytes([batch + 1, i + 1]) * 8, span_id=bytes([i + 1]) * 8, name="hop",
+                             start_time_unix_nano=1 + i, end_time_unix_nano=2 + i)
+            span.attributes.append(_kv(A.REQUEST_ID, string_value=f"r{batch}-{i}"))
+            span.attributes.append(_kv("padding", string_value="x" * 400))
+        store.insert_records(decode_records(req.SerializeToString(), PB))
+        largest_wal = max(largest_wal, os.path.getsize(f"{path}-wal"))
+        time.sleep(0.001)  # back to back, but the checkpointer gets its turns
+    assert store.span_count() == 60 * 32
+    # Unbounded, this WAL would hold every page written (several MB); bounded, a few times the interval.
+    assert largest_wal < 6 * 40 * 4096, largest_wal
+    store.close()
+    reopened = SpanStore(path)
+    assert reopened.span_count() == 60 * 32 and reopened.trace_id_for_request("r59-31") == bytes([60, 32]).hex() * 8
+    reopened.close()

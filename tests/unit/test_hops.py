@@ -235,3 +235,35 @@ def test_the_chaos_crash_wraps_only_the_named_service():
     assert chaos_wrapped(passes, "guardrail", "") is passes  # unset: no check on any hop
     assert chaos_wrapped(passes, "guardrail", "retriever:BOOM") is passes
     assert chaos_wrapped(passes, "guardrail", "guardrail:BOOM") is not passes
+
+
+async def test_a_hops_span_says_its_outcome_and_decisions():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from shared import attributes as A
+    from shared.schema import Event
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def gate(verdict):
+        async def step(env, record) -> None:
+            env.events.append(Event(kind="gate", step="guard.input", data={"gate": "guard.input", "verdict": verdict, "score": 0.9, "reason": "r"}))
+            if verdict == "fail":
+                raise StepFailed(ErrorCode.INPUT_REJECTED, "guard.input refused: injection")
+        return step
+
+    mesh = Recorder()
+    mesh.runtime.tracer = provider.get_tracer("test")
+    await mesh.deliver(await gate("pass"), FakeMessage(body(envelope())))
+    await mesh.deliver(await gate("fail"), FakeMessage(body(envelope())))
+    passed, failed = exporter.get_finished_spans()
+    assert passed.name == failed.name == "guard.input"
+    assert passed.attributes[A.STEP_OUTCOME] == "ok" and passed.attributes[A.GATE_VERDICT] == "pass" and passed.attributes[A.REQUEST_ID] == "q-1"
+    assert failed.attributes[A.STEP_OUTCOME] == "failed" and failed.attributes[A.GATE_VERDICT] == "fail"
+    assert failed.attributes[A.ERROR_TYPE] == "input_rejected" and failed.status.status_code is StatusCode.ERROR
+    provider.shutdown()
