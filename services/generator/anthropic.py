@@ -149,12 +149,12 @@ def _error_parts(body: Any) -> tuple[str | None, str]:
 
 async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
     """(event name, data) for each event of a server-sent event stream."""
-    event, data = "", []
+    event, data = "", list[str]()
     async for line in lines:
         if not line:  # a blank line ends an event
             if data:
                 yield event, "\n".join(data)
-            event, data = "", []
+            event, data = "", list[str]()
             continue
         if line.startswith(":"):  # comment / keep-alive
             continue

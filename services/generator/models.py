@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.local_model import LocalExtractive, split_sentences
 from services.generator.providers import Generation, OpenAICompatible, ProviderError, build_messages, estimate_tokens
@@ -20,6 +20,9 @@ from shared.budgets import estimate_cost
 from shared.config import MeshConfig, ModelSpec
 from shared.retry import retrying
 from shared.schema import ChatMessage, Passage, Request
+
+if TYPE_CHECKING:  # imported when an anthropic model is first used
+    from services.generator.anthropic import AnthropicMessages
 
 TASK_PROMPTS = {
     "chat": "You are Spoke & Chain's friendly bike-shop assistant. Reply briefly.",
@@ -73,7 +76,7 @@ class ModelPool:
         self.environ = environ if environ is not None else os.environ
         self.breakers = breakers or Breakers(config.breakers.threshold, config.breakers.cooldown_s)
         self.local = LocalExtractive()
-        self._clients: dict[str, OpenAICompatible] = {}
+        self._clients: dict[str, OpenAICompatible | AnthropicMessages] = {}
 
     def unavailable_reason(self, name: str) -> str | None:
         spec = self.config.models[name]
@@ -158,13 +161,16 @@ class ModelPool:
         usage = generation.usage
         return round(usage.input_tokens * spec.price_in_per_mtok / 1e6 + usage.output_tokens * spec.price_out_per_mtok / 1e6, 10)
 
-    def _client(self, choice: Choice) -> OpenAICompatible:
+    def _client(self, choice: Choice) -> OpenAICompatible | AnthropicMessages:
         client = self._clients.get(choice.name)
         if client is None:
-            provider = OpenAICompatible
             if choice.spec.provider == "anthropic":
-                from services.generator.anthropic import AnthropicMessages as provider
-            client = self._clients[choice.name] = provider.from_spec(choice.spec, self.environ, name=choice.name)
+                from services.generator.anthropic import AnthropicMessages
+
+                client = AnthropicMessages.from_spec(choice.spec, self.environ, name=choice.name)
+            else:
+                client = OpenAICompatible.from_spec(choice.spec, self.environ, name=choice.name)
+            self._clients[choice.name] = client
         return client
 
     async def aclose(self) -> None:
@@ -185,7 +191,7 @@ def cut_to_tokens(generation: Generation, max_tokens: int | None) -> Generation:
 
 
 def model_call(question: str, passages: list[Passage], history: list[ChatMessage], params: Mapping[str, Any], request: Request | None = None) -> ModelCall:
-    sampling = {"max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p} if request else {}
+    sampling: dict[str, Any] = {"max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p} if request else {}
     return ModelCall(
         **sampling,
         question=question,

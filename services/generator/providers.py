@@ -223,6 +223,8 @@ class HTTPProvider:
     _api_key: str | None
     _client: ModelClient
     _owns_client: bool
+    base_url: str
+    model: str
 
     def _own(self, api_key: str | None, client: ModelClient | None) -> None:
         self._api_key = api_key or None

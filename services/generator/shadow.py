@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 
@@ -36,7 +37,7 @@ class ShadowRunner:
 
     async def _run(self, request_id: str, route: str, primary: str | None, model: str, call: ModelCall, pool: ModelPool) -> None:
         started = time.time()
-        record = {"request_id": request_id, "route": route, "primary_model": primary, "shadow_model": model}
+        record: dict[str, Any] = {"request_id": request_id, "route": route, "primary_model": primary, "shadow_model": model}
         with self.mesh.tracer.start_as_current_span(f"shadow chat {model}", kind=SpanKind.CLIENT, attributes={A.OI_KIND: A.LLM, A.GEN_AI_OPERATION: "chat", A.GEN_AI_REQUEST_MODEL: model, A.LLM_MODEL_NAME: model, A.SHADOW: True}):
             try:
                 reason = pool.unavailable_reason(model)

@@ -19,6 +19,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import h11
 import httpx
@@ -78,7 +79,7 @@ class _Connection:
         except OSError as exc:
             raise _Disconnected(httpx.WriteError(f"the connection broke while sending: {exc!r}")) from exc
 
-    async def next_event(self, timeout: float | None) -> h11.Event | type[h11.PAUSED]:
+    async def next_event(self, timeout: float | None) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """The next h11 event of the answer, reading from the socket (each wait bounded by `timeout`) when needed."""
         try:
             while (event := self.h11.next_event()) is h11.NEED_DATA:
@@ -223,7 +224,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
         scheme, host, port = origin
-        tls = {"ssl": self._tls(), "server_hostname": host} if scheme == "https" else {}
+        tls: dict[str, Any] = {"ssl": self._tls(), "server_hostname": host} if scheme == "https" else {}
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port, **tls)

@@ -664,7 +664,7 @@ def detect_injection(text: str, extra_phrases: Sequence[str] = ()) -> InjectionR
         for key in keys:
             hit = present.get(key)
             if hit is None:
-                hit = present[key] = key in (squashed if isinstance(key, bytes) else folded)
+                hit = present[key] = (key in squashed) if isinstance(key, bytes) else (key in folded)
             if hit:
                 if rule.pattern.search(folded):
                     signals.append(Signal(rule.category, rule.label, rule.weight))

@@ -45,7 +45,7 @@ class Weights:
     intercept: float
 
     def save(self, path: Path = WEIGHTS_PATH) -> None:
-        terms = sorted(self.vocabulary, key=self.vocabulary.get)
+        terms = sorted(self.vocabulary, key=self.vocabulary.__getitem__)
         np.savez_compressed(path, terms=np.array("\n".join(terms)), idf=self.idf.astype(np.float32),
                             coef=self.coef.astype(np.float32), intercept=np.float32(self.intercept))
 

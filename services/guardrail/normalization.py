@@ -143,7 +143,7 @@ def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None =
             if char.isalpha():
                 script = _script(char)
                 counts[script] = counts.get(script, 0) + 1
-        scripts.append(max(counts, key=counts.get) if counts else "")
+        scripts.append(max(counts, key=counts.__getitem__) if counts else "")
     majority = max(set(scripts), key=scripts.count)
     found = [ForeignSegment(s, f"script {sc} in {majority} text")
              for s, sc in zip(sentences, scripts) if sc and sc != majority]

@@ -257,7 +257,7 @@ def _rebalance_tail(chunks: list[list[_Piece]]) -> None:
         chunks[-2:] = [merged]
         return
     pieces = [s for p in merged for s in _sentence_pieces(p.para, p.text)]
-    best, running, best_gap = 1, 0, total
+    best, running, best_gap = 1, 0, float(total)
     for index, piece in enumerate(pieces[:-1], start=1):
         running += piece.words
         gap = abs(total / 2 - running)
@@ -562,7 +562,7 @@ def _load_state(index_dir: Path) -> _State:
                 built_at=manifest.get("built_at", ""),
                 stat=stat,
                 tokenizer=tokenizer,
-                corpora=dict(loaded),  # type: ignore[arg-type]
+                corpora=dict(loaded),
             )
         time.sleep(_LOAD_RETRY_S)  # an ingest is between its renames and its manifest
     raise IndexMissingError(

@@ -127,7 +127,8 @@ def _is_payload(head: str, brk: str, tail: str) -> bool:
 
 
 class _Features(Protocol):
-    width: int
+    @property
+    def width(self) -> int: ...
 
     def fit(self, texts: list[str]) -> list[Row]: ...
 

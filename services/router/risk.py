@@ -14,13 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
 from services.router.classifier import PAYLOAD_MARKER, focus_text
 
+if TYPE_CHECKING:  # routing imports this module
+    from services.router.routing import RouteDecision
+
 RISK_ROUTE = "high_risk"
 RISK_THRESHOLD = 0.5
-D = TypeVar("D")  # the router's RouteDecision (a dataclass with risk and risk_reasons fields)
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def assess_request_risk(text: str) -> RiskAssessment:
     return RiskAssessment(round(1.0 - remaining, 4), [*own.reasons, *(f"{reason} in pasted text" for reason in material)])
 
 
-def escalate_for_risk(decision: D, text: str, routes: Collection[str]) -> D:
+def escalate_for_risk(decision: RouteDecision, text: str, routes: Collection[str]) -> RouteDecision:
     """The decision with its risk score and reasons, moved to the high-risk route when the
     text is high-risk. A route hint is the caller's explicit choice and stays; without a
     high-risk route in the config nothing moves."""
