@@ -117,7 +117,7 @@ def probability(text: str, weights: Weights | None = None) -> float:
 
 def model_signal(text: str, min_probability: float = MIN_PROBABILITY, weights: Weights | None = None) -> Signal | None:
     """A detector signal when the classifier is confident, else None."""
-    if weights is None and not available():
+    if weights is None and _loaded is None and not available():  # a stat per request only until loaded
         return None
     p = probability(text, weights)
     if p < min_probability:
