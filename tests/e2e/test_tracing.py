@@ -23,17 +23,23 @@ MESH = MeshSpec("tracing", collector=True)
 
 
 async def spans_of(mesh, provider, request_id: str, until_outcome: bool = True) -> tuple[str, list[dict]]:
-    """All stored spans of the request's trace, waiting (bounded) for the batches to land."""
+    """All stored spans of the request's trace, waiting (bounded) for the batches to land.
+
+    Each service exports on its own batch timer, so the span with the outcome can land
+    before its parent: the trace is read once it is whole (no span missing its parent)."""
     await asyncio.to_thread(provider.force_flush)
     async with httpx.AsyncClient(base_url=mesh.collector_url, timeout=5) as http:
 
-        async def finished_flow() -> dict | None:
+        async def finished_trace() -> tuple[str, dict] | None:
             flow = await http.get(f"/api/flows/{request_id}")
-            return flow.json() if flow.status_code == 200 and (flow.json().get("outcome") or not until_outcome) else None
+            if flow.status_code != 200 or (until_outcome and not flow.json().get("outcome")):
+                return None
+            trace_id = flow.json()["trace_id"]
+            trace = (await http.get(f"/api/traces/{trace_id}")).json()
+            return None if trace["orphans"] else (trace_id, trace)
 
-        flow = await eventually(finished_flow, 10, every=0.2, what=f"a finished flow for {request_id} in the collector")
-        trace = (await http.get(f"/api/traces/{flow['trace_id']}")).json()
-        return flow["trace_id"], trace["spans"]
+        trace_id, trace = await eventually(finished_trace, 10, every=0.2, what=f"a finished, whole trace for {request_id} in the collector")
+        return trace_id, trace["spans"]
 
 
 async def test_one_request_is_one_chained_trace_with_the_decisions_on_its_spans(client, mesh, provider):
