@@ -260,7 +260,11 @@ def test_the_wal_stays_bounded_under_sustained_ingest_and_every_span_is_kept(tmp
             span.attributes.append(_kv("padding", string_value="x" * 400))
         store.insert_records(decode_records(req.SerializeToString(), PB))
         largest_wal = max(largest_wal, os.path.getsize(f"{path}-wal"))
-        time.sleep(0.001)  # back to back, but the checkpointer gets its turns
+        # Back to back, but the checkpointer gets its turns: wait (bounded) until it has taken
+        # a wake-up, so a busy machine that starves its thread does not fail the bound below.
+        deadline = time.monotonic() + 2.0
+        while store._checkpointer._wake.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)
     assert store.span_count() == 60 * 32
     # Unbounded, this WAL would hold every page written (several MB); bounded, a few times the interval.
     assert largest_wal < 6 * 40 * 4096, largest_wal
