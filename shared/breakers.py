@@ -11,16 +11,16 @@ two replicas cannot both take the half-open probe.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+
+from shared.watching import Follower
 
 log = logging.getLogger("baton.breakers")
 
@@ -64,27 +64,20 @@ class Breakers:
         self.cooldown_s = cooldown_s
         self._seen: dict[str, tuple[Breaker, int | None]] = {}  # model -> (breaker, KV revision)
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task | None = None
+        self._follower = Follower("breakers")
 
     async def attach(self, kv: KeyValue) -> None:
         self._kv = kv
-        watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher))
+        await self._follower.start(kv, ">", self._entry)
 
     async def detach(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+        await self._follower.stop()
 
-    async def _follow(self, watcher) -> None:
-        async for entry in watcher:
-            if entry is None:
-                continue
-            if entry.value:
-                self._seen[entry.key] = (Breaker(**json.loads(entry.value)), entry.revision)
-            else:
-                self._seen.pop(entry.key, None)
+    def _entry(self, entry: KeyValue.Entry) -> None:
+        if entry.value:
+            self._seen[entry.key] = (Breaker(**json.loads(entry.value)), entry.revision)
+        else:
+            self._seen.pop(entry.key, None)
 
     def state(self, model: str) -> Breaker:
         return self._seen.get(model, (Breaker(), None))[0]

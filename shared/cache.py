@@ -21,7 +21,6 @@ take to charge" / "... last on a charge"); see tests/unit/test_semantic_cache.py
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import difflib
 import hashlib
@@ -29,7 +28,6 @@ import json
 import logging
 import re
 import time
-from contextlib import suppress
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +35,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.schema import Envelope, Reply
+from shared.watching import Follower
 
 log = logging.getLogger("baton.cache")
 
@@ -190,29 +189,24 @@ class SemanticIndex:
     def __init__(self, size: int = SEMANTIC_INDEX_SIZE):
         self.size = size
         self._scopes: dict[str, _Scope] = {}
-        self._task: asyncio.Task | None = None
+        self._follower = Follower("semantic-index")
 
     async def attach(self, kv: KeyValue) -> None:
-        watcher = await kv.watch(SEMANTIC_PREFIX + ">", ignore_deletes=True)
-        self._task = asyncio.create_task(self._follow(watcher), name="semantic-index")
+        await self._follower.start(kv, SEMANTIC_PREFIX + ">", self._entry, ignore_deletes=True)
 
     async def detach(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+        await self._follower.stop()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None or not entry.value:
-                continue
-            try:
-                _, scope, key = entry.key.split(".", 2)
-                stored = json.loads(entry.value)
-                vector = np.frombuffer(base64.b64decode(stored["v"]), dtype=np.float16).astype(np.float32)
-                self.add(scope, key, stored["q"], vector)
-            except (ValueError, KeyError, TypeError):
-                log.warning("semantic cache: skipped an unreadable index entry %r", entry.key[:120])
+    def _entry(self, entry: KeyValue.Entry) -> None:
+        if not entry.value:
+            return
+        try:
+            _, scope, key = entry.key.split(".", 2)
+            stored = json.loads(entry.value)
+            vector = np.frombuffer(base64.b64decode(stored["v"]), dtype=np.float16).astype(np.float32)
+            self.add(scope, key, stored["q"], vector)
+        except (ValueError, KeyError, TypeError):
+            log.warning("semantic cache: skipped an unreadable index entry %r", entry.key[:120])
 
     def add(self, scope: str, key: str, question: str, vector: np.ndarray) -> None:
         found = self._scopes.get(scope)

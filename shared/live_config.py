@@ -9,7 +9,6 @@ An invalid value in the bucket is refused and the running version stays.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from contextlib import suppress
@@ -18,6 +17,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.config import ConfigError, MeshConfig, parse_config
+from shared.watching import Follower
 
 log = logging.getLogger("baton.config")
 
@@ -43,7 +43,7 @@ class ConfigStore:
         self._versions: OrderedDict[str, MeshConfig] = OrderedDict()
         self._remember(initial)
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task | None = None
+        self._follower = Follower("live-config")
 
     async def attach(self, kv: KeyValue) -> None:
         """Adopt the bucket's active version now and every later one as it is applied."""
@@ -52,19 +52,14 @@ class ConfigStore:
             entry = await kv.get(ACTIVE)
             if entry.value:
                 self._adopt(entry.value.decode())
-        watcher = await kv.watch(ACTIVE)
-        self._task = asyncio.create_task(self._follow(watcher))
+        await self._follower.start(kv, ACTIVE, self._entry)
 
     async def detach(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+        await self._follower.stop()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is not None and entry.value:
-                self._adopt(entry.value.decode())
+    def _entry(self, entry: KeyValue.Entry) -> None:
+        if entry.value:
+            self._adopt(entry.value.decode())
 
     def _adopt(self, text: str) -> None:
         try:

@@ -159,6 +159,26 @@ def nats_url(session_nats_url: str) -> str:
     return session_nats_url
 
 
+@pytest.fixture
+async def kv_bucket(nats_url: str) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """`await kv_bucket(ttl=...)`: a fresh KV bucket on the session's server, deleted after the test."""
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    made: list[str] = []
+
+    async def make(ttl: float) -> Any:
+        made.append(f"test_{len(made)}_{id(nc)}")
+        return await js.create_key_value(KeyValueConfig(bucket=made[-1], ttl=ttl))
+
+    yield make
+    for bucket in made:
+        await js.delete_key_value(bucket)
+    await nc.close()
+
+
 # -- the index and the mesh ----------------------------------------------------------
 
 

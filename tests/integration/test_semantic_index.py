@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import time
 
-import nats
 import numpy as np
 import pytest
-from nats.js.api import KeyValueConfig
 
 from shared import cache
 from shared.schema import Envelope, Reply, Request, Step
@@ -25,13 +23,8 @@ def asked(question: str, route: str = "factual") -> Envelope:
 
 
 @pytest.fixture
-async def kv(nats_url):
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    bucket = f"cache_test_{id(nc)}"
-    yield await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=60))
-    await js.delete_key_value(bucket)
-    await nc.close()
+async def kv(kv_bucket):
+    return await kv_bucket(ttl=60)
 
 
 async def test_a_question_one_replica_indexed_is_found_by_another_through_its_watch(kv):

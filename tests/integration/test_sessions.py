@@ -2,9 +2,7 @@
 
 import asyncio
 
-import nats
 import pytest
-from nats.js.api import KeyValueConfig
 
 from shared.schema import ChatMessage
 from shared.sessions import SessionStore, capped
@@ -21,13 +19,8 @@ def test_the_cap_drops_the_oldest_turns_first():
 
 
 @pytest.fixture
-async def kv(nats_url):
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    bucket = f"sessions_test_{id(nc)}"
-    yield await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=1.0))
-    await js.delete_key_value(bucket)
-    await nc.close()
+async def kv(kv_bucket):
+    return await kv_bucket(ttl=1.0)
 
 
 async def test_history_accumulates_and_is_capped(kv):
