@@ -21,6 +21,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from services.collector import otlp
 from services.collector.otlp import OTLPDecodeError, SpanRecord, decode, decode_records, record_of
 from services.collector.store import SpanStore
+from shared.otlp_wire import _varint
 from shared import attributes as A
 
 PB = "application/x-protobuf"
@@ -196,7 +197,7 @@ def test_a_requests_start_is_its_earliest_span_whatever_the_order_of_exports(tmp
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (numbers below 16: a one-byte tag)."""
-    return bytes([(number << 3) | 2]) + otlp_varint(len(payload)) + payload
+    return bytes([(number << 3) | 2]) + _varint(len(payload)) + payload
 
 
 def test_records_read_from_the_wire_equal_protobufs_reading_of_odd_shapes() -> None:
@@ -227,15 +228,6 @@ def test_a_group_field_is_read_through_protobuf_instead() -> None:
     body = _field(1, _field(2, _field(2, raw)))
     (record,) = decode_records(body, PB)
     assert record.name == "grouped" and _comparable(record) == _comparable(record_of(decode(body, PB)[0]))
-
-
-def otlp_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def test_the_wal_stays_bounded_under_sustained_ingest_and_every_span_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
