@@ -147,7 +147,9 @@ class NatsServer:
             self.process.wait(5)
 
     def __enter__(self) -> NatsServer:
-        return self.start()
+        # `with NatsServer(...).start() as server` must not start a second process (its
+        # launch would fail on the taken port and the first would be left running).
+        return self if self.alive else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
