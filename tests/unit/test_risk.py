@@ -59,7 +59,7 @@ def test_a_route_hint_is_the_callers_choice(router):
     ("prompt", "route"),
     [
         # The incident word is in the letter being reworded, not in the user's situation.
-        ("Make this sound kinder: Your claim was declined because crash damage is not covered by the frame warranty.", "rewrite"),
+        ("Make this sound kinder: Your claim was declined because damage from a crash is not covered by the frame warranty.", "rewrite"),
         ("Label this review as praise or complaint: 'Took a small crash on the first ride and the bar tape survived, love it.'", "classify"),
     ],
 )
