@@ -41,6 +41,7 @@ _NOT_PHYSICAL = r"(?![^.!?\n]{0,40}\b(?:app|website|site|page|software|firmware|
 # though a later one in the same text still can.
 _FIGURATIVE_FIRE = re.compile(
     r"\b(?:legs|lungs|quads|calves|thighs|sale|deals|prices|offers|form)\s+(?:\w+\s+){0,2}on fire\b|\bfire ?\d|"
+    r"\b(?:brakes?|rotors?|discs?|pads?|rims?)\b[^.!?\n]{0,25}overheat\w*|"
     r"\bfire[- ]?(?:extinguishers?|blankets?|safety|alarms?|proof|resistant|rated|retardant|resistance)")
 _FIGURATIVE_CRASH = re.compile(
     r"\b(?:prices?|sales?|market|stocks?|shares|server|app|website|site|system|computer|phone)\s+(?:\w+\s+){0,2}crash\w*|"
@@ -60,7 +61,7 @@ _CUES: list[Cue] = [
         r"smel(?:l|ls|lt|led|ling) (?:of|like) (?:burning|smoke|plastic|melting|electrical|fire|chemicals?)|"
         r"(?:swollen|swelling|bulging|puffed(?: up)?|puffy|hissing|smoking|leaking) " + _ENERGY + r"|"
         + _ENERGY + r"\b[^.!?\n]{0,40}\b(?:hiss\w*|bulg\w*|swell\w*|swollen|puff(?:ed|ing|y)\b|crackl\w*|leak(?:s|ed|ing)\b|"
-        r"fizz\w*|popp(?:ed|ing)|(?:really|very|too|so|extremely|boiling|super|scorching) hot|hot (?:to (?:the )?touch|and)|"
+        r"fizz\w*|popp(?:ed|ing)|(?:went|goes|go) (?:pop|bang)|blacken\w*|scorch\w*|(?:really|very|too|so|extremely|boiling|super|scorching) hot|hot (?:to (?:the )?touch|and)|"
         r"smell(?:s|ing)? (?:funny|weird|strange|bad|awful|of|like))|"
         r"electric(?:al)? shock|got a shock)"), _FIGURATIVE_FIRE),
     ("injury", 0.9, re.compile(
@@ -69,12 +70,13 @@ _CUES: list[Cue] = [
         r"broken (?:arm|wrist|leg|collarbone|bone|nose|rib|ribs|ankle|hand|finger|jaw|teeth|tooth|hip|shoulder)|"
         r"(?:was|got|been|am|is|are) (?:hurt|injured|knocked)|killed|(?:he|she|they|someone|rider|person|child|son|daughter|"
         r"husband|wife|friend) (?:died|has died)|fatal|"
+        r"(?:wrist|ankle|knee|hand|arm|leg|face|eye|shoulder|hip|elbow|finger|foot|head) (?:is |was |got |has )?(?:swollen|broken|bleeding|gashed|fractured)|gash\w*|"
         r"cut (?:up|open)|bruis\w*|sprain\w*|whiplash|dislocat\w*|chipped (?:a|my|his|her) tooth|"
         r"(?:in|so much|a lot of) pain\b|lucky to be alive|knocked (?:out|unconscious|down)|hit (?:my|his|her|their) head|"
         r"(?:doctor|gp|nurse) (?:says|said|thinks)|medical (?:bills?|costs?|attention|expenses)|x-?rays?)"), None),
     ("crash or failure while riding", 0.85, re.compile(
         r"\b(?:crash(?:ed|ing)?\b" + _NOT_PHYSICAL + r"|collision|collided|hit by (?:a|an|the) \w+|knocked off|"
-        r"thrown (?:off|over)|went over the (?:bars|handlebars|front)|(?:flew|went|was thrown) over the (?:bars|handlebars|front)|"
+        r"thrown (?:off|over)|doored|t-?boned|rear-?ended|side-?swiped|hit and run|went over the (?:bars|handlebars|front)|(?:flew|went|was thrown) over the (?:bars|handlebars|front)|"
         r"came off (?:my|the|his|her) (?:bike|e-?bike)|(?:i|we|he|she|they|my \w+) (?:fell|went down|came off|slid out|wiped out|slipped|skidded)|"
         r"fell (?:off|over)|face ?plant\w*|"
         r"(?:hit|ran into|rode into|rolled into|went into|slammed into|smashed into) (?:a|an|the|some) (?:\w+ )?"
@@ -107,20 +109,22 @@ _CUES: list[Cue] = [
         r"used without (?:my )?(?:permission|consent)|stole my (?:identity|card|details|account)|stolen (?:bike|goods|e-?bike)|"
         r"unauthori[sz]ed (?:charge|payment|transaction|purchase|order)|didn'?t (?:make|authori[sz]e|place) (?:this|that|the) "
         r"(?:purchase|order|payment)|never (?:made|placed|ordered|authori[sz]ed|bought)|don'?t recogni[sz]e|"
-        r"phishing|hacked|debt collector|(?:fake|cloned|copycat|bogus) (?:website|site|shop|email|text|page|account)|"
+        r"phishing|hacked|pretending to be (?:you|your|the shop)|impersonat\w*|(?:took|stole|taken|stolen) my money|debt collector|(?:fake|cloned|copycat|bogus) (?:website|site|shop|email|text|page|account)|"
         r"(?:pay|paid) (?:a fee |the fee )?(?:by|via|through|with) (?:a |the |this )?link|suspicious (?:email|text|message|link|call)|"
         r"(?:gift card|voucher)s?\b[^.!?\n]{0,40}\b(?:real|genuine|legit|fake|valid)\b)"), None),
     ("falsify records", 0.9, re.compile(
-        r"\b(?:backdate|back-date|back date|falsif\w*|forge|forged|fake (?:\w+ )?(?:receipt|invoice|record|date|warranty|claim|report|accident|theft)|"
-        r"(?:name|date|price|amount|total) on (?:my|the|a|an|this) (?:\w+ )?(?:invoice|receipt|record|report)|"
+        r"\b(?:backdate|back-date|back date|falsif\w*|forge[ds]?\b|forgery|fake (?:\w+ )?(?:receipt|invoice|record|date|warranty|claim|report|accident|theft)|"
+        r"(?:name|date|price|amount|total) on (?:my|the|a|an|this) (?:\w+ )?(?:invoice|receipt|record|report|registration|certificate|paperwork)|"
+        r"(?:change|alter|edit|amend|move|update) (?:the |my )?(?:purchase|invoice|receipt|sale|order) date|"
         r"make (?:the|my|a|an) (?:invoice|receipt|record|report) (?:say|show|state|read)|"
         r"(?:an? )?(?:older|earlier|different|previous|old|last year'?s|past) date|date on (?:my|the|a) (?:\w+ )?(?:invoice|receipt)|"
         r"(?:change|alter|edit|amend) the (?:date|price|amount|details) on (?:my|the|a) (?:\w+ )?(?:invoice|receipt|record|report)|"
         r"(?:mark|list|record|register|report|log|put down) (?:my|the|this|it) (?:\w+ )?as (?:received|delivered|returned|paid|repaired|stolen|lost|faulty|defective|unused|new|damaged)|"
         r"(?:receipt|invoice|report|record) (?:saying|that says|stating|showing) (?:i|we|it)|"
-        r"(?:receipt|invoice|report|record)[^.!?\n]{0,30}\b(?:say|says|show|shows|state|states)\b[^.!?\n]{0,30}\b(?:paid|cost|bought|faulty|defective)|"
+        r"(?:receipt|invoice|report|record)[^.!?\n]{0,30}\b(?:say|says|show|shows|state|states)\b[^.!?\n]{0,30}\b(?:paid|cost|bought|faulty|defective|higher|lower|different|more|less)|"
         r"(?:say|write|state|put|note|claim|pretend) (?:that )?(?:the|it|my) (?:\w+ ){0,2}(?:was|were|happened|arrived|came) (?:faulty|defective|broken|damaged|stolen|in transit|like that|before)|"
-        r"(?:that way|so) (?:my|the) insur\w+ (?:pays|will pay|covers|would pay)|"
+        r"(?:that way|so|then) (?:my|the) insur\w+ (?:pays|will pay|covers|would pay)|"
+        r"(?:say|write|state|put|note|claim|pretend) (?:that )?(?:the|it|my) (?:\w+ ){0,2}(?:was|were) (?:there|already \w+) (?:when|before) (?:i|we) (?:bought|got|collected)|"
         r"(?:make|print|write|issue|give) (?:me )?(?:up )?(?:a|an) (?:new )?(?:receipt|invoice)[^.!?\n]{0,40}\b(?:elsewhere|somewhere else|older|didn'?t|never|even though)|"
         r"(?:for|so) (?:my|the) insur(?:ance|er)\w*[^.!?\n]{0,60}\b(?:say|says|show|pretend|instead|different|even though)|"
         r"so (?:it|that it) looks like|nobody will know|no one will know|even though it was|pretend (?:i|we) bought)"), None),
