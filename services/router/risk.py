@@ -40,17 +40,18 @@ _NOT_PHYSICAL = r"(?![^.!?\n]{0,40}\b(?:app|website|site|page|software|firmware|
 # crashing", "crash damage is covered?", "the Fire 2 light"): that match does not count,
 # though a later one in the same text still can.
 _FIGURATIVE_FIRE = re.compile(
-    r"\b(?:legs|lungs|quads|calves|thighs|sale|deals|prices|offers|form)\s+(?:\w+\s+){0,2}on fire\b|\bfire ?\d|"
+    r"\b(?:legs|lungs|quads|calves|thighs|sale|deals|prices|offers|form|descent|ride|climb|run|session|pace|team|you)\s+(?:\w+\s+){0,2}on fire\b|"
+    r"\bon fire\W+(?:\w+\W+){0,2}(?:haha|lol)\b|\b(?:stop|prevent|avoid|keep)\b[^.!?\n]{0,40}overheat\w*|\bfire ?\d|"
     r"\b(?:brakes?|rotors?|discs?|pads?|rims?)\b[^.!?\n]{0,25}overheat\w*|"
     r"\bfire[- ]?(?:extinguishers?|blankets?|safety|alarms?|proof|resistant|rated|retardant|resistance)")
 _FIGURATIVE_CRASH = re.compile(
     r"\b(?:prices?|sales?|market|stocks?|shares|server|app|website|site|system|computer|phone)\s+(?:\w+\s+){0,2}crash\w*|"
-    r"\bcrash[- ](?:damage|replacement|tested|test|protection|pads?|course|helmet|cover|policy)|"
+    r"\bcrash[- ](?:damage|replacement|tested|test|protection|pads?|course|helmet|cover|policy|sensors?|detection)|"
     r"\bhit the road\b(?!\s+(?:hard|face|head))|\bfell (?:in love|asleep|for|behind|through|short)|"
     r"\b(?:chain|kickstand|mudguard|fender|bottle|light|bell|reflector|bag|pump|cap|lock|mount|sticker|decal)s? (?:fell|came) off")
 _ENERGY = r"(?:battery|batteries|charger|motor|pack|cells?|plug|cable|display|controller)"
 _MONEY_BACK = r"(?:revers|claw|dispute|investigat|recover|money back|chargeback|cancel|block|stop(?:ped)? the payment)"
-_CARD_SIDE = r"(?:bank|card (?:issuer|company|provider)|credit card (?:company|provider)|visa|mastercard|amex|paypal)"
+_CARD_SIDE = r"(?:bank|card (?:issuer|company|provider)|credit card(?: company| provider)?|visa|mastercard|amex|paypal)"
 
 Cue = tuple[str, float, "re.Pattern[str]", "re.Pattern[str] | None"]
 _CUES: list[Cue] = [
@@ -71,12 +72,12 @@ _CUES: list[Cue] = [
         r"(?:was|got|been|am|is|are) (?:hurt|injured|knocked)|killed|(?:he|she|they|someone|rider|person|child|son|daughter|"
         r"husband|wife|friend) (?:died|has died)|fatal|"
         r"(?:wrist|ankle|knee|hand|arm|leg|face|eye|shoulder|hip|elbow|finger|foot|head) (?:is |was |got |has )?(?:swollen|broken|bleeding|gashed|fractured)|gash\w*|"
-        r"cut (?:up|open)|bruis\w*|sprain\w*|whiplash|dislocat\w*|chipped (?:a|my|his|her) tooth|"
+        r"cut (?:up|open)|scrap(?:ed|es) (?:up|my|his|her)|grazed|road rash|skinned|bruis\w*|sprain\w*|whiplash|dislocat\w*|chipped (?:a|my|his|her) tooth|"
         r"(?:in|so much|a lot of) pain\b|lucky to be alive|knocked (?:out|unconscious|down)|hit (?:my|his|her|their) head|"
         r"(?:doctor|gp|nurse) (?:says|said|thinks)|medical (?:bills?|costs?|attention|expenses)|x-?rays?)"), None),
     ("crash or failure while riding", 0.85, re.compile(
         r"\b(?:crash(?:ed|ing)?\b" + _NOT_PHYSICAL + r"|collision|collided|hit by (?:a|an|the) \w+|knocked off|"
-        r"thrown (?:off|over)|doored|t-?boned|rear-?ended|side-?swiped|hit and run|went over the (?:bars|handlebars|front)|(?:flew|went|was thrown) over the (?:bars|handlebars|front)|"
+        r"thrown (?:off|over)|lost control|doored|t-?boned|rear-?ended|side-?swiped|hit and run|went over the (?:bars|handlebars|front)|(?:flew|went|was thrown) over the (?:bars|handlebars|front)|"
         r"came off (?:my|the|his|her) (?:bike|e-?bike)|(?:i|we|he|she|they|my \w+) (?:fell|went down|came off|slid out|wiped out|slipped|skidded)|"
         r"fell (?:off|over)|face ?plant\w*|"
         r"(?:hit|ran into|rode into|rolled into|went into|slammed into|smashed into) (?:a|an|the|some) (?:\w+ )?"
@@ -97,7 +98,7 @@ _CUES: list[Cue] = [
         r"\b(?:charge ?backs?|disput(?:e|es|ed|ing)\b|section 75|"
         r"(?:my|the) " + _CARD_SIDE + r"\b[^.!?\n]{0,60}?\b" + _MONEY_BACK + r"|"
         + _MONEY_BACK + r"\w*[^.!?\n]{0,40}?\b(?:with|through|via|from|by) (?:my|the) " + _CARD_SIDE + r"|"
-        r"(?:paypal|card) (?:claim|case)|(?:go|going|went|gone|talk\w*|speak\w*|spoke|contact\w*|call\w*|ring\w*|complain\w*|complaint|report\w*) "
+        r"(?:paypal|card) (?:claim|case)|(?:contact\w*|call\w*|rang|phoned|told|asked|gone to|went to) (?:my |the )?" + _CARD_SIDE + r"\b|(?:go|going|went|gone|talk\w*|speak\w*|spoke|contact\w*|call\w*|ring\w*|complain\w*|complaint|report\w*) "
         r"(?:\w+ ){0,2}(?:to|with) (?:my|the) " + _CARD_SIDE + r"|(?:bank|card issuer|credit card company|paypal) (?:dispute|claim|to reverse)|"
         r"reverse the (?:charge|payment|transaction))"), None),
     ("fraud", 0.9, re.compile(
@@ -115,7 +116,7 @@ _CUES: list[Cue] = [
     ("falsify records", 0.9, re.compile(
         r"\b(?:backdate|back-date|back date|falsif\w*|forge[ds]?\b|forgery|fake (?:\w+ )?(?:receipt|invoice|record|date|warranty|claim|report|accident|theft)|"
         r"(?:name|date|price|amount|total) on (?:my|the|a|an|this) (?:\w+ )?(?:invoice|receipt|record|report|registration|certificate|paperwork)|"
-        r"(?:change|alter|edit|amend|move|update) (?:the |my )?(?:purchase|invoice|receipt|sale|order) date|"
+        r"(?:change|alter|edit|amend|move|update) (?:the |my )?(?:purchase|invoice|receipt|sale|order) date|date (?:the|my|an|a) (?:invoice|receipt|record|report|claim)|"
         r"make (?:the|my|a|an) (?:invoice|receipt|record|report) (?:say|show|state|read)|"
         r"(?:an? )?(?:older|earlier|different|previous|old|last year'?s|past) date|date on (?:my|the|a) (?:\w+ )?(?:invoice|receipt)|"
         r"(?:change|alter|edit|amend) the (?:date|price|amount|details) on (?:my|the|a) (?:\w+ )?(?:invoice|receipt|record|report)|"
