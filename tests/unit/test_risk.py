@@ -119,8 +119,8 @@ def test_figurative_and_everyday_uses_of_incident_words_do_not_escalate(router, 
 
 
 # Written before any result was seen (tests/data/routing_*_13r.jsonl); the held-out part is
-# never tuned on. Session 3: high-risk recall 22/22, routing 80/89.
-HELD_OUT_13R_ROUTING = 80 / 89
+# never tuned on. Session 3: high-risk recall 22/22, routing 81/89.
+HELD_OUT_13R_ROUTING = 81 / 89
 HELD_OUT_13R_MARGIN = 3 / 89
 
 
