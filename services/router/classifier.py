@@ -90,6 +90,12 @@ def focus_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def asks_for_text_task(instruction: str) -> bool:
+    """Whether the instruction asks for work on material ("rewrite this: ...", "is this
+    review a complaint?") rather than telling the user's own story after a colon."""
+    return bool(_TASK_VERB.match(instruction) or _NAMES_MATERIAL.search(instruction))
+
+
 def _quoted_marker(match: re.Match[str]) -> str:
     # Short quotes ("the 'H' screw") are part of the question; long ones are material.
     return f" {PAYLOAD_MARKER} " if len(match.group(1).split()) >= MIN_QUOTED_WORDS else match.group(0)
@@ -413,4 +419,4 @@ def _matches(text: str, rules: list[tuple[re.Pattern[str], str]], points: float,
     return min(cap, points * len(found)), f"{kind}: {', '.join(found)}"
 
 
-__all__ = ["BackendUnavailable", "Complexity", "RouteClassifier", "available_backends", "complexity", "focus_text"]
+__all__ = ["BackendUnavailable", "Complexity", "RouteClassifier", "asks_for_text_task", "available_backends", "complexity", "focus_text"]

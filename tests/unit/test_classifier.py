@@ -48,10 +48,12 @@ def classifier(config):
 # The shipped config gives the classifier what it needs
 
 
-def test_every_route_has_ten_to_thirty_examples_and_the_routing_section(config):
+def test_every_route_has_ten_to_forty_five_examples_and_the_routing_section(config):
+    # Varied phrasings (terse, chatty, typos) are what generalize past the team's own wording;
+    # the cap keeps each route's list readable for the product people who edit it.
     assert list(config.routes) == ROUTES
     for name, route in config.routes.items():
-        assert 10 <= len(route.examples) <= 30, name
+        assert 10 <= len(route.examples) <= 45, name
         assert len(set(route.examples)) == len(route.examples), f"{name} repeats an example"
     assert (config.routes["factual"].escalate_to, config.routes["shopping"].escalate_to) == ("complex", "complex")
     assert config.routes["high_risk"].match.metadata == {"risk": "high"}

@@ -59,7 +59,7 @@ def test_a_route_hint_is_the_callers_choice(router):
     ("prompt", "route"),
     [
         # The incident word is in the letter being reworded, not in the user's situation.
-        ("Make this sound kinder: Your claim was declined because crash damage is not covered by the frame warranty.", "rewrite"),
+        ("Make this sound kinder: Your claim was declined because damage from a crash is not covered by the frame warranty.", "rewrite"),
         ("Label this review as praise or complaint: 'Took a small crash on the first ride and the bar tape survived, love it.'", "classify"),
     ],
 )
@@ -79,3 +79,59 @@ def test_one_incident_word_in_pasted_material_does_not_escalate(router, prompt, 
 )
 def test_strong_or_first_person_incidents_around_a_text_task_still_escalate(router, prompt):
     assert router.decide(Request(prompt=prompt)).route == "high_risk"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        # Incidents told the way customers type them, inside an ordinary question and without
+        # the textbook word: no "fire", no "chargeback", no "falsify".
+        "my order #123 arrived and the battery is hot and hissing, can I return it?",
+        "the shop charged me twice, I'm disputing it with my bank",
+        "can you put last year's date on my invoice so warranty applies",
+        "quick question: the back wheel slid out on the roundabout and I hit the kerb, is the frame covered?",
+        "Charger smells like burning plastic when it's plugged in, normal?",
+        "I never placed this order, why is it on my statement",
+        "we got a letter before action drafted, expect it monday",
+    ],
+)
+def test_incidents_phrased_as_ordinary_questions_reach_high_risk(router, prompt):
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route == "high_risk", decision.reason
+    assert decision.risk_reasons
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "haha my legs are on fire after that climb",
+        "Is crash damage covered by your frame warranty?",
+        "Do you sell fire extinguishers for the garage?",
+        "Can you change the date of my service booking?",
+        "My chain fell off when I changed gear, how do I fix it?",
+        "I fell in love with the Metro 8, is it in stock?",
+        "Why does my battery get warm while it charges?",
+    ],
+)
+def test_figurative_and_everyday_uses_of_incident_words_do_not_escalate(router, prompt):
+    decision = router.decide(Request(prompt=prompt))
+    assert decision.route != "high_risk" and decision.risk < 0.5, decision.risk_reasons
+
+
+# Written before any result was seen (tests/data/routing_*_13r.jsonl); the held-out part is
+# never tuned on. Session 3: high-risk recall 22/22, routing 81/89.
+HELD_OUT_13R_ROUTING = 81 / 89
+HELD_OUT_13R_MARGIN = 3 / 89
+
+
+def test_fresh_sets_held_out_part_keeps_every_incident_and_its_routing(router):
+    from services.router.evaluate import evaluate, in_split, load_labeled
+    from shared.settings import ROOT
+
+    paths = [ROOT / "tests" / "data" / name for name in ("routing_risk_13r.jsonl", "routing_routes_13r.jsonl")]
+    items = in_split([item for path in paths for item in load_labeled(path)], "held-out")
+    report = evaluate(lambda prompt, metadata: router.decide(Request(prompt=prompt, metadata=metadata)).route, items)
+    assert len(items) == 89
+    assert report.per_route["high_risk"].recall == 1.0  # a missed incident is the costly error
+    assert report.per_route["high_risk"].precision >= 0.9
+    assert report.accuracy >= HELD_OUT_13R_ROUTING - HELD_OUT_13R_MARGIN, f"held-out routing accuracy {report.accuracy:.3f}"
