@@ -474,6 +474,10 @@ def render(results: dict[str, Any]) -> str:
     for caveat in results.get("caveats", []):
         add(f"- {caveat}")
     add("")
+    history = Path(__file__).with_name("history.md")
+    if history.exists():  # written by hand: the before/after of each round of hot-path work
+        add(history.read_text().rstrip())
+        add("")
     add("## How to run")
     add("")
     add("```sh")
