@@ -299,6 +299,13 @@ def test_the_base_config_map_holds_a_valid_routing_config():
     parse_config((BASE / "config.yaml").read_text(), "deploy/k8s/base/config.yaml")
 
 
+def test_the_config_map_ships_the_default_config_as_it_is():
+    # A copy that drifts deploys weaker gates than the ones tested (it had lost the
+    # retrieval gates, the banned topics and the injection model): copy it on every change.
+    shipped = (ROOT / "shared" / "default_config.yaml").read_text()
+    assert (BASE / "config.yaml").read_text() == shipped, "cp shared/default_config.yaml deploy/k8s/base/config.yaml"
+
+
 def _selected(target: dict, objects: dict[tuple[str, str], dict]) -> list[tuple[str, str]]:
     hits = []
     for (kind, name), obj in objects.items():
