@@ -18,6 +18,7 @@ def answer_reply(env: Envelope, trace_id: str | None = None) -> Reply:
         answer=answer,
         citations=citations,
         degraded=env.context.degraded,
+        finish_reason=env.context.finish_reason,
         **_accounting(env, trace_id),
     )
 

@@ -200,6 +200,15 @@ class Context(_Wire):
         self.outputs["disclaimer"] = text
 
     @property
+    def finish_reason(self) -> str | None:
+        """Why the model that wrote the answer stopped: "stop", or "length" when cut at max_output_tokens."""
+        return self.outputs.get("finish_reason")
+
+    @finish_reason.setter
+    def finish_reason(self, reason: str) -> None:
+        self.outputs["finish_reason"] = reason
+
+    @property
     def variant(self) -> str | None:
         """The A/B arm of the route's experiment this request is in, if any."""
         return self.outputs.get("variant")
@@ -284,6 +293,8 @@ class Reply(_Wire):
     steps: list[StepRecord] = Field(default_factory=list)
     latency_ms: float | None = None
     degraded: bool = False
+    # Why the model stopped: "stop", or "length" when max_output_tokens cut the answer short.
+    finish_reason: str | None = None
     cached: bool = False  # answered from the reply cache: no model ran, no cost
     variant: str | None = None  # the A/B arm this request was served by
     fallbacks: list[str] = Field(default_factory=list)

@@ -379,7 +379,7 @@ async def _stream(client: BatonClient, call: mapping.ChatCall, timeout_s: float)
                     # The gates changed the text after it was streamed (e.g. redaction):
                     # a delta cannot retract it, so the authoritative answer travels here.
                     extra["answer"] = answer
-                yield mapping.sse(chunk(finish_reason="stop", extra={"baton": extra}))
+                yield mapping.sse(chunk(finish_reason=mapping.finish_reason(final), extra={"baton": extra}))
                 if call.include_usage:
                     yield mapping.sse(chunk(choices=False, usage_value=mapping.usage(final)))
         except StopAsyncIteration:

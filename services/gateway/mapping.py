@@ -281,6 +281,11 @@ def completion_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
 
+def finish_reason(reply: Reply) -> str:
+    """OpenAI's finish_reason: "length" when the model was cut at max_tokens, else "stop"."""
+    return "length" if reply.finish_reason == "length" else "stop"
+
+
 def completion(reply: Reply, *, model: str, created: int) -> dict[str, Any]:
     """The `chat.completion` object of a successful Reply."""
     return {
@@ -294,7 +299,7 @@ def completion(reply: Reply, *, model: str, created: int) -> dict[str, Any]:
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.answer or "", "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish_reason(reply),
             }
         ],
         "usage": usage(reply),

@@ -93,7 +93,7 @@ async def generate(env: Envelope, record: StepRecord) -> None:
     metrics.MODEL_TOKENS.labels(choice.name, "output").inc(generation.usage.output_tokens)
     env.context.answer = generation.text
     env.context.citations = generation.citations
-    env.context.outputs[env.current.name] = {"model": choice.name, "grounded": generation.grounded, "finish_reason": generation.finish_reason}
+    env.context.finish_reason = generation.finish_reason
     env.events.append(Event(kind="model", step=env.current.name, data={"model": choice.name, "provider": choice.spec.provider, "tier": choice.spec.tier, "cost_usd": record.cost_usd}))
     shadow = config.routes[env.route].shadow
     if shadow is not None and shadow.model != choice.name and stable_fraction(f"shadow:{env.request_id}") < shadow.share:

@@ -327,6 +327,7 @@ def test_max_tokens_reaches_the_model_and_an_unsupported_parameter_is_refused(sd
     short = ask(sdk, QUESTION, max_tokens=12, extra_body={"cache": False})
     full = ask(sdk, QUESTION, extra_body={"cache": False})
     assert len(short.choices[0].message.content) < len(full.choices[0].message.content)
+    assert (short.choices[0].finish_reason, full.choices[0].finish_reason) == ("length", "stop")  # as the model said
     response = httpx.post(
         f"{gateway}/v1/chat/completions",
         json={"model": "baton/auto", "messages": [{"role": "user", "content": QUESTION}], "presence_penalty": 0.5},

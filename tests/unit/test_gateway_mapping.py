@@ -220,6 +220,11 @@ def reply(**fields) -> Reply:
     return Reply(**{**base, **fields})
 
 
+def test_an_answer_the_model_cut_at_max_tokens_says_length():
+    assert mapping.completion(reply(finish_reason="length"), model="baton/auto", created=1)["choices"][0]["finish_reason"] == "length"
+    assert mapping.completion(reply(finish_reason=None), model="baton/auto", created=1)["choices"][0]["finish_reason"] == "stop"
+
+
 def test_a_reply_becomes_a_chat_completion_with_the_baton_extra():
     out = mapping.completion(reply(), model="baton/auto", created=1700000000)
     assert out["id"] == "chatcmpl-abc123" and out["object"] == "chat.completion"
