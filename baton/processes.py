@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nats
 
+from shared import children
 from shared import subjects
 from shared.natsd import AUTH_CONF_FILE, CREDENTIALS_FILE, NatsServer, free_port, write_credentials, write_local_auth
 from shared.config import load_config
@@ -274,25 +275,11 @@ class MeshProcesses:
             (self.settings.state_dir / private).unlink(missing_ok=True)
 
     def _stop(self, timeout_s: float) -> None:
-        for replica in self.replicas:
-            if replica.alive:
-                replica.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for replica in self.replicas:
-            try:
-                replica.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                replica.process.wait(5)
+        children.stop_all((replica.process for replica in self.replicas), timeout_s)
         self.replicas.clear()
         for extra in (self.gateway, self.collector):  # the collector last: the services' final spans land first
-            if extra is not None and extra.alive:
-                extra.process.send_signal(signal.SIGTERM)
-                try:
-                    extra.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    extra.process.kill()
-                    extra.process.wait(5)
+            if extra is not None:
+                children.stop(extra.process, timeout_s)
         self.gateway = self.collector = None
         if self.nats_server:
             self.nats_server.stop()

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from shared import children
 from bench.load import CpuMeter, rss_mb, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,15 +116,6 @@ def start_collector(workdir: Path, port: int) -> subprocess.Popen:
             time.sleep(0.1)
 
 
-def stop_collector(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
 
 async def run(workdir: Path, port: int, traces: int, concurrency: int, max_s: float, tick: Callable[[int], None] | None = None) -> dict[str, Any]:
     built = time.perf_counter()
@@ -181,7 +173,7 @@ async def run(workdir: Path, port: int, traces: int, concurrency: int, max_s: fl
             "foreign_cpu_share": cpu["foreign_cpu_share"],
         }
     finally:
-        await asyncio.to_thread(stop_collector, process)
+        await asyncio.to_thread(children.stop, process)
 
 
 def main() -> None:

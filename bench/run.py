@@ -48,6 +48,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from shared import children
 from bench import collector_bench, profile, report, retrieval_bench
 from bench.baton_bench import SERVICES, BatonLoad, BatonMesh, capture_envelopes, env_without_otel
 from bench.load import CpuMeter, LoadResult, children_of, concurrent, merge, percentile, rss_mb, sequential
@@ -157,13 +158,7 @@ class Stub:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(5)
+            children.stop(self.process, grace_s=5)
             if self.process.stdout:
                 self.process.stdout.close()
             self.process = None

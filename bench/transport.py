@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from shared import children
 
 HOPS = 5
 STREAM = "FLOOR"
@@ -173,15 +174,8 @@ class Chain:
         return self
 
     def stop(self) -> None:
+        children.stop_all(self.processes, grace_s=5)
         for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
             if process.stdout:
                 process.stdout.close()
         self.processes.clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -138,10 +139,15 @@ def scope_key(env: Envelope) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:40]
 
 
+@functools.lru_cache(maxsize=64)
 def _vector(text: str) -> np.ndarray:
+    """A miss embeds its question twice (lookup, then remember): the second is this cache's.
+    Read-only: callers copy (astype) before changing it."""
     from shared.embedder import shared_embedder
 
-    return shared_embedder().embed(normalize(text))
+    vector = shared_embedder().embed(normalize(text))
+    vector.flags.writeable = False
+    return vector
 
 
 SEMANTIC_PREFIX = "semantic."  # then <scope>.<exact key>: one small entry per question

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from shared import children
 
 
 class NatsServerError(RuntimeError):
@@ -129,13 +130,8 @@ class NatsServer:
         raise NatsServerError(f"nats-server did not listen on port {self.port} within {timeout_s}s")
 
     def stop(self, keep_store: bool = False) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process:
+            children.stop(self.process, grace_s=5)
         if self._tmp and not keep_store:
             self._tmp.cleanup()
             self._tmp = None

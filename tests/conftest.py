@@ -71,6 +71,23 @@ async def eventually(predicate: Callable[[], T | Awaitable[T]], timeout: float, 
         await asyncio.sleep(every)
 
 
+async def ask_gateway_in_a_callers_trace(gateway_url: str, prompt: str = "How do I fix a puncture?") -> tuple[str, str]:
+    """POST a chat completion carrying a caller's traceparent; (trace id, caller's span id)."""
+    import secrets
+
+    import httpx
+
+    trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "baton/auto", "messages": [{"role": "user", "content": prompt}]},
+            headers={"traceparent": f"00-{trace_id}-{caller}-01"},
+        )
+    assert response.status_code == 200, response.text
+    return trace_id, caller
+
+
 def eventually_sync(predicate: Callable[[], T], timeout: float, *, every: float = 0.05, what: Message = None) -> T:
     """`eventually` for synchronous code (fixtures, threads): the same bounded poll, blocking."""
     deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from shared import children
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-phoenix"
@@ -76,12 +77,7 @@ def running_phoenix(workdir: Path | None = None, timeout_s: float = 90.0) -> Ite
                 time.sleep(0.3)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            children.stop(process)
             log.close()
 
 

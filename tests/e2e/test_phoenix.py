@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 from datetime import datetime
 
 import httpx
@@ -21,7 +20,7 @@ import pytest
 from baton.client import BatonClient
 from shared import attributes as A
 from tests.backends import phoenix
-from tests.conftest import MeshSpec, eventually, otlp_provider
+from tests.conftest import MeshSpec, ask_gateway_in_a_callers_trace, eventually, otlp_provider
 
 # Not part of `make test` (Phoenix's venv and start-up add ~2 minutes): `make trace-check` sets BATON_TRACE_CHECK=1.
 pytestmark = [
@@ -155,14 +154,7 @@ async def test_a_refused_request_is_an_error_at_its_root_and_its_gate(mesh, phoe
 
 
 async def test_the_gateway_continues_the_callers_trace_with_a_server_span(mesh, phoenix_url):
-    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
-    async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30) as http:
-        response = await http.post(
-            "/v1/chat/completions",
-            json={"model": "baton/auto", "messages": [{"role": "user", "content": "How do I fix a puncture?"}]},
-            headers={"traceparent": f"00-{trace_id}-{caller_span}-01"},
-        )
-    assert response.status_code == 200, response.text
+    trace_id, caller_span = await ask_gateway_in_a_callers_trace(mesh.gateway_url)
     spans = await stored_trace(phoenix_url, trace_id, None, expect=8)
     [server] = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
     assert server["parent_id"] == caller_span  # the caller's span: the one trace continues

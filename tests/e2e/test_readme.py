@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from shared import children
 from shared.natsd import free_port
 from shared.settings import ROOT
 from tests.conftest import eventually_sync
@@ -60,13 +61,7 @@ def baton_up(index_dir, tmp_path_factory):
     try:
         yield {"env": env, "addresses": addresses, "state": state, "process": process}
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # Ctrl-C, as the README says
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        children.stop(process, grace_s=60, sig=signal.SIGINT)  # Ctrl-C, as the README says
         log.close()
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 
 import httpx
 import pytest
 
 from shared import attributes as A
-from tests.conftest import MeshSpec, eventually
+from tests.conftest import MeshSpec, ask_gateway_in_a_callers_trace, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -126,14 +125,7 @@ async def test_a_refused_request_is_an_error_at_its_root_and_at_the_gate(client,
 
 
 async def test_a_gateway_request_continues_the_callers_traceparent_with_a_server_span(mesh):
-    trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
-    async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30) as http:
-        response = await http.post(
-            "/v1/chat/completions",
-            json={"model": "baton/auto", "messages": [{"role": "user", "content": "How do I fix a puncture?"}]},
-            headers={"traceparent": f"00-{trace_id}-{caller}-01"},
-        )
-    assert response.status_code == 200, response.text
+    trace_id, caller = await ask_gateway_in_a_callers_trace(mesh.gateway_url)
     spans = await trace_spans(mesh, trace_id, None, expect=8)
     [server] = [s for s in spans if s["service"] == "gateway" and s["kind"] == 2]  # SERVER
     assert server["parent_span_id"] == caller  # the caller's span, in the caller's trace
