@@ -20,6 +20,9 @@ from shared.hops import validation_details
 from shared.schema import Error, ErrorCode, Request, unknown_request_fields
 
 
+BAD_REQUEST_ID = "the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='"
+
+
 @dataclass(frozen=True)
 class Addressed:
     """Who asked, under which request id, and where the one Reply goes."""
@@ -72,9 +75,6 @@ def address(client: str, headers: Mapping[str, str]) -> Addressed | Refusal:
     # Answering would write to a subject that is not this client's inbox for this request
     # (another client's, or not a subject at all): the refusal is only kept under the id.
     return Refusal(client, request_id, None, Error(code=ErrorCode.INVALID_REQUEST, message=problem))
-
-
-BAD_REQUEST_ID = "the Baton-Request-Id header must be 1-128 letters, digits, '-', '_' or '='"
 
 
 def admit(addressed: Addressed, body: bytes, max_bytes: int) -> Arrival | Refusal:
