@@ -162,18 +162,22 @@ class BatonLoad:
         return ok
 
 
-async def capture_envelopes(url: str, run: Callable[[], Any]) -> dict[str, list[int]]:
-    """Sizes of the messages on every hop subject while `run()` runs (a core NATS tap).
+async def capture_envelopes(url: str, run: Callable[[], Any]) -> tuple[dict[str, list[int]], dict[str, bytes]]:
+    """Sizes of the messages on every hop subject while `run()` runs, and the largest one
+    seen on each (a core NATS tap).
 
     A core subscription sees every message published on the subjects without taking
     anything from the work-queue stream.
     """
     sizes: dict[str, list[int]] = {}
+    largest: dict[str, bytes] = {}
     nc = await nats.connect(url)
     try:
 
         async def tap(msg) -> None:
             sizes.setdefault(msg.subject, []).append(len(msg.data))
+            if len(msg.data) > len(largest.get(msg.subject, b"")):
+                largest[msg.subject] = msg.data
 
         sub = await nc.subscribe(f"{subjects.PREFIX}.>", cb=tap)
         await run()
@@ -182,7 +186,7 @@ async def capture_envelopes(url: str, run: Callable[[], Any]) -> dict[str, list[
             await sub.unsubscribe()
     finally:
         await nc.close()
-    return sizes
+    return sizes, largest
 
 
 def env_without_otel() -> None:

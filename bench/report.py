@@ -129,6 +129,7 @@ def services_cpu_ms(phase: dict[str, Any] | None) -> float | None:
 SYSTEM_GROUPS = {
     "baton": ("router", "retriever", "generator", "guardrail", "fallback", "nats-server", "collector"),
     "raw": ("hops", "nats-server"),
+    "checked": ("hops", "nats-server", "collector"),
     "litellm": ("litellm",),
     "direct": ("stub model",),
 }
@@ -155,6 +156,7 @@ def ceiling(phase: dict[str, Any] | None, kind: str, cores: int) -> float | None
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     on, off = get(results, "baton", "tracing_on"), get(results, "baton", "tracing_off")
     js, core = get(results, "transport", "jetstream"), get(results, "transport", "core")
+    checked = get(results, "transport", "checked")
     lite = get(results, "peer", "litellm")
     top_c = f"c{max(results['profile']['concurrencies'])}"
     cores = results["machine"].get("cores") or 1
@@ -167,6 +169,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "raw_js_p50_ms": p50(js),
         "raw_core_p50_ms": p50(core),
         "baton_vs_raw_js_p50": ratio(p50(on), p50(js)),
+        "checked_p50_ms": p50(checked),
+        "checked_vs_raw_js_p50": ratio(p50(checked), p50(js)),
         "baton_minus_raw_js_p50_ms": round(p50(on) - p50(js), 3) if p50(on) is not None and p50(js) is not None else None,
         "baton_rps": {c: get(on, c, "throughput_rps") for c in (f"c{n}" for n in results["profile"]["concurrencies"])},
         "baton_rps_tracing_off": {c: get(off, c, "throughput_rps") for c in (f"c{n}" for n in results["profile"]["concurrencies"])},
@@ -184,6 +188,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             "baton_tracing_on": system_cpu_ms(get(on, top_c), "baton"),
             "baton_tracing_off": system_cpu_ms(get(off, top_c), "baton"),
             "raw_jetstream": system_cpu_ms(get(js, top_c), "raw"),
+            "checked_jetstream": system_cpu_ms(get(checked, top_c), "checked"),
             "raw_core": system_cpu_ms(get(core, top_c), "raw"),
             "litellm": system_cpu_ms(get(lite, top_c), "litellm"),
         },
@@ -191,6 +196,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             "baton_tracing_on": ceiling(get(on, top_c), "baton", cores),
             "baton_tracing_off": ceiling(get(off, top_c), "baton", cores),
             "raw_jetstream": ceiling(get(js, top_c), "raw", cores),
+            "checked_jetstream": ceiling(get(checked, top_c), "checked", cores),
             "raw_core": ceiling(get(core, top_c), "raw", cores),
             "litellm": ceiling(get(lite, top_c), "litellm", cores),
         },
@@ -280,6 +286,7 @@ def render(results: dict[str, Any]) -> str:
     add(f"| CPU per request of the whole system (its processes + nats-server [+ collector]), and the CPU-bound ceiling it implies on {machine['cores']} quiet cores | "
         f"Baton {fmt(sc.get('baton_tracing_on'), ' ms')} → **{fmt(ce.get('baton_tracing_on'), ' req/s', 0)}** (tracing off {fmt(sc.get('baton_tracing_off'), ' ms')} → {fmt(ce.get('baton_tracing_off'), ' req/s', 0)}); "
         f"raw JetStream {fmt(sc.get('raw_jetstream'), ' ms')} → {fmt(ce.get('raw_jetstream'), ' req/s', 0)}; "
+        f"checked JetStream (schema + span per hop, collector) {fmt(sc.get('checked_jetstream'), ' ms')} → {fmt(ce.get('checked_jetstream'), ' req/s', 0)}; "
         f"LiteLLM {fmt(sc.get('litellm'), ' ms')} → {fmt(ce.get('litellm'), ' req/s', 0)} (one worker: one core) |")
     add(f"| Baton's whole 5-hop pipeline vs LiteLLM's one proxy hop, CPU per request | {fx(h.get('baton_vs_litellm_cpu_per_request'))} |")
     add("")
@@ -343,12 +350,18 @@ def render(results: dict[str, Any]) -> str:
         "Core: request → 5 subscriber processes → respond. JetStream: work-queue stream, one durable pull consumer per hop, "
         f"fetch batches of {tr.get('pull_batch', 32)} handled concurrently, publish next hop (Nats-Msg-Id, await PubAck) then ack; the last hop answers the client's inbox.")
     add("")
-    lines += _load_header(conc, "CPU ms/request (hops + nats-server)")
-    for name, key in (("raw core NATS chain", "core"), ("raw JetStream chain", "jetstream")):
+    if tr.get("checked"):
+        add(f"Checked JetStream: the JetStream chain carrying a real envelope ({fmt(tr.get('checked_payload_bytes'))} bytes, the largest the generator got), "
+            "where every hop also reads it with the shared schema (pydantic), writes it back and traces the hop (a consumer span, child of the last, "
+            "sent to the collector): what any durable, validated, traced hop costs before its step does anything. No step, reply store or fairness.")
+    add("")
+    lines += _load_header(conc, "CPU ms/request (hops + nats-server [+ collector])")
+    for name, key in (("raw core NATS chain", "core"), ("raw JetStream chain", "jetstream"), ("checked JetStream chain", "checked")):
         phases = tr.get(key)
         if phases:
             per = get(phases, top, "cpu", "cpu_ms_per_request") or {}
-            add(_load_row(name, phases, conc, f"{per.get('hops', 0):.2f} + {per.get('nats-server', 0):.2f}" if per else "—"))
+            cpu = f"{per.get('hops', 0):.2f} + {per.get('nats-server', 0):.2f}" + (f" + {per.get('collector', 0):.2f}" if "collector" in per else "")
+            add(_load_row(name, phases, conc, cpu if per else "—"))
     if on:
         per = get(on, top, "cpu", "cpu_ms_per_request") or {}
         add(_load_row("Baton (tracing on), for comparison", on, conc, f"{services_cpu_ms(get(on, top)) or 0:.2f} + {per.get('nats-server', 0):.2f}"))

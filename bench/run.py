@@ -202,6 +202,7 @@ class Harness:
         self.loads: dict[str, BatonLoad] = {}
         self.chat_body: bytes | None = None
         self.envelope: dict[str, int] = {}
+        self.sample_envelope = b""
         self.baton_env = dict(item.split("=", 1) for item in args.baton_env if "=" in item)
         self._replies: dict[str, list] = {}  # Baton Replies of the sequential phases, per system
         self._litellm_pids: list[int] = []
@@ -333,9 +334,11 @@ class Harness:
         self.meshes[key] = mesh
         load = await stack.enter_async_context(BatonLoad(mesh.url))
         self.loads[key] = load
-        sizes = await capture_envelopes(mesh.url, lambda: self.warm(label, load.call, lambda: load.bad))
+        sizes, largest = await capture_envelopes(mesh.url, lambda: self.warm(label, load.call, lambda: load.bad))
         envelope = {subject.replace(load.client.client_id, "<client>"): round(statistics.fmean(v)) for subject, v in sorted(sizes.items()) if ".step." in subject or ".request." in subject}
         self.envelope = self.envelope or envelope
+        # The checked chain carries a real envelope: the largest one the generator received.
+        self.sample_envelope = self.sample_envelope or max((body for subject, body in largest.items() if ".step." in subject), key=len, default=b"")
         if self.chat_body is None:
             self.chat_body = await self.stub.last_body()
         out[key] = {"startup_s": round(time.perf_counter() - started, 2), "envelope_bytes": envelope}
@@ -360,6 +363,24 @@ class Harness:
                 await self.warm(f"raw {kind} chain", client.call)
                 server_pid = server.process.pid if server.process else 0
                 self.systems.append(System(kind, f"raw {kind} chain", client.call, lambda chain=chain, pid=server_pid: {"hops": chain.pids, "nats-server": [pid]}))
+            await self.start_checked_chain(stack, server)
+
+    async def start_checked_chain(self, stack: contextlib.AsyncExitStack, server: NatsServer) -> None:
+        """The JetStream chain plus the schema and a span per hop (bench/transport.py):
+        what any durable, validated, traced hop costs before its step does anything."""
+        traced = self.meshes.get("tracing_on")
+        if not self.sample_envelope or traced is None or traced.mesh is None or traced.mesh.collector is None:
+            self.results["errors"].setdefault("checked", "no envelope or collector from Baton (tracing on), so no checked chain")
+            return
+        mesh = traced.mesh
+        chain = Chain("checked", server.url, env={"OTEL_EXPORTER_OTLP_ENDPOINT": mesh.collector_url, "OTEL_BSP_SCHEDULE_DELAY": mesh.env.get("OTEL_BSP_SCHEDULE_DELAY", "200")})
+        stack.push_async_callback(asyncio.to_thread, chain.stop)
+        await asyncio.to_thread(chain.start)
+        client = await stack.enter_async_context(JetStreamClient(server.url, self.sample_envelope, kind="checked"))
+        await self.warm("checked chain", client.call)
+        self.results["transport"]["checked_payload_bytes"] = len(self.sample_envelope)
+        groups = {"hops": chain.pids, "nats-server": [server.process.pid if server.process else 0], "collector": [mesh.collector.process.pid]}
+        self.systems.append(System("checked", "checked JetStream chain (schema + span per hop)", client.call, lambda: groups))
 
     async def start_peer(self, stack: contextlib.AsyncExitStack) -> None:
         body = self.chat_body
@@ -423,6 +444,7 @@ class Harness:
             "tracing_off": self.results.setdefault("baton", {}),
             "core": self.results["transport"],
             "jetstream": self.results["transport"],
+            "checked": self.results["transport"],
             "direct": self.results["peer"],
             "litellm": self.results["peer"],
         }

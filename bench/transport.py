@@ -1,6 +1,6 @@
 """The transport floor: raw nats-py chains of HOPS hops, one process per hop, no framework.
 
-Two chains, both carrying the same payload size as Baton's envelope:
+Three chains, all carrying Baton's envelope (its size, or for `checked` a real one):
 
 - core: the client sends a request to hop 0; each hop re-publishes the message to the
   next hop with the original reply subject; the last hop answers it (request/reply).
@@ -9,8 +9,14 @@ Two chains, both carrying the same payload size as Baton's envelope:
   concurrently, as FastStream does: publish to the next hop with a `Nats-Msg-Id` and
   wait for its PubAck, then ack the input. The client publishes durably and gets the
   answer on its inbox (core NATS), as Baton's client does.
+- checked: the jetstream chain plus what every Baton hop must do whatever its step:
+  read the envelope with the shared schema (pydantic), write it back, and trace the hop
+  (a consumer span, child of the previous hop's, exported to the collector). No step,
+  no runtime, no reply store, no fairness: the floor of a durable, validated, traced
+  5-hop pipeline in Python, against which Baton's own cost can be read.
 
-Hop processes: `python -m bench.transport hop core|js INDEX NATS_URL`.
+Hop processes: `python -m bench.transport hop core|js|checked INDEX NATS_URL` (checked
+traces to $OTEL_EXPORTER_OTLP_ENDPOINT when it is set).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-from shared import children
+from shared import children, telemetry
+from shared.schema import Envelope
 
 HOPS = 5
 STREAM = "FLOOR"
@@ -42,8 +50,13 @@ def core_subject(index: int) -> str:
     return f"floor.core.{index}"
 
 
-def js_subject(index: int) -> str:
-    return f"floor.js.{index}"
+def js_subject(index: int, kind: str = "js") -> str:
+    """The hop's subject; the js and checked chains share the stream, not the consumers."""
+    return f"floor.{kind}.{index}"
+
+
+def durable(index: int, kind: str) -> str:
+    return f"hop{index}" if kind == "js" else f"{kind}{index}"
 
 
 # --------------------------------------------------------------------------- hop processes
@@ -66,21 +79,30 @@ async def core_hop(index: int, url: str, stop: asyncio.Event) -> None:
     await nc.drain()
 
 
-async def js_hop(index: int, url: str, stop: asyncio.Event) -> None:
+async def js_hop(index: int, url: str, stop: asyncio.Event, checked: bool = False) -> None:
     nc = await nats.connect(url, ping_interval=5)
     js = nc.jetstream()
     last = index == HOPS - 1
-    sub = await js.pull_subscribe(js_subject(index), durable=f"hop{index}", stream=STREAM)
+    kind = "checked" if checked else "js"
+    sub = await js.pull_subscribe(js_subject(index, kind), durable=durable(index, kind), stream=STREAM)
     await nc.flush()
+    work = checked_work(index) if checked else None
 
     async def handle(msg) -> None:
         headers = msg.headers or {}
+        if work is not None:
+            with work.span(headers, msg.subject):
+                await forward(work.rewrite(msg.data), telemetry.inject({"Nats-Msg-Id": headers.get("Nats-Msg-Id", ""), H_REPLY: headers[H_REPLY]}))
+        else:
+            await forward(msg.data, headers)
+        await msg.ack()  # only after the next hop is stored: a crash in between is redelivered
+
+    async def forward(data: bytes, headers: dict[str, str]) -> None:
         if last:
-            await nc.publish(headers[H_REPLY], msg.data)
+            await nc.publish(headers[H_REPLY], data)
         else:
             request_id = headers.get("Nats-Msg-Id", "").split(".")[0]
-            await js.publish(js_subject(index + 1), msg.data, headers={"Nats-Msg-Id": f"{request_id}.{index + 1}", H_REPLY: headers[H_REPLY]}, timeout=5)
-        await msg.ack()  # only after the next hop is stored: a crash in between is redelivered
+            await js.publish(js_subject(index + 1, kind), data, headers={**headers, "Nats-Msg-Id": f"{request_id}.{index + 1}"}, timeout=5)
 
     print("ready", flush=True)
     while not stop.is_set():
@@ -90,6 +112,26 @@ async def js_hop(index: int, url: str, stop: asyncio.Event) -> None:
             continue
         await asyncio.gather(*(handle(msg) for msg in messages), return_exceptions=True)
     await nc.drain()
+
+
+@dataclass
+class CheckedWork:
+    """What a Baton hop does to every message besides its step: the schema and the span."""
+
+    tracer: Any
+
+    def span(self, headers: dict[str, str], subject: str):
+        return telemetry.hop_span(self.tracer, "floor hop", headers, subject, {})
+
+    @staticmethod
+    def rewrite(data: bytes) -> bytes:
+        envelope = Envelope.model_validate_json(data)
+        envelope.cursor += 1
+        return envelope.model_dump_json().encode()
+
+
+def checked_work(index: int) -> CheckedWork:
+    return CheckedWork(telemetry.setup_tracing(f"floor-hop{index}"))
 
 
 def hop_main(kind: str, index: int, url: str) -> None:
@@ -105,7 +147,11 @@ def hop_main(kind: str, index: int, url: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await (core_hop if kind == "core" else js_hop)(index, url, stop)
+        if kind == "core":
+            await core_hop(index, url, stop)
+        else:
+            await js_hop(index, url, stop, checked=kind == "checked")
+        telemetry.shutdown_tracing()
 
     asyncio.run(main())
 
@@ -122,16 +168,16 @@ async def provision_js(url: str) -> None:
         await js.add_stream(
             StreamConfig(
                 name=STREAM,
-                subjects=["floor.js.*"],
+                subjects=["floor.js.*", "floor.checked.*"],
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
                 duplicate_window=120.0,
             )
         )
-        for index in range(HOPS):
+        for kind, index in ((kind, index) for kind in ("js", "checked") for index in range(HOPS)):
             await js.add_consumer(
                 STREAM,
-                ConsumerConfig(durable_name=f"hop{index}", filter_subject=js_subject(index), ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=4096, max_waiting=512),
+                ConsumerConfig(durable_name=durable(index, kind), filter_subject=js_subject(index, kind), ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=4096, max_waiting=512),
             )
     finally:
         await nc.close()
@@ -143,6 +189,7 @@ class Chain:
 
     kind: str
     url: str
+    env: dict[str, str] = field(default_factory=dict)  # e.g. where the checked chain sends its spans
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -155,6 +202,7 @@ class Chain:
                 subprocess.Popen(
                     [sys.executable, "-m", "bench.transport", "hop", self.kind, str(index), self.url],
                     cwd=ROOT,
+                    env={**os.environ, **self.env},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
@@ -198,8 +246,8 @@ class CoreClient:
 
 
 class JetStreamClient:
-    def __init__(self, url: str, payload: bytes):
-        self.url, self.payload = url, payload
+    def __init__(self, url: str, payload: bytes, kind: str = "js"):
+        self.url, self.payload, self.kind = url, payload, kind
         self.pending: dict[str, asyncio.Future] = {}
 
     async def __aenter__(self) -> JetStreamClient:
@@ -222,7 +270,7 @@ class JetStreamClient:
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         try:
-            await self.js.publish(js_subject(0), self.payload, headers={"Nats-Msg-Id": f"{request_id}.0", H_REPLY: f"{self.inbox}.{request_id}"}, timeout=5)
+            await self.js.publish(js_subject(0, self.kind), self.payload, headers={"Nats-Msg-Id": f"{request_id}.0", H_REPLY: f"{self.inbox}.{request_id}"}, timeout=5)
             data = await asyncio.wait_for(future, 10)
         finally:
             self.pending.pop(request_id, None)
@@ -230,6 +278,6 @@ class JetStreamClient:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5 or sys.argv[1] != "hop" or sys.argv[2] not in ("core", "js"):
-        sys.exit("usage: python -m bench.transport hop core|js INDEX NATS_URL")
+    if len(sys.argv) != 5 or sys.argv[1] != "hop" or sys.argv[2] not in ("core", "js", "checked"):
+        sys.exit("usage: python -m bench.transport hop core|js|checked INDEX NATS_URL")
     hop_main(sys.argv[2], int(sys.argv[3]), sys.argv[4])
