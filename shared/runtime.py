@@ -38,6 +38,7 @@ from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
 from shared.consumer import PullConsumer
+from shared.jetstream import LeanJetStream
 from shared.live_config import ConfigStore
 from shared.provision import provision
 from shared.run import settle_memory
@@ -142,7 +143,7 @@ class HopRuntime:
             error_cb=self._connection_error,
             **nats_credentials(self.settings),
         )
-        self.js = self.nc.jetstream()
+        self.js = LeanJetStream(self.nc)  # hops and KV writes: a leaner PubAck wait (shared/jetstream.py)
         await self.configs.attach(await self.kv(subjects.CONFIG_BUCKET))
         for hook in self._before_consuming:
             await hook()
