@@ -271,6 +271,9 @@ class HopRuntime:
             max_workers=self.settings.max_workers,
             progress_every_s=max(0.2, self.settings.ack_wait_s / 3),
         )
+        consumer = self._consumer
+        # Read when scraped, not counted per message: the messages in hand are the consumer's.
+        metrics.HOPS_IN_FLIGHT.labels(self.service).set_function(lambda: len(consumer.working))
         await self._consumer.start()
 
     def settled(self, handler: MessageHandler) -> MessageHandler:
@@ -283,11 +286,9 @@ class HopRuntime:
         redelivered = metrics.HOP_MESSAGES.labels(self.service, "redelivered")
         terminated = metrics.HOP_MESSAGES.labels(self.service, "terminated")
         postponed = metrics.HOP_MESSAGES.labels(self.service, "postponed")
-        in_flight = metrics.HOPS_IN_FLIGHT.labels(self.service)
 
         async def handle(message: Msg) -> None:
             _MESSAGE.set(message)
-            in_flight.inc()
             try:
                 await handler(message)
             except Later as later:
@@ -313,11 +314,11 @@ class HopRuntime:
                 with suppress(Exception):
                     await message.nak(delay=delay)
                 return
-            finally:
-                in_flight.dec()
             acked.inc()
-            with suppress(Exception):  # a lost ack is a redelivery, which the next hop's message id absorbs
+            try:
                 await message.ack()
+            except Exception:  # a lost ack is a redelivery, which the next hop's message id absorbs
+                pass
 
         return handle
 
