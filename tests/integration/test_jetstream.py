@@ -13,6 +13,7 @@ from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
 
 from shared.jetstream import LeanJetStream
+from shared.natsd import NatsServer, free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -80,3 +81,28 @@ async def test_key_value_writes_go_through_it_with_their_own_errors(jetstreams) 
         assert (await kv.get("k")).value == b"third"
     finally:
         await plain.delete_key_value(bucket)
+
+
+async def test_acks_still_arrive_after_the_server_restarts(tmp_path) -> None:
+    """The one ack subscription is made again on reconnect, like every other subscription."""
+    store, port = tmp_path / "jetstream", free_port()
+    server = NatsServer(port=port, store_dir=store).start()
+    try:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        lean = LeanJetStream(nc)
+        await nc.jetstream().add_stream(StreamConfig(name="R", subjects=["r.>"]))
+        assert (await lean.publish("r.x", b"before", stream="R")).seq == 1
+        server.stop()
+        server = NatsServer(port=port, store_dir=store).start()
+        ack = None
+        for _ in range(20):  # as with nats-py's own publish, the first try may time out while reconnecting
+            try:
+                ack = await lean.publish("r.x", b"after", stream="R", headers={"Nats-Msg-Id": "after"}, timeout=1)
+                break
+            except nats.errors.TimeoutError:
+                continue
+        assert ack is not None and ack.seq == 2  # the same message id: stored once, however many tries
+        assert not lean._acks
+        await nc.close()
+    finally:
+        server.stop()
