@@ -149,14 +149,14 @@ class PullConsumer:
                 log.warning("%s: pull request failed (%s); retrying", self.durable, exc)
 
     async def _on_message(self, msg: Msg) -> None:
-        self.last_heard = time.monotonic()
+        self.last_heard = now = time.monotonic()
         status = msg.headers.get(Header.STATUS) if msg.headers else None
         if status is None:
             self.credit = max(0, self.credit - 1)
             if self.stopping:
                 await msg.nak()  # straight back to the queue, for another replica
                 return
-            self.working[id(msg)] = (msg, time.monotonic())
+            self.working[id(msg)] = (msg, now)
             task = asyncio.create_task(self._run(msg))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)

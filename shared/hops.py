@@ -48,6 +48,9 @@ class Hops:
         self.book = book
         key = runtime.settings.envelope_key
         self.envelope_key = key.get_secret_value().encode() if key else None
+        # The metrics of each hop, looked up once (a label lookup takes a lock and builds a tuple).
+        self._step_seconds: dict[tuple[str, str], Any] = {}
+        self._queued_seconds = metrics.QUEUED_SECONDS.labels(runtime.service)
 
     @property
     def service(self) -> str:
@@ -150,8 +153,11 @@ class Hops:
     def _close(self, record: StepRecord, outcome: str) -> None:
         record.duration_ms = round((time.time() - record.started_at) * 1000, 3)
         record.outcome = outcome  # type: ignore[assignment]
-        metrics.STEP_SECONDS.labels(self.service, record.step, outcome).observe(record.duration_ms / 1000)
-        metrics.QUEUED_SECONDS.labels(self.service).observe(record.queued_ms / 1000)
+        step_seconds = self._step_seconds.get((record.step, outcome))
+        if step_seconds is None:
+            step_seconds = self._step_seconds[record.step, outcome] = metrics.STEP_SECONDS.labels(self.service, record.step, outcome)
+        step_seconds.observe(record.duration_ms / 1000)
+        self._queued_seconds.observe(record.queued_ms / 1000)
 
 
 def chaos_wrapped(step: StepFn, service: str, crash_on: str) -> StepFn:

@@ -38,6 +38,7 @@ from shared import attributes as A
 from shared import metrics, subjects, telemetry
 from shared.config import MeshConfig, load_config
 from shared.consumer import PullConsumer
+from shared.jetstream import LeanJetStream
 from shared.live_config import ConfigStore
 from shared.provision import provision
 from shared.run import settle_memory
@@ -142,7 +143,7 @@ class HopRuntime:
             error_cb=self._connection_error,
             **nats_credentials(self.settings),
         )
-        self.js = self.nc.jetstream()
+        self.js = LeanJetStream(self.nc)  # hops and KV writes: a leaner PubAck wait (shared/jetstream.py)
         await self.configs.attach(await self.kv(subjects.CONFIG_BUCKET))
         for hook in self._before_consuming:
             await hook()
@@ -270,6 +271,9 @@ class HopRuntime:
             max_workers=self.settings.max_workers,
             progress_every_s=max(0.2, self.settings.ack_wait_s / 3),
         )
+        consumer = self._consumer
+        # Read when scraped, not counted per message: the messages in hand are the consumer's.
+        metrics.HOPS_IN_FLIGHT.labels(self.service).set_function(lambda: len(consumer.working))
         await self._consumer.start()
 
     def settled(self, handler: MessageHandler) -> MessageHandler:
@@ -282,11 +286,9 @@ class HopRuntime:
         redelivered = metrics.HOP_MESSAGES.labels(self.service, "redelivered")
         terminated = metrics.HOP_MESSAGES.labels(self.service, "terminated")
         postponed = metrics.HOP_MESSAGES.labels(self.service, "postponed")
-        in_flight = metrics.HOPS_IN_FLIGHT.labels(self.service)
 
         async def handle(message: Msg) -> None:
             _MESSAGE.set(message)
-            in_flight.inc()
             try:
                 await handler(message)
             except Later as later:
@@ -312,11 +314,11 @@ class HopRuntime:
                 with suppress(Exception):
                     await message.nak(delay=delay)
                 return
-            finally:
-                in_flight.dec()
             acked.inc()
-            with suppress(Exception):  # a lost ack is a redelivery, which the next hop's message id absorbs
+            try:
                 await message.ack()
+            except Exception:  # a lost ack is a redelivery, which the next hop's message id absorbs
+                pass
 
         return handle
 

@@ -227,6 +227,8 @@ async def test_every_service_serves_prometheus_metrics_with_batons_measures(clie
     for service, text in texts.items():  # every service took its hop messages and acked them
         acked = re.search(rf'baton_hop_messages_total{{outcome="acked",service="{service}"}} (\S+)', text)
         assert acked and float(acked.group(1)) >= 1, service
+        # Read from the consumer when scraped: every answered request's messages are out of hand.
+        assert f'baton_hops_in_flight{{service="{service}"}} 0.0' in text, service
     assert 'baton_routes_total{route="factual"}' in texts["router"]
     assert 'baton_gate_verdicts_total{gate="input",verdict="fail"}' in texts["guardrail"]
     # Whichever route the attack was sent to, the refusal is counted with its reason.
