@@ -132,6 +132,8 @@ def _span_attributes(span: ReadableSpan) -> Mapping[str, Any] | None:
     """The span's attributes: the SDK's own dict when it is there (a tenth of the
     encoding's time goes to reading them through the read-only view otherwise)."""
     stored = getattr(span, "_attributes", None)
+    if type(stored) is dict:  # a LeanSpan's (shared/lean_tracer.py)
+        return stored
     inner = getattr(stored, "_dict", None)
     return inner if type(inner) is dict else span.attributes
 

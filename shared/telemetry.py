@@ -18,7 +18,10 @@ OTEL_SDK_DISABLED is not true. Export is batched, off the hot path; a collector 
 is down costs dropped spans, never a failed request. The exporter is Baton's lean
 OTLP/HTTP one (shared/span_export.py), which honours the same OTEL_EXPORTER_OTLP_*
 variables; BATON_TRACE_EXPORTER=otlp, a gRPC protocol, TLS certificates or a credential
-provider select the SDK's own exporter instead.
+provider select the SDK's own exporter instead. With the lean exporter, spans are made
+by the lean tracer (shared/lean_tracer.py), which implements the OpenTelemetry API
+without the SDK's span objects; with the SDK's exporter, or a sampler other than the
+default (parent-based) always-on, by the SDK's tracer.
 """
 
 from __future__ import annotations
@@ -63,13 +66,31 @@ def setup_tracing(service: str) -> trace.Tracer:
     if not tracing_enabled():
         return NoOpTracer()
     if _provider is None:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        _provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
-        _provider.add_span_processor(BatchSpanProcessor(span_exporter()))
+        _provider = tracer_provider(service)
     return _provider.get_tracer("baton")
+
+
+def tracer_provider(service: str) -> trace.TracerProvider:
+    """The lean tracer (shared/lean_tracer.py: the same spans without the SDK's span
+    objects) when the lean exporter sends them; the SDK's otherwise, or when a setting asks
+    for what only the SDK's tracer does (another sampler, the SDK's internal metrics)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from shared.lean_tracer import LeanTracerProvider, sdk_tracer_reason
+    from shared.span_export import LeanSpanExporter
+
+    resource = Resource.create(resource_attributes(service))
+    exporter = span_exporter()
+    reason = sdk_tracer_reason()
+    if isinstance(exporter, LeanSpanExporter) and reason is None:
+        return LeanTracerProvider(resource, BatchSpanProcessor(exporter))
+    if reason is not None:
+        log.info("spans made by the OpenTelemetry SDK's tracer (%s)", reason)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
 
 
 def span_exporter() -> SpanExporter:
