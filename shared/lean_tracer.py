@@ -55,6 +55,7 @@ _attributes_log = logging.getLogger("opentelemetry.attributes")
 
 _SAMPLERS = ("parentbased_always_on", "always_on")
 _PLAIN = frozenset({str, bool, int, float})  # attribute values the SDK's cleaning returns unchanged
+_STR = frozenset({str})
 _UNSET = Status(StatusCode.UNSET)
 _random_bits = random.getrandbits
 
@@ -245,6 +246,14 @@ class LeanSpan(trace_api.Span):
             return
         max_length = self._tracer.limits.max_span_attribute_length
         stored = self._attributes
+        if (max_length is None and (limit is None or len(stored) + len(attributes) <= limit) and "" not in attributes
+                and _PLAIN.issuperset(map(type, attributes.values())) and _STR.issuperset(map(type, attributes))):
+            # The usual call, checked and stored in C: plain values under string keys, room for all.
+            if stored and not stored.keys().isdisjoint(attributes):
+                for key in attributes:
+                    stored.pop(key, None)  # a re-set attribute moves last, as in the SDK
+            stored.update(attributes)
+            return
         for key, value in attributes.items():
             if type(key) is str and key and type(value) in _PLAIN and max_length is None:
                 if key in stored:

@@ -29,12 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, NoOpTracer, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared import attributes as A
@@ -137,23 +140,39 @@ def shutdown_tracing() -> None:
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current span's `traceparent` to outgoing headers (W3C trace context only)."""
-    _trace_context().inject(headers)
+    """Add the current span's `traceparent` (and `tracestate`) to outgoing headers: what
+    the W3C propagator writes, without its getter/setter layers (a third of its CPU)."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context == INVALID_SPAN_CONTEXT:
+        return headers
+    headers["traceparent"] = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    if span_context.trace_state:
+        headers["tracestate"] = span_context.trace_state.to_header()
     return headers
 
 
+# The W3C propagator itself, not the global composite: no hop reads or writes baggage.
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
+# The traceparent Baton writes (version 00, lower-case hex, nothing around it); any other
+# form, and any tracestate, is read by the propagator itself.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_TRACE_FLAGS = [TraceFlags(flags) for flags in range(256)]
 
 
-def _trace_context() -> TraceContextTextMapPropagator:
-    """The W3C propagator itself, not the global composite: no hop reads or writes
-    baggage, and skipping it pays for the messaging attributes below."""
-    return _TRACE_CONTEXT
-
-
-def _extract(headers: Mapping[str, str] | None):
-    """The publisher's span context from `traceparent`."""
-    return _TRACE_CONTEXT.extract(headers or {})
+def _extract(headers: Mapping[str, str] | None) -> Context:
+    """The publisher's span context from `traceparent`: the propagator's result, a fifth of its CPU."""
+    if not headers:
+        return Context()
+    header = headers.get("traceparent")
+    if type(header) is str and "tracestate" not in headers:
+        match = _TRACEPARENT.fullmatch(header)
+        if match is not None:
+            trace_id, span_id, flags = match.groups()
+            if trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN:
+                parent = SpanContext(int(trace_id, 16), int(span_id, 16), True, _TRACE_FLAGS[int(flags, 16)], None)
+                return Context({_SPAN_KEY: NonRecordingSpan(parent)})
+    return _TRACE_CONTEXT.extract(headers)
 
 
 def extract(headers: Mapping[str, str] | None):
