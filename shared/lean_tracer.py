@@ -146,7 +146,7 @@ class LeanTracer(trace_api.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
-        parent = trace_api.get_current_span(context).get_span_context()
+        parent: SpanContext | None = trace_api.get_current_span(context).get_span_context()
         if parent is not None and not isinstance(parent, SpanContext):
             raise TypeError("parent_span_context must be a SpanContext or None.")
         if parent is None or not parent.is_valid:
@@ -163,7 +163,7 @@ class LeanTracer(trace_api.Tracer):
             return NonRecordingSpan(span_context)
         return LeanSpan(self, name, span_context, parent, kind, attributes, links, start_time, record_exception, set_status_on_exception)
 
-    def start_as_current_span(
+    def start_as_current_span(  # type: ignore[override]  # the SDK's is a generator-based manager; this one is a class (cheaper)
         self,
         name: str,
         context: context_api.Context | None = None,
@@ -174,7 +174,7 @@ class LeanTracer(trace_api.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
-    ) -> _CurrentSpan:  # type: ignore[override]  # the SDK's is a generator-based manager; this one is a class (cheaper)
+    ) -> _CurrentSpan:
         return _CurrentSpan(self, name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception, end_on_exit)
 
 

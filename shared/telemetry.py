@@ -44,13 +44,16 @@ from shared import attributes as A
 from shared.schema import ChatMessage, Envelope, Error, Event, Passage, Reply
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+
+    from shared.lean_tracer import LeanTracerProvider
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "baton"
 
-_provider = None
+_provider: TracerProvider | LeanTracerProvider | None = None
 
 
 def tracing_enabled() -> bool:
@@ -73,7 +76,7 @@ def setup_tracing(service: str) -> trace.Tracer:
     return _provider.get_tracer("baton")
 
 
-def tracer_provider(service: str) -> trace.TracerProvider:
+def tracer_provider(service: str) -> TracerProvider | LeanTracerProvider:
     """The lean tracer (shared/lean_tracer.py: the same spans without the SDK's span
     objects) when the lean exporter sends them; the SDK's otherwise, or when a setting asks
     for what only the SDK's tracer does (another sampler, the SDK's internal metrics)."""
