@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import traceback
+import weakref
 from collections.abc import Mapping, Sequence
 from contextlib import ContextDecorator
 from time import time_ns
@@ -83,7 +84,10 @@ def sdk_tracer_reason(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 class LeanTracerProvider(trace_api.TracerProvider):
-    """One resource and one span processor (the BatchSpanProcessor) for every tracer it gives."""
+    """One resource and one span processor for every tracer it gives.
+
+    The processor sees each span at its end only (`on_end`): the BatchSpanProcessor and
+    the SimpleSpanProcessor do nothing at a span's start, so nothing is lost with them."""
 
     def __init__(self, resource: Resource, processor: SpanProcessor, *, sampler: str | None = None, limits: SpanLimits | None = None) -> None:
         self.resource = resource
@@ -97,7 +101,14 @@ class LeanTracerProvider(trace_api.TracerProvider):
         self._stopped = False
         atexit.register(self.shutdown)  # as the SDK's provider: what is queued is sent at exit
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+            after_fork = weakref.WeakMethod(self._after_fork)  # a provider shut down and dropped is not kept alive
+
+            def in_child() -> None:
+                method = after_fork()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(after_in_child=in_child)
 
     def _after_fork(self) -> None:
         """A forked child gets its own service.instance.id, as the SDK's provider does."""
@@ -105,7 +116,9 @@ class LeanTracerProvider(trace_api.TracerProvider):
         for tracer in self._tracers.values():
             tracer.resource = self.resource
 
-    def get_tracer(self, instrumenting_module_name: str, instrumenting_library_version: str | None = None, schema_url: str | None = None, attributes: types.Attributes = None) -> LeanTracer:
+    def get_tracer(self, instrumenting_module_name: str, instrumenting_library_version: str | None = None, schema_url: str | None = None, attributes: types.Attributes = None) -> trace_api.Tracer:
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return trace_api.NoOpTracer()  # as the SDK's provider
         if not instrumenting_module_name:
             log.error("get_tracer called with missing module name.")
         scope = InstrumentationScope(instrumenting_module_name or "", instrumenting_library_version or "", schema_url, attributes)

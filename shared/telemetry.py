@@ -220,7 +220,7 @@ def hop_span(tracer: trace.Tracer, name: str, headers: Mapping[str, str] | None,
     """The span of one hop, a child of the span that published the message.
 
     `attributes` carries the messaging ones (see `messaging_attributes`); only the
-    destination is filled in here when missing. The SDK's context manager is returned
+    destination is filled in here when missing. The tracer's context manager is returned
     as it is: one generator less per hop."""
     if A.MESSAGING_DESTINATION not in attributes:
         attributes = {A.MESSAGING_SYSTEM: "nats", A.MESSAGING_DESTINATION: subject, A.MESSAGING_OPERATION: "process", A.MESSAGING_OPERATION_NAME: "process", **attributes}
