@@ -31,6 +31,7 @@ GROUPS: list[tuple[str, re.Pattern[str]]] = [
     ("logging", re.compile(r"/logging/")),
     ("json", re.compile(r"/json/")),
     ("bm25s/numpy", re.compile(r"/site-packages/(bm25s|numpy|scipy)/")),
+    ("OpenTelemetry (spans)", re.compile(re.escape(str(ROOT)) + r"/shared/(lean_tracer|otlp_wire|span_export)\.py")),  # Baton's own tracer and exporter
     ("Baton code", re.compile(re.escape(str(ROOT)) + r"/(services|shared|baton)/")),
     ("event loop (asyncio/uvloop)", re.compile(r"/asyncio/|uvloop|/selectors\.py")),
 ]

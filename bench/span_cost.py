@@ -2,10 +2,12 @@
 encoding (the exporter's work minus the network), around `HopRuntime.hop` + `observe`
 as a hop runs them. Not a timed test: a figure to compare before and after a change.
 
-    .venv/bin/python -m bench.span_cost [--spans 20000] [--encoder wire|sdk]
+    .venv/bin/python -m bench.span_cost [--spans 20000] [--encoder wire|sdk] [--tracer lean|sdk]
 
 `--encoder wire` (the default) encodes as the services' exporter does (shared/otlp_wire.py);
 `sdk` as the OpenTelemetry SDK's OTLP exporter does (the exporter before it).
+`--tracer lean` (the default) makes the spans as the services do with that exporter
+(shared/lean_tracer.py); `sdk` with the OpenTelemetry SDK's tracer (the tracer before it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shared import otlp_wire, telemetry
 
 ENCODERS = {"wire": otlp_wire.encode_spans, "sdk": lambda spans: encode_spans(spans).SerializeToString()}
 ENCODER = "wire"
+TRACER = "lean"
 
 
 class EncodingSink(SpanExporter):
@@ -44,6 +47,19 @@ class EncodingSink(SpanExporter):
         pass
 
 
+def make_provider(sink: SpanExporter, queue: int):
+    """The services' provider (shared/telemetry.py) around `sink`, with the tracer chosen."""
+    processor = BatchSpanProcessor(sink, max_queue_size=queue, max_export_batch_size=512, schedule_delay_millis=200)
+    resource = Resource.create({"service.name": "bench"})
+    if TRACER == "lean":
+        from shared.lean_tracer import LeanTracerProvider
+
+        return LeanTracerProvider(resource, processor)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(processor)
+    return provider
+
+
 def fake_mesh(tracer, message) -> HopRuntime:
     """A runtime without a connection: only what `hop` and `observe` read."""
     mesh = HopRuntime.__new__(HopRuntime)
@@ -57,8 +73,7 @@ def fake_mesh(tracer, message) -> HopRuntime:
 
 def measure(spans: int) -> dict[str, float]:
     sink = EncodingSink()
-    provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
-    provider.add_span_processor(BatchSpanProcessor(sink, max_queue_size=spans + 1000, max_export_batch_size=512, schedule_delay_millis=200))
+    provider = make_provider(sink, spans + 1000)
     tracer = provider.get_tracer("baton")
     with tracer.start_as_current_span("parent"):
         headers = telemetry.inject({"Nats-Msg-Id": "abc.0.2", "Baton-Request-Id": "abc"})
@@ -138,8 +153,7 @@ def one_request(mesh: HopRuntime, env: Envelope, message: SimpleNamespace) -> No
 
 def measure_requests(requests: int) -> float:
     sink = EncodingSink()
-    provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
-    provider.add_span_processor(BatchSpanProcessor(sink, max_queue_size=requests * 8 + 1000, max_export_batch_size=512, schedule_delay_millis=200))
+    provider = make_provider(sink, requests * 8 + 1000)
     message = SimpleNamespace(headers={}, subject="", data=b"x" * 2400)
     mesh = fake_mesh(provider.get_tracer("baton"), message)
     env = Envelope(request_id="abc", request=Request(prompt="How often should I replace my chain?"), route="factual",
@@ -176,9 +190,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--encoder", choices=sorted(ENCODERS), default="wire")
+    parser.add_argument("--tracer", choices=("lean", "sdk"), default="lean")
     args = parser.parse_args()
-    global ENCODER
-    ENCODER = args.encoder
+    global ENCODER, TRACER
+    ENCODER, TRACER = args.encoder, args.tracer
     results = sorted(measure(args.spans)["cpu_us_per_span"] for _ in range(args.runs))
     print(f"CPU per hop span (hop + observe + batch export encoding): min {results[0]} us, median {results[len(results) // 2]} us, runs {results}")
     per_request = sorted(measure_requests(args.requests) for _ in range(args.runs))

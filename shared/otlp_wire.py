@@ -39,6 +39,8 @@ _IS_REMOTE = 0x200
 # An attribute's field by (tag, key, type, value): bounded, cleared when full.
 _cache: dict[tuple[bytes, str, type, Any], bytes] = {}
 _CACHE_MAX = 4096
+# A float attribute's field up to its value, by (tag, key): bounded the same way.
+_float_prefixes: dict[tuple[bytes, str], bytes] = {}
 
 
 def _varint(value: int) -> bytes:
@@ -92,7 +94,8 @@ def _key_value(key: str, value: Any) -> bytes:
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]:
     """Each attribute as `tag + length + KeyValue`; a string, int or bool one from the
-    cache when it was seen before (floats vary per span, and 0.0 == -0.0)."""
+    cache when it was seen before (floats vary per span, and 0.0 == -0.0: only their
+    prefix is kept)."""
     parts: list[bytes] = []
     if not attributes:
         return parts
@@ -103,6 +106,11 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]
             encoded = cache.get((tag, key, kind, value))
             if encoded is None:
                 encoded = _remember(tag, key, kind, value)
+        elif kind is float:  # the key's bytes once, then 8 bytes per value
+            prefix = _float_prefixes.get((tag, key))
+            if prefix is None:
+                prefix = _float_prefix(tag, key)
+            encoded = prefix + _DOUBLE(value)
         else:
             encoded = _attribute(tag, key, value)
         if encoded:
@@ -116,6 +124,17 @@ def _remember(tag: bytes, key: str, kind: type, value: Any) -> bytes:
         _cache.clear()
     _cache[(tag, key, kind, value)] = encoded
     return encoded
+
+
+def _float_prefix(tag: bytes, key: str) -> bytes:
+    """Everything of a float attribute's field before the double: its length does not
+    depend on the value (KeyValue: key, then AnyValue{double_value: fixed64})."""
+    key_field = _field(b"\x0a", key.encode()) if key else b""
+    prefix = tag + _varint(len(key_field) + 11) + key_field + b"\x12\x09\x21"
+    if len(_float_prefixes) >= _CACHE_MAX:
+        _float_prefixes.clear()
+    _float_prefixes[(tag, key)] = prefix
+    return prefix
 
 
 def _attribute(tag: bytes, key: str, value: Any) -> bytes:
@@ -132,6 +151,8 @@ def _span_attributes(span: ReadableSpan) -> Mapping[str, Any] | None:
     """The span's attributes: the SDK's own dict when it is there (a tenth of the
     encoding's time goes to reading them through the read-only view otherwise)."""
     stored = getattr(span, "_attributes", None)
+    if type(stored) is dict:  # a LeanSpan's (shared/lean_tracer.py)
+        return stored
     inner = getattr(stored, "_dict", None)
     return inner if type(inner) is dict else span.attributes
 

@@ -119,3 +119,49 @@ def test_hop_spans_continue_the_publishers_traceparent(spans):
     assert hop.attributes[A.MESSAGING_MESSAGE_ID] == "r1.0.1" and hop.attributes[A.MESSAGING_OPERATION] == "process"
     publish = telemetry.messaging_attributes("publish", "baton.v1.request.c", "r1", 10, None)
     assert publish[A.MESSAGING_OPERATION] == "send" and publish[A.MESSAGING_OPERATION_NAME] == "publish"
+
+
+TRACEPARENTS = [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",  # not sampled
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",  # random trace id
+    "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",  # upper case: invalid
+    " \t00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 ",  # whitespace around
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # version 00 with more: invalid
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # a later version may have more
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff: invalid
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero trace id
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # zero span id
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",  # short span id
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" + "x" * 500,  # too long
+    "",
+]
+
+
+@pytest.mark.parametrize("traceparent", TRACEPARENTS)
+@pytest.mark.parametrize("tracestate", [None, "vendor=v1,other=x", "bad member"])
+def test_extract_reads_a_traceparent_as_the_w3c_propagator_does(traceparent, tracestate):
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    headers = {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate is not None else {})}
+    ours = telemetry.extract(headers)
+    theirs = TraceContextTextMapPropagator().extract(headers)
+    assert ours == theirs or trace.get_current_span(ours).get_span_context() == trace.get_current_span(theirs).get_span_context()
+    assert set(ours) == set(theirs)
+    assert telemetry.extract(None) == telemetry.extract({}) == TraceContextTextMapPropagator().extract({})
+
+
+@pytest.mark.parametrize("traceparent", TRACEPARENTS[:3])
+@pytest.mark.parametrize("tracestate", [None, "vendor=v1,other=x"])
+def test_inject_writes_what_the_w3c_propagator_writes(spans, traceparent, tracestate):
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    tracer, _ = spans
+    propagator = TraceContextTextMapPropagator()
+    parent = propagator.extract({"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})})
+    with tracer.start_as_current_span("hop", context=parent):
+        theirs: dict[str, str] = {"Nats-Msg-Id": "r1"}
+        propagator.inject(theirs)
+        assert telemetry.inject({"Nats-Msg-Id": "r1"}) == theirs
+    assert telemetry.inject({}) == {}  # no current span: nothing to carry
