@@ -31,6 +31,7 @@ from shared.config import GuardSpec
 LABELS: tuple[str, ...] = ("injection", "pii")
 CORPUS = Path(__file__).resolve().parents[2] / "tests/data/injection_corpus.jsonl"
 GATES = {"injection": "input.injection", "pii": "pii.detect"}
+MAX_MISSES = 3  # wrong examples kept per fold
 
 
 class LabeledDataError(ValueError):
@@ -333,7 +334,7 @@ def leave_one_source_out(
             signals = [*result.signals, *([signal] if signal else [])]
             flagged = InjectionResult(combine(s.weight for s in signals), signals).score >= spec.injection_threshold
             fold.flagged += flagged
-            if flagged != (row.label == 1) and len(fold.misses) < 3:
+            if flagged != (row.label == 1) and len(fold.misses) < MAX_MISSES:
                 fold.misses.append(row.text[:160])
         folds.append(fold)
     return LosoReport(folds, spec.injection_threshold)

@@ -628,6 +628,9 @@ def _b64_text(blob: str) -> str | None:
     return text if text and printable / len(text) > 0.9 else None
 
 
+from services.guardrail.structure import structural_cues  # noqa: E402  (structure.py imports nothing from here)
+
+
 @lru_cache(maxsize=64)
 def _configured(phrases: tuple[str, ...]) -> tuple[_Rule, ...]:
     """Operator phrases from config as rules, compiled once per distinct list."""
@@ -671,4 +674,5 @@ def detect_injection(text: str, extra_phrases: Sequence[str] = ()) -> InjectionR
                 break
     signals += _structural_signals(text)
     signals += _decoded_signals(text)
+    signals += [Signal("structure", f"{cue.family}: {cue.label}", cue.weight) for cue in structural_cues(folded)]
     return InjectionResult(score=combine(signal.weight for signal in signals), signals=signals)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 import unicodedata
 from collections.abc import Callable
@@ -91,10 +92,37 @@ def undo_leetspeak(text: str) -> str | None:
     return undone if undone != folded else None
 
 
+# Letters split by one repeated separator: "I.g.n.o.r.e", "i-g-n-o-r-e", "i g n o r e".
+_SPLIT_LETTERS = re.compile(r"(?<![^\W_])[^\W_](?:([ .\-_*|/+~])[^\W_]){3,}(?![^\W_])")
+# The request to decode that a rot13 or reversed payload needs, or the model could not read it either.
+_ROT13_HINT = re.compile(r"rot[\s_-]?13|caesar|cipher", re.I)
+_REVERSED_HINT = re.compile(r"revers|backwards|right to left", re.I)
+
+
+def join_split_letters(text: str) -> str | None:
+    """"I.g.n.o.r.e a.l.l" -> "Ignore all"; None when no word is spelled out letter by letter."""
+    if not _SPLIT_LETTERS.search(text):
+        return None
+    joined = _SPLIT_LETTERS.sub(lambda match: match.group().replace(match.group(1), ""), text)
+    return joined if joined != text else None
+
+
+def decode_rot13_or_reversed(text: str) -> list[str]:
+    """The whole text rot13-decoded or reversed, only when it asks for that decoding."""
+    found = []
+    if _ROT13_HINT.search(text):
+        found.append(codecs.decode(text, "rot13"))
+    if _REVERSED_HINT.search(text):
+        found.append(text[::-1])
+    return found
+
+
 def decoded_payloads(text: str) -> list[str]:
-    """The base64, hex and %-escaped payloads in `text`, decoded (the rules score these;
-    leetspeak they already read, their patterns accept "1gn0re")."""
-    return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text)]))[:8]
+    """The base64, hex, %-escaped, rot13, reversed and letter-by-letter payloads in `text`,
+    decoded (the rules score these; leetspeak they already read, their patterns accept "1gn0re")."""
+    joined = join_split_letters(text)
+    return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
+                               *decode_rot13_or_reversed(text), *([joined] if joined else [])]))[:8]
 
 
 def views(text: str) -> list[str]:
@@ -158,4 +186,30 @@ def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None =
     for sentence, ratio, sc in zip(sentences, ratios, scripts):
         if sc == "LATIN" and ratio >= 1.9 and len(language_words(sentence)) >= 4:
             found.append(ForeignSegment(sentence, f"not English (fragmentation {ratio:.1f})"))
+    if not found:
+        found = _without_english_words(sentences, ratios)
     return found
+
+
+# English function words: nearly every English sentence of five words or more has one,
+# while a sentence in Afrikaans, Vietnamese or Irish has none (or only "an").
+_CODE = re.compile(r"[$_=\\/{}<>]|--")  # a command line or code has no function words either
+_ENGLISH_FUNCTION_WORDS = frozenset(
+    "the a to of and or is are was were be been in on at for with by from it its this that these those you your i my "
+    "me we our he she they them his her their not no do does did can could will would should what how why when where "
+    "which who if as but so there here have has had just please all any some than then".split())
+
+
+def _without_english_words(sentences: list[str], ratios: list[float]) -> list[ForeignSegment]:
+    """A sentence of five or more words with no English function word, in a text whose other
+    sentences have them, when its words are also not plain English (broken up by the English
+    vocabulary or spelled with accents): a product list or a title has no function words either,
+    but its words are English."""
+    words = [language_words(sentence) for sentence in sentences]
+    english = [any(word in _ENGLISH_FUNCTION_WORDS for word in ws) for ws in words]
+    if not any(english):
+        return []
+    return [ForeignSegment(sentence, "no English words")
+            for sentence, ws, is_english, ratio in zip(sentences, words, english, ratios)
+            if not is_english and len(ws) >= 5 and ratio >= (1.8 if sentence.isascii() else 1.3)
+            and not _CODE.search(sentence)]
