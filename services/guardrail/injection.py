@@ -607,8 +607,7 @@ def _decoded_signals(text: str) -> list[Signal]:
         from shared.embedder import pieces_per_word
 
         for segment in foreign_segments(text, pieces_per_word)[:1]:
-            signals.append(Signal("language_switch", f"a sentence in another language: {segment.reason}",
-                                  LANGUAGE_SWITCH_WEIGHT))
+            signals.append(_language_switch_signal(text, segment.text, segment.reason))
     return signals
 
 
@@ -616,6 +615,26 @@ def _decoded_signals(text: str) -> list[Signal]:
 # shop's customers write in one language at a time; a switch mid-prompt is the way
 # public injection sets smuggle an instruction past English-only filters.
 LANGUAGE_SWITCH_WEIGHT = 0.6
+# Unless the customer says the foreign text is what to work on ("translate this", "what does
+# it mean", "check my Spanish"): then the switch is the request, and counts as a weak cue.
+DECLARED_FOREIGN_WEIGHT = 0.3
+_LANGUAGE_TASK = re.compile(
+    r"translat|interpret|in english|into english|what (?:does|do|did) (?:it|this|that|they|he|she|the \w+) (?:mean|say)|"
+    r"pronounc|grammar|spelling|check my|is (?:it|this|that) (?:correct|polite|right)|"
+    r"\b(?:afrikaans|albanian|arabic|basque|catalan|chinese|croatian|czech|danish|dutch|estonian|finnish|french|gaelic|"
+    r"german|greek|hausa|hebrew|hindi|hungarian|icelandic|indonesian|irish|italian|japanese|korean|latvian|lithuanian|"
+    r"malay|maltese|norwegian|polish|portuguese|romanian|russian|serbian|slovak|slovenian|somali|spanish|swahili|swedish|"
+    r"tagalog|thai|turkish|ukrainian|urdu|vietnamese|welsh|xhosa|yoruba|zulu)\b")
+# What a smuggled instruction keeps from English even when translated: a link, a markdown
+# image, a quoted or capitalised payload word.
+_PAYLOAD_MARK = re.compile(r"https?://|www\.|!\[|\b[A-Z]{4,}\b|[\"“][^\"”]{2,}[\"”]")
+
+
+def _language_switch_signal(text: str, segment: str, reason: str) -> Signal:
+    frame = text.replace(segment, " ")
+    declared = _LANGUAGE_TASK.search(frame.lower()) and not _PAYLOAD_MARK.search(segment)
+    weight = DECLARED_FOREIGN_WEIGHT if declared else LANGUAGE_SWITCH_WEIGHT
+    return Signal("language_switch", f"a sentence in another language: {reason}", weight)
 
 
 def _b64_text(blob: str) -> str | None:

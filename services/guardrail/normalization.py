@@ -206,7 +206,8 @@ def _without_english_words(sentences: list[str], ratios: list[float]) -> list[Fo
     vocabulary or spelled with accents): a product list or a title has no function words either,
     but its words are English."""
     words = [language_words(sentence) for sentence in sentences]
-    english = [any(word in _ENGLISH_FUNCTION_WORDS for word in ws) for ws in words]
+    english = [any(word.strip(".,;:!?()\"'") in _ENGLISH_FUNCTION_WORDS for word in sentence.lower().split())
+               for sentence in sentences]
     if not any(english):
         return []
     return [ForeignSegment(sentence, "no English words")

@@ -94,16 +94,19 @@ CUES: tuple[Cue, ...] = (
          r"(?:<|\[|\(|\{)\s*/?\s*(?:system(?:[ _-]?(?:message|prompt|note|notice|instructions?|override|update|alert|command))?|"
          r"instructions?|override)\s*(?:>|\]|\)|\})",
          "<", "[", "(", "{"),
-    _cue("fake_channel", "a fake admin or debug tag, banner or note", 0.4,
-         r"(?:<|\[|\(|\{)\s*/?\s*(?:admin(?:istrator)?|developer|root|sudo|debug|priority)\s*(?:>|\]|\)|\})"
-         r"|(?:\*{3,}|={3,}|#{3,}|-{3,}|!{3,}|>{3,})\s*(?:[a-z]+\s+){0,4}?"
+    _cue("fake_channel", "a fake admin or debug tag", 0.4,
+         r"(?:<|\[|\(|\{)\s*/?\s*(?:admin(?:istrator)?|developer|root|sudo|debug|priority)\s*(?:>|\]|\)|\})",
+         "admin", "developer", "root", "sudo", "debug", "priority"),
+    _cue("fake_channel", "a banner announcing instructions", 0.4,
+         r"(?:\*{3,}|={3,}|#{3,}|-{3,}|!{3,}|>{3,})\s*(?:[a-z]+\s+){0,4}?"
          r"(?:instructions?|directives?|notice|update|override|alert|message|system|admin|commands?|orders?)"
-         r"(?:\s+[a-z]+){0,4}\s*(?:\*{3,}|={3,}|#{3,}|-{3,}|!{3,}|<{3,}|:)"
-         r"|^\s*(?:system|admin|developer|root)\s*(?:message|note|notice|update|override|instruction|command)?\s*:\s*(?!\s*$)"
-         r"|(?:^|\s)(?:todo|to-do|action item|note to self|p\.s\.)\s*:\s*(?:send|transfer|forward|visit|email|post|delete|change|"
+         r"(?:\s+[a-z]+){0,4}\s*(?:\*{3,}|={3,}|#{3,}|-{3,}|!{3,}|<{3,}|:)",
+         "***", "===", "###", "---", "!!!", ">>>"),
+    _cue("fake_channel", "a line posing as a system message or a to-do", 0.4,
+         r"^[ \t]*(?:system|admin|developer|root)[ \t]*(?:message|note|notice|update|override|instruction|command)?[ \t]*:[ \t]*\S"
+         r"|\b(?:todo|to-do|action item|note to self|p\.s\.)[ \t]*:[ \t]*(?:send|transfer|forward|visit|email|post|delete|change|"
          r"create|invite|reply|respond|say|print|write|ignore|tell|add|include|share|upload|open|click)\b",
-         "<", "[", "(", "{", "***", "===", "###", "---", "!!!", ">>>", "system", "admin", "developer", "root", "todo",
-         "to-do", "action item", "note to self", "p.s."),
+         "system", "admin", "developer", "root", "todo", "to-do", "action item", "note to self", "p.s."),
     _cue("fake_channel", "an INFORMATION or IMPORTANT tag", 0.3,
          r"(?:<|\[|\{)\s*/?\s*(?:information|important|urgent|attention|note)\s*(?:>|\]|\})", "<", "[", "{"),
     # A special mode or an error that calls for different behaviour.
@@ -120,7 +123,7 @@ CUES: tuple[Cue, ...] = (
          "mode", "error", "exception", "failure", "malfunction", "fault", "crash", "offline", "disabled", "down",
          "bypassed", "suspended", "off"),
     # Demands blanket compliance.
-    _cue("compliance", "demands blanket compliance", 0.3,
+    _cue("compliance", "demands blanket compliance", 0.35,
          r"\b(?:comply with|fulfil+|obey|follow|answer|respond to|execute) (?:all|every|any) (?:requests?|questions?|commands?|instructions?|orders?|prompts?)"
          r"(?! (?:about|on|regarding|for|from the (?:shop|store)))"
          r"|\banswer (?:freely|without (?:any )?(?:limits?|restrictions?|filter\w*|refus\w+|hesitat\w+))"
@@ -141,7 +144,7 @@ CUES: tuple[Cue, ...] = (
          r"(?:customer|user|client|their|other|all)\b[^.!?\n]{0,60}?\bto (?:https?://|www\.|[\w.+-]+@[\w-]+\.)",
          "send", "forward", "post", "mail", "upload", "share", "leak", "exfiltrate", "copy"),
     _cue("exfiltration_target", "a markdown image carrying data in its URL", 0.45,
-         r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?=&{]", "!["),
+         r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?=&{\[]", "!["),
     # Asks to act on something without showing it: how hidden prompts get used.
     _cue("covert", "asks to act without showing the text", 0.3,
          r"\b(?:without (?:writing|saying|printing|repeating|showing|mentioning|quoting|revealing|displaying)|"
@@ -163,8 +166,16 @@ class Finding:
     weight: float
 
 
+# Cues below this only frame a request ("reply with only the price", "[Important]", "my
+# display is in maintenance mode"): customers use two of them together. They add up only
+# with a cue that aims at the model itself (speaks to it, hijacks its task, fakes a channel,
+# corrects its instructions, sends data away).
+AIMED = 0.35
+
+
 def structural_cues(folded: str) -> list[Finding]:
-    """The cue families present in `folded` (injection.normalize's output), strongest per family."""
+    """The cue families present in `folded` (injection.normalize's output), strongest per
+    family; only the strongest framing cue when none is aimed at the model."""
     best: dict[str, Finding] = {}
     for cue in CUES:
         current = best.get(cue.family)
@@ -172,4 +183,5 @@ def structural_cues(folded: str) -> list[Finding]:
             continue
         if any(anchor in folded for anchor in cue.anchors) and cue.pattern.search(folded):
             best[cue.family] = Finding(cue.family, cue.label, cue.weight)
-    return list(best.values())
+    found = sorted(best.values(), key=lambda finding: -finding.weight)
+    return found if found and found[0].weight >= AIMED else found[:1]
