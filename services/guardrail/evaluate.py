@@ -326,7 +326,8 @@ def leave_one_source_out(
         training = [row for row in rows if row.source != source and row.split == "train"]
         weights = train([row.text for row in training], [row.label for row in training])
         tested = [row for row in rows if row.source == source and (split == "all" or row.split == split)]
-        kind = "injection" if tested and tested[0].label == 1 else "benign"
+        # The kind comes from every row of the source: a source with no rows in `split` is still what it is.
+        kind = "injection" if any(row.label == 1 for row in rows if row.source == source) else "benign"
         fold = Fold(source, kind, len(tested), 0)
         for row in tested:
             result = detect_injection(row.text, spec.injection_phrases)

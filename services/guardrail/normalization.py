@@ -117,12 +117,57 @@ def decode_rot13_or_reversed(text: str) -> list[str]:
     return found
 
 
+# The words attacks are made of, to be found again when scrambled ("insturctions": first and
+# last letter kept, the middle shuffled) or typed with one letter too many ("iunstructions").
+_ATTACK_WORDS = (
+    "ignore", "disregard", "forget", "previous", "prior", "above", "instructions", "instruction", "rules",
+    "guidelines", "system", "prompt", "reveal", "bypass", "override", "restrictions", "filters", "pretend",
+    "developer", "jailbreak", "unrestricted", "unfiltered", "confidential", "secret", "password", "everything",
+    "directives", "constraints", "policies", "initial", "original", "hidden",
+)  # fmt: skip
+_SCRAMBLED = {(w[0], w[-1], "".join(sorted(w[1:-1]))): w for w in _ATTACK_WORDS}
+_KNOWN = frozenset(_ATTACK_WORDS)
+_WORD = re.compile(r"[a-z]{5,15}")
+
+
+def _respelled(word: str) -> str | None:
+    if word in _KNOWN:
+        return None
+    found = _SCRAMBLED.get((word[0], word[-1], "".join(sorted(word[1:-1]))))
+    if found is None and len(word) >= 8:
+        # One letter too many: dropping it gives the word (precomputed the other way round:
+        # the attack word with one letter dropped is never the typo, so check each drop).
+        found = next((_KNOWN_BY_DROP[word[:i] + word[i + 1:]] for i in range(len(word))
+                      if word[:i] + word[i + 1:] in _KNOWN_BY_DROP), None)
+    return found
+
+
+_KNOWN_BY_DROP = {w: w for w in _ATTACK_WORDS if len(w) >= 7}
+
+
+def unscramble(text: str) -> str | None:
+    """"ignroe all prevoius insturctions" -> "ignore all previous instructions"; None when no
+    attack word was misspelled that way."""
+    folded = normalize(text)
+    changed = False
+
+    def fix(match: re.Match[str]) -> str:
+        nonlocal changed
+        found = _respelled(match.group())
+        changed |= found is not None
+        return found or match.group()
+
+    fixed = _WORD.sub(fix, folded)
+    return fixed if changed else None
+
+
 def decoded_payloads(text: str) -> list[str]:
     """The base64, hex, %-escaped, rot13, reversed and letter-by-letter payloads in `text`,
     decoded (the rules score these; leetspeak they already read, their patterns accept "1gn0re")."""
-    joined = join_split_letters(text)
+    joined, respelled = join_split_letters(text), unscramble(text)
     return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
-                               *decode_rot13_or_reversed(text), *([joined] if joined else [])]))[:8]
+                               *decode_rot13_or_reversed(text), *([joined] if joined else []),
+                               *([respelled] if respelled else [])]))[:8]
 
 
 def views(text: str) -> list[str]:
