@@ -618,6 +618,9 @@ LANGUAGE_SWITCH_WEIGHT = 0.6
 # Unless the customer says the foreign text is what to work on ("translate this", "what does
 # it mean", "check my Spanish"): then the switch is the request, and counts as a weak cue.
 DECLARED_FOREIGN_WEIGHT = 0.3
+# A foreign sentence that names instructions, ignoring, "previous", a password or the system
+# prompt (normalization.attack_concepts) rejects whatever the frame says.
+FOREIGN_ATTACK_WEIGHT = 0.8
 _LANGUAGE_TASK = re.compile(
     r"translat|interpret|in english|into english|what (?:does|do|did) (?:it|this|that|they|he|she|the \w+) (?:mean|say)|"
     r"pronounc|grammar|spelling|check my|is (?:it|this|that) (?:correct|polite|right)|"
@@ -631,6 +634,12 @@ _PAYLOAD_MARK = re.compile(r"https?://|www\.|!\[|\b[A-Z]{4,}\b|[\"“][^\"”]{2
 
 
 def _language_switch_signal(text: str, segment: str, reason: str) -> Signal:
+    from services.guardrail.normalization import attack_concepts
+
+    concepts = attack_concepts(segment)
+    if concepts:
+        return Signal("language_switch", f"a sentence in another language about {', '.join(concepts)}: {reason}",
+                      FOREIGN_ATTACK_WEIGHT)
     frame = text.replace(segment, " ")
     declared = _LANGUAGE_TASK.search(frame.lower()) and not _PAYLOAD_MARK.search(segment)
     weight = DECLARED_FOREIGN_WEIGHT if declared else LANGUAGE_SWITCH_WEIGHT

@@ -259,3 +259,47 @@ def _without_english_words(sentences: list[str], ratios: list[float]) -> list[Fo
             for sentence, ws, is_english, ratio in zip(sentences, words, english, ratios)
             if not is_english and len(ws) >= 5 and ratio >= (1.8 if sentence.isascii() else 1.3)
             and not _CODE.search(sentence)]
+
+
+# --- attack words in other languages --------------------------------------------------
+
+# Stems of the words an injected instruction is made of, in about forty languages (accents
+# kept and dropped): a foreign sentence that has them is an instruction about instructions,
+# not a review or a greeting that a customer wants translated. Matched as substrings of the
+# lower-cased sentence; only ever applied to a sentence already found to be foreign.
+_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "instructions": (
+        "instruc", "instruç", "instruț", "istruzion", "anweisung", "instructie", "instrukc", "instrukt", "instruks",
+        "udhëzim", "udhezim", "treoir", "treorach", "stiùireadh", "stiuireadh", "imiyalelo", "maagizo", "maelekezo",
+        "talimat", "utasítás", "utasitas", "ohjee", "ohjei", "juhis", "norādījum", "noradijum", "nurodym", "upute",
+        "navodil", "hướng dẫn", "huong dan", "tagubilin", "cyfarwyddiad", "arahan", "pokyn", "инструкц", "інструкц",
+        "указани", "指示", "指令", "지시", "تعليمات", "הוראות", "निर्देश", "οδηγί", "consigne", "regeln", "reglas",
+        "regole", "règles", "regras", "regels", "kurallar", "säännö", "szabály",
+    ),
+    "ignore": (
+        "ignor", "olvid", "esqueç", "esquec", "dimentic", "oublie", "vergiss", "vergess", "negeer", "vergeet",
+        "zapomn", "glöm", "glem ", "injoro", "harroj", "neamhaird", "leig seachad", "ziba ", "ungazinaki", "puuza",
+        "sahau", "abaikan", "lupakan", "yok say", "unut", "bỏ qua", "bo qua", "figyelmen kívül", "figyelmen kivul",
+        "felejtsd", "ohita", "unohda", "unusta", "anwybydd", "kalimutan", "pansinin", "игнорир", "забудь",
+        "ігнор", "忽略", "無視", "무시", "تجاهل", "התעלם", "अनदेखा", "αγνό", "αγνο",
+    ),
+    "previous": (
+        "anterior", "precedent", "précédent", "vorherig", "vorige", "eerdere", "poprzedni", "předchozí", "predchozi",
+        "tidigare", "tidligere", "mëparshme", "meparshme", "roimhe", "yangaphambili", "yaliyotangulia", "iliyopita",
+        "sebelumnya", "önceki", "onceki", "trước", "truoc", "korábbi", "korabbi", "aiemm", "eelnev", "blaenorol",
+        "naunang", "предыдущ", "попередн", "之前", "先前", "以前", "이전", "السابقة",
+    ),
+    "password": (
+        "password", "contraseña", "contrasena", "senha", "passwort", "kennwort", "mot de passe", "wachtwoord",
+        "hasło", "haslo", "heslo", "lösenord", "passord", "fjalëkalim", "fjalekalim", "pasfhocal", "facal-faire",
+        "iphasiwedi", "nenosiri", "kata sandi", "kata laluan", "şifre", "sifre", "mật khẩu", "mat khau", "jelszó",
+        "jelszo", "salasana", "parool", "cyfrinair", "пароль", "密码", "パスワード", "비밀번호", "كلمة المرور",
+    ),
+    "system prompt": ("prompt", "sistem", "système", "systeem", "systém", "córas", "uhlelo", "mfumo", "система", "系统"),
+}  # fmt: skip
+
+
+def attack_concepts(sentence: str) -> list[str]:
+    """Which of the concepts above a (foreign) sentence names."""
+    lowered = sentence.lower() + " "
+    return [concept for concept, stems in _CONCEPTS.items() if any(stem in lowered for stem in stems)]
