@@ -618,8 +618,8 @@ LANGUAGE_SWITCH_WEIGHT = 0.6
 # Unless the customer says the foreign text is what to work on ("translate this", "what does
 # it mean", "check my Spanish"): then the switch is the request, and counts as a weak cue.
 DECLARED_FOREIGN_WEIGHT = 0.3
-# A foreign sentence that names instructions, ignoring, "previous", a password or the system
-# prompt (normalization.attack_concepts) rejects whatever the frame says.
+# A foreign sentence that names two of: instructions, ignoring, "previous", a password, the
+# system prompt (normalization.attack_concepts) rejects whatever the frame says.
 FOREIGN_ATTACK_WEIGHT = 0.8
 _LANGUAGE_TASK = re.compile(
     r"translat|interpret|in english|into english|what (?:does|do|did) (?:it|this|that|they|he|she|the \w+) (?:mean|say)|"
@@ -637,7 +637,7 @@ def _language_switch_signal(text: str, segment: str, reason: str) -> Signal:
     from services.guardrail.normalization import attack_concepts
 
     concepts = attack_concepts(segment)
-    if concepts:
+    if len(concepts) >= 2:  # one alone is a word ("Ignorez la pluie"); two make an order about orders
         return Signal("language_switch", f"a sentence in another language about {', '.join(concepts)}: {reason}",
                       FOREIGN_ATTACK_WEIGHT)
     frame = text.replace(segment, " ")
