@@ -22,6 +22,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote
 
 from services.guardrail.injection import normalize
@@ -130,44 +131,48 @@ _KNOWN = frozenset(_ATTACK_WORDS)
 _WORD = re.compile(r"[a-z]{5,15}")
 
 
+_KNOWN_BY_DROP = {w: w for w in _ATTACK_WORDS if len(w) >= 7}
+# Cheap pre-checks: a scramble keeps first letter, last letter and length; a word with one
+# letter too many is one longer and keeps its first or second letter first.
+_SCRAMBLE_SIGNATURES = frozenset((w[0], w[-1], len(w)) for w in _ATTACK_WORDS)
+_DROP_SIGNATURES = frozenset((first, len(w) + 1) for w in _KNOWN_BY_DROP for first in w[:2])
+_INFLECTED = frozenset(f"{w}{end}" for w in _ATTACK_WORDS for end in ("s", "d", "es", "ed"))
+
+
 def _respelled(word: str) -> str | None:
-    if word in _KNOWN:
+    if word in _KNOWN or word in _INFLECTED:
         return None
-    found = _SCRAMBLED.get((word[0], word[-1], "".join(sorted(word[1:-1]))))
-    if found is None and len(word) >= 8:
-        # One letter too many: dropping it gives the word (precomputed the other way round:
-        # the attack word with one letter dropped is never the typo, so check each drop).
+    found = None
+    if (word[0], word[-1], len(word)) in _SCRAMBLE_SIGNATURES:
+        found = _SCRAMBLED.get((word[0], word[-1], "".join(sorted(word[1:-1]))))
+    if found is None and (word[0], len(word)) in _DROP_SIGNATURES:
         found = next((_KNOWN_BY_DROP[word[:i] + word[i + 1:]] for i in range(len(word))
                       if word[:i] + word[i + 1:] in _KNOWN_BY_DROP), None)
     return found
-
-
-_KNOWN_BY_DROP = {w: w for w in _ATTACK_WORDS if len(w) >= 7}
 
 
 def unscramble(text: str) -> str | None:
     """"ignroe all prevoius insturctions" -> "ignore all previous instructions"; None when no
     attack word was misspelled that way."""
     folded = normalize(text)
-    changed = False
-
-    def fix(match: re.Match[str]) -> str:
-        nonlocal changed
-        found = _respelled(match.group())
-        changed |= found is not None
-        return found or match.group()
-
-    fixed = _WORD.sub(fix, folded)
-    return fixed if changed else None
+    fixes = {word: found for word in set(_WORD.findall(folded)) if (found := _respelled(word))}
+    if not fixes:
+        return None
+    return _WORD.sub(lambda match: fixes.get(match.group(), match.group()), folded)
 
 
 def decoded_payloads(text: str) -> list[str]:
+    return list(_decoded_payloads(text))
+
+
+@lru_cache(maxsize=32)  # the rules and the model both ask, for the same request
+def _decoded_payloads(text: str) -> tuple[str, ...]:
     """The base64, hex, %-escaped, rot13, reversed and letter-by-letter payloads in `text`,
     decoded (the rules score these; leetspeak they already read, their patterns accept "1gn0re")."""
     joined, respelled = join_split_letters(text), unscramble(text)
-    return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
-                               *decode_rot13_or_reversed(text), *([joined] if joined else []),
-                               *([respelled] if respelled else [])]))[:8]
+    return tuple(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
+                                *decode_rot13_or_reversed(text), *([joined] if joined else []),
+                                *([respelled] if respelled else [])]))[:8]
 
 
 def views(text: str) -> list[str]:
