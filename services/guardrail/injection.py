@@ -407,7 +407,10 @@ _RULES: list[_Rule] = [
     _Rule("new_instructions", "instruction banner (*** NEW INSTRUCTIONS ***)", 0.8,
           re.compile(r"(?:\*{2,}|#{2,}|={2,}|-{3,}|!{2,}|\[|>{2,})\s*(?:new|important|updated|urgent|additional|"
                      r"revised|priority|override)\b[\w ]{0,25}?\binstructions?\b"
-                     r"|(?<![a-z])(?:new important|important new|urgent new|new urgent|new priority) instructions?"),
+                     # Without a banner, only as a heading: "what are the new important instructions for
+                     # charging in winter?" asks about a manual.
+                     r"|(?<![a-z])(?:new important|important new|urgent new|new urgent|new priority) instructions?"
+                     r"\s*(?:[:\-\n]|$|follow)"),
           ("instruction",), fuzzy=False),
     # Not "debug mode is on in my Garmin": only the announcement form, as a header or line.
     _Rule("new_instructions", "fake error or debug framing", 0.65,
