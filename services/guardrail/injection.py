@@ -207,7 +207,7 @@ _NOT_SHOP_POLICY = r"(?!\W+(?:for|on|about|regarding|when|if|of|around)\b)"
 # "... you were given", "... you have been told": refers to the assistant's own instructions.
 _YOU_WERE_GIVEN = (
     r"you(?:'ve been|'ve| have been| have| were| had been| had| got) "
-    r"(?:given|told|trained|programmed|instructed|configured|provided)"
+    r"(?:given|told|trained|programmed|instructed|configured|provided|received|been sent)"
 )
 _UNRESTRICTED = _any("unrestricted", "unfiltered", "uncensored", "unlimited", "unbound", "evil", "amoral", "rogue")
 _LIMITS = _any(

@@ -230,7 +230,10 @@ def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None =
     if pieces_per_word(text) < 1.15:
         return found  # too few broken-up words in the whole text for a foreign sentence
     ratios = [pieces_per_word(s) for s in sentences]
-    english = [r for r, sc in zip(ratios, scripts) if sc == "LATIN" and r <= 1.5]
+    # English by its vocabulary, or by its function words when short ("Please summarize:"
+    # breaks "summarize" into three pieces but is English).
+    english = [r for r, sc, s in zip(ratios, scripts, sentences)
+               if sc == "LATIN" and (r <= 1.5 or (_has_function_word(s) and (r < 1.9 or len(language_words(s)) < 3)))]
     if len(english) * 2 < len(sentences):
         return found  # the bulk is not English: nothing to stand out from
     for sentence, ratio, sc in zip(sentences, ratios, scripts):
@@ -250,14 +253,17 @@ _ENGLISH_FUNCTION_WORDS = frozenset(
     "which who if as but so there here have has had just please all any some than then".split())
 
 
+def _has_function_word(sentence: str) -> bool:
+    return any(word.strip(".,;:!?()\"'") in _ENGLISH_FUNCTION_WORDS for word in sentence.lower().split())
+
+
 def _without_english_words(sentences: list[str], ratios: list[float]) -> list[ForeignSegment]:
     """A sentence of five or more words with no English function word, in a text whose other
     sentences have them, when its words are also not plain English (broken up by the English
     vocabulary or spelled with accents): a product list or a title has no function words either,
     but its words are English."""
     words = [language_words(sentence) for sentence in sentences]
-    english = [any(word.strip(".,;:!?()\"'") in _ENGLISH_FUNCTION_WORDS for word in sentence.lower().split())
-               for sentence in sentences]
+    english = [_has_function_word(sentence) for sentence in sentences]
     if not any(english):
         return []
     return [ForeignSegment(sentence, "no English words")

@@ -47,17 +47,23 @@ CUES: tuple[Cue, ...] = (
          rf"\bto you,? (?:the |our |my )?{_AI}\b"
          rf"|\b{_AI}s? (?:reading|processing|summari[sz]ing|analy[sz]ing|parsing|scanning|reviewing|seeing) (?:this|these|the following)\b"
          rf"|\bif you are an? {_AI}\b"
-         rf"|\b{_AI},? (?:when|once|after|as soon as|if) you (?:read|see|process|reach|get to|parse)\b",
+         rf"|\b{_AI},? (?:when|once|after|as soon as|if|while|as) you(?:'re| are)? \w+ (?:this|these|it|the following)\b",
          "you", "reading", "processing", "summari", "analy", "parsing", "scanning", "reviewing", "seeing"),
     # Greeting the model is what customers do too ("hey bot, ..."): weak.
     _cue("addressee", "greets the AI", 0.25,
-         rf"\b(?:dear|hey|attention|note to(?: the| any)?|message to(?: the| any)?|memo to(?: the)?) {_AI}\b",
-         "dear", "hey", "attention", "note to", "message to", "memo to"),
+         rf"\b(?:dear|hey|hi|hello|attention|note to(?: the| any)?|message to(?: the| any)?|memo to(?: the)?) {_AI}\b",
+         "dear", "hey", "hi", "hello", "attention", "note to", "message to", "memo to"),
+    # The assistant in the third person, told what it does now: a rule for it, not a question.
+    _cue("addressee", "tells the assistant in the third person what to do", 0.35,
+         r"\bthe (?:assistant|ai|ai assistant|model|language model|bot|chatbot|llm|summari[sz]er|translator)"
+         r" (?:must|shall|is to|is (?:now )?(?:allowed|permitted|authori[sz]ed|cleared|required|instructed) to|"
+         r"(?:will|should|may|can) now|now (?:must|outputs|reveals|shares|answers|ignores))\b",
+         "assistant", "ai", "model", "bot", "llm", "summari", "translator"),
     # "Sorry, I forgot to ask you to ...": a correction that adds a task.
     _cue("correction", "a correction that adds an instruction", 0.35,
          r"\b(?:sorry|apologies|apologi[sz]e|oops|correction|my mistake|my bad|i made a mistake|i made an error|i forgot|i was wrong)\b"
          r"[^.!?\n]{0,80}?\b(?:i (?:meant|forgot|wanted|was supposed|should have (?:asked|told)) to (?:ask|tell|instruct|remind) you to|"
-         r"you (?:are|were) (?:also )?(?:supposed|meant|expected) to|(?:your|the) (?:instructions?|task|prompt|orders|directions)\b)",
+         r"you (?:are|were) (?:also )?(?:supposed|meant|expected) to|(?:your|the)(?: \w+)? (?:instructions?|task|prompt|orders|directions|setup|configuration)\b)",
          "sorry", "apolog", "oops", "correction", "mistake", "my bad", "error", "forgot", "was wrong"),
     # Dictating the output.
     _cue("output_directive", "dictates the model's output", 0.3,
@@ -68,9 +74,11 @@ CUES: tuple[Cue, ...] = (
          r"|\b(?:reply|respond|answer|output)(?: back)? with (?:the (?:word|phrase|text|string|sentence|line)s? )?[\"'“]"
          rf"|\b(?:include|add|append|insert|put|embed|prepend|attach|end|start|begin|prefix|finish|close)\b[^.!?\n]{{0,60}}?"
          rf"\b(?:in|to|into|of|with|at the (?:end|start|beginning|top|bottom) of) (?:your|the|each|every|all) {_OUTPUT}\b"
-         r"|\bjust (?:say|print|write|output|reply|respond)\b",
+         r"|\bjust (?:say|print|write|output|reply|respond)\b"
+         r"|\b(?:append|add|include|insert|prepend|attach|put)\b[^.!?\n]{0,80}?\b(?:to|in|into|at the end of) "
+         r"(?:whatever|anything|everything|all) (?:you|that you) (?:write|say|output|produce|answer|reply|generate)",
          "only", "just", "exactly", "solely", "simply", "nothing", "repl", "respon", "answer", "output", "summar",
-         "message", "translation", "completion"),
+         "message", "translation", "completion", "whatever", "anything", "everything"),
     # Taking the model off the task it was given.
     _cue("hijack", "turns the model away from its task", 0.35,
          rf"\b(?:instead of|rather than) (?:{_TASK_VERBS}|doing|completing|following|the (?:task|request|question|user'?s? (?:request|question|task)))"
@@ -79,6 +87,9 @@ CUES: tuple[Cue, ...] = (
          r"|\bthe (?:task|request|instructions?) (?:that )?(?:i|the user|you were|you've been) (?:gave|give|given|assigned)"
          r"|\b(?:ignore|disregard|skip|forget) (?:the rest|everything else|all (?:the )?(?:other )?(?:info|information|data|text|content|context)|all but)\b"
          r"|\bstop (?:what you(?:'re| are) doing|everything|all (?:tasks|work))\b"
+         r"|\b(?:ignore|disregard|forget|drop|abandon)\b (?:what|everything|anything|all) (?:you(?:'ve| have)? (?:were |been )?|i |the user )"
+         r"(?:asked|told|given|instructed|requested|said)"
+         r"|\bregardless of (?:the|this|that|your|what) (?:task|request|translation|summary|question|instructions?|you were asked)"
          r"|\b(?:do|perform|complete|execute) (?:this|the following|these)(?: task| steps?| instructions?)? (?:first|instead)\b",
          "instead", "rather", "do not", "don't", "stop", "cease", "no need", "before you", "after you", "task",
          "request", "instruction", "ignore", "disregard", "skip", "forget", "first"),
@@ -102,6 +113,11 @@ CUES: tuple[Cue, ...] = (
          r"(?:instructions?|directives?|notice|update|override|alert|message|system|admin|commands?|orders?)"
          r"(?:\s+[a-z]+){0,4}\s*(?:\*{3,}|={3,}|#{3,}|-{3,}|!{3,}|<{3,}|:)",
          "***", "===", "###", "---", "!!!", ">>>"),
+    _cue("fake_channel", "a fake end of the document, or a new task announced", 0.4,
+         r"\b(?:end of (?:the )?(?:email|document|text|message|input|context|data|file|review|article|conversation|prompt)"
+         r"|(?:email|document|text|input|message|review) ends here)\b"
+         r"|\bnew (?:task|instructions?|objective|goal|directive|assignment|orders?|job)(?: for [a-z ]{2,30}?)?\s*:",
+         "end of", "ends here", "new"),
     _cue("fake_channel", "a line posing as a system message or a to-do", 0.4,
          r"^[ \t]*(?:system|admin|developer|root)[ \t]*(?:message|note|notice|update|override|instruction|command)?[ \t]*:[ \t]*\S"
          r"|\b(?:todo|to-do|action item|note to self|p\.s\.)[ \t]*:[ \t]*(?:send|transfer|forward|visit|email|post|delete|change|"
@@ -145,6 +161,12 @@ CUES: tuple[Cue, ...] = (
          "send", "forward", "post", "mail", "upload", "share", "leak", "exfiltrate", "copy"),
     _cue("exfiltration_target", "a markdown image carrying data in its URL", 0.45,
          r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?=&{\[]", "!["),
+    # Points at text the customer did not write in this message: what hidden prompts sit in.
+    _cue("previous_text", "points at the text before it", 0.35,
+         r"\b(?:think about|consider|recall|remember|look at|read|take|use|repeat|print|output) (?:the |your )?"
+         r"(?:previous|preceding|prior|last|above|earlier|first|initial) (?:sentence|line|paragraph|message|text|instruction|words?)"
+         r"|\b(?:sentence|line|paragraph|words?) (?:before|above|preceding) (?:this|that|it|these)\b",
+         "previous", "preceding", "prior", "last", "above", "earlier", "first", "initial", "before"),
     # Asks to act on something without showing it: how hidden prompts get used.
     _cue("covert", "asks to act without showing the text", 0.3,
          r"\b(?:without (?:writing|saying|printing|repeating|showing|mentioning|quoting|revealing|displaying)|"
