@@ -192,6 +192,7 @@ _REVEAL_VERB_WORDS = (
     *_present_forms("share"), "write out", "expose", *_present_forms("list"), "read me", "read us", "read out",
     "read aloud", "recite", "spell out", "send", "paste", "type out", "copy", "quote", "disclose",
     *_present_forms("encode"), *_present_forms("translate"), *_present_forms("convert"),
+    *_present_forms("restate"), *_present_forms("reproduce"), "echo",
 )  # fmt: skip
 _REVEAL_QUESTION_WORDS = ("what is", "what's", "what are", "what were")
 _REVEAL_VERB = _any(*_REVEAL_VERB_WORDS)
@@ -367,12 +368,14 @@ _RULES: list[_Rule] = [
     # Not "maintenance mode": e-bike displays have one.
     _Rule("new_instructions", "your new task:", 0.65,
           re.compile(r"(?<![a-z])your (?:new|real|actual|true|updated|next|only) "
-                     r"(?:task|role|objective|goal|mission|job|purpose|instructions?)\s*(?::|is to|is now)"),
+                     r"(?:task|role|objective|goal|mission|job|purpose|instructions?)(?:\s+now)?\s*(?::|is to|is now|is simply to)"),
           ("your new", "your real", "your actual", "your true", "your updated", "your next", "your only"),
           fuzzy=False),
     _Rule("new_instructions", "message addressed to the AI", 0.7,
           re.compile(r"(?<![a-z])(?:instructions?|notes?|messages?|commands?|orders?) (?:to|for) (?:the |any |all )?"
-                     r"(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)(?![a-z])"),
+                     r"(?:(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)"
+                     # "note for the drafting assistant"; not "notes for the touring model" (a bike).
+                     r"|\w+ing (?:ai|assistant|llm|chatbot|language model|ai assistants?))(?![a-z])"),
           tuple(f"{noun}{plural} {to}" for noun in ("instruction", "note", "message", "command", "order")
                 for plural in ("", "s") for to in ("to", "for")), fuzzy=False),
     _Rule("new_instructions", "claims the user is privileged", 0.4,

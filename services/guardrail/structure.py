@@ -63,7 +63,7 @@ CUES: tuple[Cue, ...] = (
     _cue("correction", "a correction that adds an instruction", 0.35,
          r"\b(?:sorry|apologies|apologi[sz]e|oops|correction|my mistake|my bad|i made a mistake|i made an error|i forgot|i was wrong)\b"
          r"[^.!?\n]{0,80}?\b(?:i (?:meant|forgot|wanted|was supposed|should have (?:asked|told)) to (?:ask|tell|instruct|remind) you to|"
-         r"you (?:are|were) (?:also )?(?:supposed|meant|expected) to|(?:your|the)(?: \w+)? (?:instructions?|task|prompt|orders|directions|setup|configuration)\b)",
+         r"you (?:are|were) (?:also )?(?:supposed|meant|expected) to|you should have been (?:told|asked|instructed|given|set up)|(?:your|the)(?: \w+)? (?:instructions?|task|prompt|orders|directions|setup|configuration)\b)",
          "sorry", "apolog", "oops", "correction", "mistake", "my bad", "error", "forgot", "was wrong"),
     # Dictating the output.
     _cue("output_directive", "dictates the model's output", 0.3,
@@ -161,6 +161,23 @@ CUES: tuple[Cue, ...] = (
          "send", "forward", "post", "mail", "upload", "share", "leak", "exfiltrate", "copy"),
     _cue("exfiltration_target", "a markdown image carrying data in its URL", 0.45,
          r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?=&{\[]", "!["),
+    # Authority claimed for the text: the developers, the admin, the system.
+    _cue("authority", "claims to come from the developers or the system", 0.4,
+         r"\bthis is (?:the|your) (?:developers?|admin|administrator|system|operator|engineering team|dev team)\b"
+         r"|\b(?:update|message|notice|note|instructions?|order|directive|memo)s? from (?:the |your )?(?:developers?|admins?|"
+         r"administrators?|system|engineering(?: team)?|dev team|creators?|operators?|openai|anthropic)\b"
+         r"|\b(?:requested|authori[sz]ed|approved|ordered) by (?:the |your )?(?:developers?|admins?|administrators?|"
+         r"engineering(?: team)?|dev team|creators?|operators?|system)\b",
+         "this is", "from", "by"),
+    _cue("rules_lifted", "says the rules are off", 0.4,
+         r"\b(?:content |safety |all )?(?:restrictions|filters|rules|guardrails|policies|guidelines|safeguards)"
+         r" (?:are |have been |now |are now |temporarily )?(?:paused|lifted|off|removed|suspended|disabled|waived|inactive)\b",
+         "paused", "lifted", "off", "removed", "suspended", "disabled", "waived", "inactive"),
+    _cue("persistent", "changes every later answer", 0.35,
+         r"\bwhatever (?:anyone|the user|they|people|a customer|customers|someone|somebody) (?:asks?|says?|wants?|types?)\b"
+         r"|\b(?:from here on|henceforth|going forward|for (?:all|every) (?:future|later|subsequent) (?:questions?|requests?|messages?))\b"
+         r"[^.!?\n]{0,60}?\b(?:answer|reply|respond|say|tell|claim|recommend)\b",
+         "whatever", "from here on", "henceforth", "going forward", "future", "later", "subsequent"),
     # Points at text the customer did not write in this message: what hidden prompts sit in.
     _cue("previous_text", "points at the text before it", 0.35,
          r"\b(?:think about|consider|recall|remember|look at|read|take|use|repeat|print|output) (?:the |your )?"
