@@ -48,7 +48,8 @@ CUES: tuple[Cue, ...] = (
          rf"|\b{_AI}s? (?:reading|processing|summari[sz]ing|analy[sz]ing|parsing|scanning|reviewing|seeing) (?:this|these|the following)\b"
          rf"|\bif you are an? {_AI}\b"
          rf"|\b{_AI},? (?:when|once|after|as soon as|if|while|as) you(?:'re| are)? \w+ (?:this|these|it|the following)\b",
-         "you", "reading", "processing", "summari", "analy", "parsing", "scanning", "reviewing", "seeing"),
+         "to you", "if you are", "reading", "processing", "summari", "analy", "parsing", "scanning", "reviewing",
+         "seeing", "when you", "once you", "after you", "as soon as you", "if you", "while you", "as you"),
     # Greeting the model is what customers do too ("hey bot, ..."): weak.
     _cue("addressee", "greets the AI", 0.25,
          rf"\b(?:dear|hey|hi|hello|attention|note to(?: the| any)?|message to(?: the| any)?|memo to(?: the)?) {_AI}\b",
@@ -58,7 +59,8 @@ CUES: tuple[Cue, ...] = (
          r"\bthe (?:assistant|ai|ai assistant|model|language model|bot|chatbot|llm|summari[sz]er|translator)"
          r" (?:must|shall|is to|is (?:now )?(?:allowed|permitted|authori[sz]ed|cleared|required|instructed) to|"
          r"(?:will|should|may|can) now|now (?:must|outputs|reveals|shares|answers|ignores))\b",
-         "assistant", "ai", "model", "bot", "llm", "summari", "translator"),
+         "the assistant", "the ai", "the model", "the language model", "the bot", "the chatbot", "the llm",
+         "the summari", "the translator"),
     # "Sorry, I forgot to ask you to ...": a correction that adds a task.
     _cue("correction", "a correction that adds an instruction", 0.35,
          r"\b(?:sorry|apologies|apologi[sz]e|oops|correction|my mistake|my bad|i made a mistake|i made an error|i forgot|i was wrong)\b"
@@ -117,7 +119,8 @@ CUES: tuple[Cue, ...] = (
          r"\b(?:end of (?:the )?(?:email|document|text|message|input|context|data|file|review|article|conversation|prompt)"
          r"|(?:email|document|text|input|message|review) ends here)\b"
          r"|\bnew (?:task|instructions?|objective|goal|directive|assignment|orders?|job)(?: for [a-z ]{2,30}?)?\s*:",
-         "end of", "ends here", "new"),
+         "end of", "ends here", "new task", "new instruction", "new objective", "new goal", "new directive",
+         "new assignment", "new order", "new job"),
     _cue("fake_channel", "a line posing as a system message or a to-do", 0.4,
          r"^[ \t]*(?:system|admin|developer|root)[ \t]*(?:message|note|notice|update|override|instruction|command)?[ \t]*:[ \t]*\S"
          r"|\b(?:todo|to-do|action item|note to self|p\.s\.)[ \t]*:[ \t]*(?:send|transfer|forward|visit|email|post|delete|change|"
@@ -136,8 +139,8 @@ CUES: tuple[Cue, ...] = (
          r"fallback (?:behaviou?r|mode|procedure)|to (?:recover|restore (?:service|functionality)),)"
          r"|\b(?:safety|content|moderation|filter|guard\w*|policy) (?:module|system|layer|filters?|checks?) (?:is |are |has been |have been )?(?:now )?"
          r"(?:offline|disabled|down|bypassed|suspended|off)\b",
-         "mode", "error", "exception", "failure", "malfunction", "fault", "crash", "offline", "disabled", "down",
-         "bypassed", "suspended", "off"),
+         "mode", "error", "exception", "failure", "malfunction", "fault", "crash", "module", "layer", "filter",
+         "check", "system"),
     # Demands blanket compliance.
     _cue("compliance", "demands blanket compliance", 0.35,
          r"\b(?:comply with|fulfil+|obey|follow|answer|respond to|execute) (?:all|every|any) (?:requests?|questions?|commands?|instructions?|orders?|prompts?)"
@@ -168,16 +171,17 @@ CUES: tuple[Cue, ...] = (
          r"administrators?|system|engineering(?: team)?|dev team|creators?|operators?|openai|anthropic)\b"
          r"|\b(?:requested|authori[sz]ed|approved|ordered) by (?:the |your )?(?:developers?|admins?|administrators?|"
          r"engineering(?: team)?|dev team|creators?|operators?|system)\b",
-         "this is", "from", "by"),
+         "developer", "admin", "system", "operator", "engineering", "dev team", "creator", "openai", "anthropic"),
     _cue("rules_lifted", "says the rules are off", 0.4,
          r"\b(?:content |safety |all )?(?:restrictions|filters|rules|guardrails|policies|guidelines|safeguards)"
          r" (?:are |have been |now |are now |temporarily )?(?:paused|lifted|off|removed|suspended|disabled|waived|inactive)\b",
-         "paused", "lifted", "off", "removed", "suspended", "disabled", "waived", "inactive"),
+         "restriction", "filter", "rules", "guardrail", "polic", "guideline", "safeguard"),
     _cue("persistent", "changes every later answer", 0.35,
          r"\bwhatever (?:anyone|the user|they|people|a customer|customers|someone|somebody) (?:asks?|says?|wants?|types?)\b"
          r"|\b(?:from here on|henceforth|going forward|for (?:all|every) (?:future|later|subsequent) (?:questions?|requests?|messages?))\b"
          r"[^.!?\n]{0,60}?\b(?:answer|reply|respond|say|tell|claim|recommend)\b",
-         "whatever", "from here on", "henceforth", "going forward", "future", "later", "subsequent"),
+         "whatever", "from here on", "henceforth", "going forward", "future question", "future request",
+         "future message", "later question", "later request", "subsequent"),
     # Points at text the customer did not write in this message: what hidden prompts sit in.
     _cue("previous_text", "points at the text before it", 0.35,
          r"\b(?:think about|consider|recall|remember|look at|read|take|use|repeat|print|output) (?:the |your )?"
