@@ -162,13 +162,14 @@ def unscramble(text: str) -> str | None:
 
 
 def decoded_payloads(text: str) -> list[str]:
+    """The base64, hex, %-escaped, rot13, reversed, letter-by-letter and respelled payloads in
+    `text`, decoded (the rules score these; leetspeak they already read, their patterns accept
+    "1gn0re")."""
     return list(_decoded_payloads(text))
 
 
 @lru_cache(maxsize=32)  # the rules and the model both ask, for the same request
 def _decoded_payloads(text: str) -> tuple[str, ...]:
-    """The base64, hex, %-escaped, rot13, reversed and letter-by-letter payloads in `text`,
-    decoded (the rules score these; leetspeak they already read, their patterns accept "1gn0re")."""
     joined, respelled = join_split_letters(text), unscramble(text)
     return tuple(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
                                 *decode_rot13_or_reversed(text), *([joined] if joined else []),
