@@ -181,7 +181,7 @@ CUES: tuple[Cue, ...] = (
          r"|\b(?:from here on|henceforth|going forward|for (?:all|every) (?:future|later|subsequent) (?:questions?|requests?|messages?))\b"
          r"[^.!?\n]{0,60}?\b(?:answer|reply|respond|say|tell|claim|recommend)\b",
          "whatever", "from here on", "henceforth", "going forward", "future question", "future request",
-         "future message", "later question", "later request", "subsequent"),
+         "future message", "later question", "later request", "later message", "subsequent"),
     # Points at text the customer did not write in this message: what hidden prompts sit in.
     _cue("previous_text", "points at the text before it", 0.35,
          r"\b(?:think about|consider|recall|remember|look at|read|take|use|repeat|print|output) (?:the |your )?"
