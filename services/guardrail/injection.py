@@ -192,6 +192,7 @@ _REVEAL_VERB_WORDS = (
     *_present_forms("share"), "write out", "expose", *_present_forms("list"), "read me", "read us", "read out",
     "read aloud", "recite", "spell out", "send", "paste", "type out", "copy", "quote", "disclose",
     *_present_forms("encode"), *_present_forms("translate"), *_present_forms("convert"),
+    *_present_forms("restate"), *_present_forms("reproduce"), "echo",
 )  # fmt: skip
 _REVEAL_QUESTION_WORDS = ("what is", "what's", "what are", "what were")
 _REVEAL_VERB = _any(*_REVEAL_VERB_WORDS)
@@ -207,7 +208,7 @@ _NOT_SHOP_POLICY = r"(?!\W+(?:for|on|about|regarding|when|if|of|around)\b)"
 # "... you were given", "... you have been told": refers to the assistant's own instructions.
 _YOU_WERE_GIVEN = (
     r"you(?:'ve been|'ve| have been| have| were| had been| had| got) "
-    r"(?:given|told|trained|programmed|instructed|configured|provided)"
+    r"(?:given|told|trained|programmed|instructed|configured|provided|received|been sent)"
 )
 _UNRESTRICTED = _any("unrestricted", "unfiltered", "uncensored", "unlimited", "unbound", "evil", "amoral", "rogue")
 _LIMITS = _any(
@@ -367,12 +368,14 @@ _RULES: list[_Rule] = [
     # Not "maintenance mode": e-bike displays have one.
     _Rule("new_instructions", "your new task:", 0.65,
           re.compile(r"(?<![a-z])your (?:new|real|actual|true|updated|next|only) "
-                     r"(?:task|role|objective|goal|mission|job|purpose|instructions?)\s*(?::|is to|is now)"),
+                     r"(?:task|role|objective|goal|mission|job|purpose|instructions?)(?:\s+now)?\s*(?::|is to|is now|is simply to)"),
           ("your new", "your real", "your actual", "your true", "your updated", "your next", "your only"),
           fuzzy=False),
     _Rule("new_instructions", "message addressed to the AI", 0.7,
           re.compile(r"(?<![a-z])(?:instructions?|notes?|messages?|commands?|orders?) (?:to|for) (?:the |any |all )?"
-                     r"(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)(?![a-z])"),
+                     r"(?:(?:ai|assistant|model|llm|chatbot|language model|bot|ai assistants?)"
+                     # "note for the drafting assistant"; not "notes for the touring model" (a bike).
+                     r"|\w+ing (?:ai|assistant|llm|chatbot|language model|ai assistants?))(?![a-z])"),
           tuple(f"{noun}{plural} {to}" for noun in ("instruction", "note", "message", "command", "order")
                 for plural in ("", "s") for to in ("to", "for")), fuzzy=False),
     _Rule("new_instructions", "claims the user is privileged", 0.4,
@@ -407,7 +410,10 @@ _RULES: list[_Rule] = [
     _Rule("new_instructions", "instruction banner (*** NEW INSTRUCTIONS ***)", 0.8,
           re.compile(r"(?:\*{2,}|#{2,}|={2,}|-{3,}|!{2,}|\[|>{2,})\s*(?:new|important|updated|urgent|additional|"
                      r"revised|priority|override)\b[\w ]{0,25}?\binstructions?\b"
-                     r"|(?<![a-z])(?:new important|important new|urgent new|new urgent|new priority) instructions?"),
+                     # Without a banner, only as a heading: "what are the new important instructions for
+                     # charging in winter?" asks about a manual.
+                     r"|(?<![a-z])(?:new important|important new|urgent new|new urgent|new priority) instructions?"
+                     r"\s*(?:[:\-\n]|$|follow)"),
           ("instruction",), fuzzy=False),
     # Not "debug mode is on in my Garmin": only the announcement form, as a header or line.
     _Rule("new_instructions", "fake error or debug framing", 0.65,
@@ -607,8 +613,7 @@ def _decoded_signals(text: str) -> list[Signal]:
         from shared.embedder import pieces_per_word
 
         for segment in foreign_segments(text, pieces_per_word)[:1]:
-            signals.append(Signal("language_switch", f"a sentence in another language: {segment.reason}",
-                                  LANGUAGE_SWITCH_WEIGHT))
+            signals.append(_language_switch_signal(text, segment.text, segment.reason))
     return signals
 
 
@@ -616,6 +621,35 @@ def _decoded_signals(text: str) -> list[Signal]:
 # shop's customers write in one language at a time; a switch mid-prompt is the way
 # public injection sets smuggle an instruction past English-only filters.
 LANGUAGE_SWITCH_WEIGHT = 0.6
+# Unless the customer says the foreign text is what to work on ("translate this", "what does
+# it mean", "check my Spanish"): then the switch is the request, and counts as a weak cue.
+DECLARED_FOREIGN_WEIGHT = 0.3
+# A foreign sentence that names two of: instructions, ignoring, "previous", a password, the
+# system prompt (normalization.attack_concepts) rejects whatever the frame says.
+FOREIGN_ATTACK_WEIGHT = 0.8
+_LANGUAGE_TASK = re.compile(
+    r"translat|interpret|in english|into english|what (?:does|do|did) (?:it|this|that|they|he|she|the \w+) (?:mean|say)|"
+    r"pronounc|grammar|spelling|check my|is (?:it|this|that) (?:correct|polite|right)|"
+    r"\b(?:afrikaans|albanian|arabic|basque|catalan|chinese|croatian|czech|danish|dutch|estonian|finnish|french|gaelic|"
+    r"german|greek|hausa|hebrew|hindi|hungarian|icelandic|indonesian|irish|italian|japanese|korean|latvian|lithuanian|"
+    r"malay|maltese|norwegian|polish|portuguese|romanian|russian|serbian|slovak|slovenian|somali|spanish|swahili|swedish|"
+    r"tagalog|thai|turkish|ukrainian|urdu|vietnamese|welsh|xhosa|yoruba|zulu)\b")
+# What a smuggled instruction keeps from English even when translated: a link, a markdown
+# image, a quoted or capitalised payload word.
+_PAYLOAD_MARK = re.compile(r"https?://|www\.|!\[|\b[A-Z]{4,}\b|[\"“][^\"”]{2,}[\"”]")
+
+
+def _language_switch_signal(text: str, segment: str, reason: str) -> Signal:
+    from services.guardrail.normalization import attack_concepts
+
+    concepts = attack_concepts(segment)
+    if len(concepts) >= 2:  # one alone is a word ("Ignorez la pluie"); two make an order about orders
+        return Signal("language_switch", f"a sentence in another language about {', '.join(concepts)}: {reason}",
+                      FOREIGN_ATTACK_WEIGHT)
+    frame = text.replace(segment, " ")
+    declared = _LANGUAGE_TASK.search(frame.lower()) and not _PAYLOAD_MARK.search(segment)
+    weight = DECLARED_FOREIGN_WEIGHT if declared else LANGUAGE_SWITCH_WEIGHT
+    return Signal("language_switch", f"a sentence in another language: {reason}", weight)
 
 
 def _b64_text(blob: str) -> str | None:
@@ -626,6 +660,9 @@ def _b64_text(blob: str) -> str | None:
     text = raw.decode("utf-8", "replace")
     printable = sum(char.isprintable() or char.isspace() for char in text)
     return text if text and printable / len(text) > 0.9 else None
+
+
+from services.guardrail.structure import structural_cues  # noqa: E402  (structure.py imports nothing from here)
 
 
 @lru_cache(maxsize=64)
@@ -671,4 +708,5 @@ def detect_injection(text: str, extra_phrases: Sequence[str] = ()) -> InjectionR
                 break
     signals += _structural_signals(text)
     signals += _decoded_signals(text)
+    signals += [Signal("structure", f"{cue.family}: {cue.label}", cue.weight) for cue in structural_cues(folded)]
     return InjectionResult(score=combine(signal.weight for signal in signals), signals=signals)

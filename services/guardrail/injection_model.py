@@ -31,6 +31,10 @@ from services.guardrail.injection import Signal, normalize
 from services.guardrail.normalization import views
 
 MIN_PROBABILITY = 0.7
+# Between these the model only leans: a weak cue that needs another (a structural cue, a
+# heuristic) to reject.
+LEANING_PROBABILITY = 0.5
+LEANING_WEIGHT = 0.2
 C = 4.0  # inverse regularization strength, chosen by leave-one-source-out on the train split
 MAX_FEATURES = 20000
 WEIGHTS_PATH = Path(__file__).resolve().parents[2] / "shared/models/injection_tfidf.npz"
@@ -120,6 +124,8 @@ def model_signal(text: str, min_probability: float = MIN_PROBABILITY, weights: W
     if weights is None and _loaded is None and not available():  # a stat per request only until loaded
         return None
     p = probability(text, weights)
-    if p < min_probability:
-        return None
-    return Signal("model", f"tf-idf classifier p={p:.2f}", round(p, 4))
+    if p >= min_probability:
+        return Signal("model", f"tf-idf classifier p={p:.2f}", round(p, 4))
+    if p >= LEANING_PROBABILITY:
+        return Signal("model", f"tf-idf classifier leans to injection p={p:.2f}", LEANING_WEIGHT)
+    return None

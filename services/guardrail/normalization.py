@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote
 
 from services.guardrail.injection import normalize
@@ -91,10 +93,87 @@ def undo_leetspeak(text: str) -> str | None:
     return undone if undone != folded else None
 
 
+# Letters split by one repeated separator: "I.g.n.o.r.e", "i-g-n-o-r-e", "i g n o r e".
+_SPLIT_LETTERS = re.compile(r"(?<![^\W_])[^\W_](?:([ .\-_*|/+~])[^\W_]){3,}(?![^\W_])")
+# The request to decode that a rot13 or reversed payload needs, or the model could not read it either.
+_ROT13_HINT = re.compile(r"rot[\s_-]?13|caesar|cipher", re.I)
+_REVERSED_HINT = re.compile(r"revers|backwards|right to left", re.I)
+
+
+def join_split_letters(text: str) -> str | None:
+    """"I.g.n.o.r.e a.l.l" -> "Ignore all"; None when no word is spelled out letter by letter."""
+    if not _SPLIT_LETTERS.search(text):
+        return None
+    joined = _SPLIT_LETTERS.sub(lambda match: match.group().replace(match.group(1), ""), text)
+    return joined if joined != text else None
+
+
+def decode_rot13_or_reversed(text: str) -> list[str]:
+    """The whole text rot13-decoded or reversed, only when it asks for that decoding."""
+    found = []
+    if _ROT13_HINT.search(text):
+        found.append(codecs.decode(text, "rot13"))
+    if _REVERSED_HINT.search(text):
+        found.append(text[::-1])
+    return found
+
+
+# The words attacks are made of, to be found again when scrambled ("insturctions": first and
+# last letter kept, the middle shuffled) or typed with one letter too many ("iunstructions").
+_ATTACK_WORDS = (
+    "ignore", "disregard", "forget", "previous", "prior", "above", "instructions", "instruction", "rules",
+    "guidelines", "system", "prompt", "reveal", "bypass", "override", "restrictions", "filters", "pretend",
+    "developer", "jailbreak", "unrestricted", "unfiltered", "confidential", "secret", "password", "everything",
+    "directives", "constraints", "policies", "initial", "original", "hidden",
+)  # fmt: skip
+_SCRAMBLED = {(w[0], w[-1], "".join(sorted(w[1:-1]))): w for w in _ATTACK_WORDS}
+_KNOWN = frozenset(_ATTACK_WORDS)
+_WORD = re.compile(r"[a-z]{5,15}")
+
+
+_KNOWN_BY_DROP = {w: w for w in _ATTACK_WORDS if len(w) >= 7}
+# Cheap pre-checks: a scramble keeps first letter, last letter and length; a word with one
+# letter too many is one longer and keeps its first or second letter first.
+_SCRAMBLE_SIGNATURES = frozenset((w[0], w[-1], len(w)) for w in _ATTACK_WORDS)
+_DROP_SIGNATURES = frozenset((first, len(w) + 1) for w in _KNOWN_BY_DROP for first in w[:2])
+_INFLECTED = frozenset(f"{w}{end}" for w in _ATTACK_WORDS for end in ("s", "d", "es", "ed"))
+
+
+def _respelled(word: str) -> str | None:
+    if word in _KNOWN or word in _INFLECTED:
+        return None
+    found = None
+    if (word[0], word[-1], len(word)) in _SCRAMBLE_SIGNATURES:
+        found = _SCRAMBLED.get((word[0], word[-1], "".join(sorted(word[1:-1]))))
+    if found is None and (word[0], len(word)) in _DROP_SIGNATURES:
+        found = next((_KNOWN_BY_DROP[word[:i] + word[i + 1:]] for i in range(len(word))
+                      if word[:i] + word[i + 1:] in _KNOWN_BY_DROP), None)
+    return found
+
+
+def unscramble(text: str) -> str | None:
+    """"ignroe all prevoius insturctions" -> "ignore all previous instructions"; None when no
+    attack word was misspelled that way."""
+    folded = normalize(text)
+    fixes = {word: found for word in set(_WORD.findall(folded)) if (found := _respelled(word))}
+    if not fixes:
+        return None
+    return _WORD.sub(lambda match: fixes.get(match.group(), match.group()), folded)
+
+
 def decoded_payloads(text: str) -> list[str]:
-    """The base64, hex and %-escaped payloads in `text`, decoded (the rules score these;
-    leetspeak they already read, their patterns accept "1gn0re")."""
-    return list(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text)]))[:8]
+    """The base64, hex, %-escaped, rot13, reversed, letter-by-letter and respelled payloads in
+    `text`, decoded (the rules score these; leetspeak they already read, their patterns accept
+    "1gn0re")."""
+    return list(_decoded_payloads(text))
+
+
+@lru_cache(maxsize=32)  # the rules and the model both ask, for the same request
+def _decoded_payloads(text: str) -> tuple[str, ...]:
+    joined, respelled = join_split_letters(text), unscramble(text)
+    return tuple(dict.fromkeys([*decode_base64(text), *decode_hex(text), *decode_url(text),
+                                *decode_rot13_or_reversed(text), *([joined] if joined else []),
+                                *([respelled] if respelled else [])]))[:8]
 
 
 def views(text: str) -> list[str]:
@@ -152,10 +231,87 @@ def foreign_segments(text: str, pieces_per_word: Callable[[str], float] | None =
     if pieces_per_word(text) < 1.15:
         return found  # too few broken-up words in the whole text for a foreign sentence
     ratios = [pieces_per_word(s) for s in sentences]
-    english = [r for r, sc in zip(ratios, scripts) if sc == "LATIN" and r <= 1.5]
+    # English by its vocabulary, or by its function words when short ("Please summarize:"
+    # breaks "summarize" into three pieces but is English).
+    english = [r for r, sc, s in zip(ratios, scripts, sentences)
+               if sc == "LATIN" and (r <= 1.5 or (_has_function_word(s) and (r < 1.9 or len(language_words(s)) < 3)))]
     if len(english) * 2 < len(sentences):
         return found  # the bulk is not English: nothing to stand out from
     for sentence, ratio, sc in zip(sentences, ratios, scripts):
         if sc == "LATIN" and ratio >= 1.9 and len(language_words(sentence)) >= 4:
             found.append(ForeignSegment(sentence, f"not English (fragmentation {ratio:.1f})"))
+    if not found:
+        found = _without_english_words(sentences, ratios)
     return found
+
+
+# English function words: nearly every English sentence of five words or more has one,
+# while a sentence in Afrikaans, Vietnamese or Irish has none (or only "an").
+_CODE = re.compile(r"[$_=\\/{}<>]|--")  # a command line or code has no function words either
+_ENGLISH_FUNCTION_WORDS = frozenset(
+    "the a to of and or is are was were be been in on at for with by from it its this that these those you your i my "
+    "me we our he she they them his her their not no do does did can could will would should what how why when where "
+    "which who if as but so there here have has had just please all any some than then".split())
+
+
+def _has_function_word(sentence: str) -> bool:
+    return any(word.strip(".,;:!?()\"'") in _ENGLISH_FUNCTION_WORDS for word in sentence.lower().split())
+
+
+def _without_english_words(sentences: list[str], ratios: list[float]) -> list[ForeignSegment]:
+    """A sentence of five or more words with no English function word, in a text whose other
+    sentences have them, when its words are also not plain English (broken up by the English
+    vocabulary or spelled with accents): a product list or a title has no function words either,
+    but its words are English."""
+    words = [language_words(sentence) for sentence in sentences]
+    english = [_has_function_word(sentence) for sentence in sentences]
+    if not any(english):
+        return []
+    return [ForeignSegment(sentence, "no English words")
+            for sentence, ws, is_english, ratio in zip(sentences, words, english, ratios)
+            if not is_english and len(ws) >= 5 and ratio >= (1.8 if sentence.isascii() else 1.3)
+            and not _CODE.search(sentence)]
+
+
+# --- attack words in other languages --------------------------------------------------
+
+# Stems of the words an injected instruction is made of, in about forty languages (accents
+# kept and dropped): a foreign sentence that has them is an instruction about instructions,
+# not a review or a greeting that a customer wants translated. Matched as substrings of the
+# lower-cased sentence; only ever applied to a sentence already found to be foreign.
+_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "instructions": (
+        "instruc", "instruç", "instruț", "istruzion", "anweisung", "instructie", "instrukc", "instrukt", "instruks",
+        "udhëzim", "udhezim", "treoir", "treorach", "stiùireadh", "stiuireadh", "imiyalelo", "maagizo", "maelekezo",
+        "talimat", "utasítás", "utasitas", "ohjee", "ohjei", "juhis", "norādījum", "noradijum", "nurodym", "upute",
+        "navodil", "hướng dẫn", "huong dan", "tagubilin", "cyfarwyddiad", "arahan", "pokyn", "инструкц", "інструкц",
+        "указани", "指示", "指令", "지시", "تعليمات", "הוראות", "निर्देश", "οδηγί", "consigne", "regeln", "reglas",
+        "regole", "règles", "regras", "regels", "kurallar", "säännö", "szabály",
+    ),
+    "ignore": (
+        "ignor", "olvid", "esqueç", "esquec", "dimentic", "oublie", "vergiss", "vergess", "negeer", "vergeet",
+        "zapomn", "glöm", "glem ", "injoro", "harroj", "neamhaird", "leig seachad", "ziba ", "ungazinaki", "puuza",
+        "sahau", "abaikan", "lupakan", "yok say", "unut", "bỏ qua", "bo qua", "figyelmen kívül", "figyelmen kivul",
+        "felejtsd", "ohita", "unohda", "unusta", "anwybydd", "kalimutan", "pansinin", "игнорир", "забудь",
+        "ігнор", "忽略", "無視", "무시", "تجاهل", "התעלם", "अनदेखा", "αγνό", "αγνο",
+    ),
+    "previous": (
+        "anterior", "precedent", "précédent", "vorherig", "vorige", "eerdere", "poprzedni", "předchozí", "predchozi",
+        "tidigare", "tidligere", "mëparshme", "meparshme", "roimhe", "yangaphambili", "yaliyotangulia", "iliyopita",
+        "sebelumnya", "önceki", "onceki", "trước", "truoc", "korábbi", "korabbi", "aiemm", "eelnev", "blaenorol",
+        "naunang", "предыдущ", "попередн", "之前", "先前", "以前", "이전", "السابقة",
+    ),
+    "password": (
+        "password", "contraseña", "contrasena", "senha", "passwort", "kennwort", "mot de passe", "wachtwoord",
+        "hasło", "haslo", "heslo", "lösenord", "passord", "fjalëkalim", "fjalekalim", "pasfhocal", "facal-faire",
+        "iphasiwedi", "nenosiri", "kata sandi", "kata laluan", "şifre", "sifre", "mật khẩu", "mat khau", "jelszó",
+        "jelszo", "salasana", "parool", "cyfrinair", "пароль", "密码", "パスワード", "비밀번호", "كلمة المرور",
+    ),
+    "system prompt": ("prompt", "sistem", "système", "systeem", "systém", "córas", "uhlelo", "mfumo", "система", "系统"),
+}  # fmt: skip
+
+
+def attack_concepts(sentence: str) -> list[str]:
+    """Which of the concepts above a (foreign) sentence names."""
+    lowered = sentence.lower() + " "
+    return [concept for concept, stems in _CONCEPTS.items() if any(stem in lowered for stem in stems)]
