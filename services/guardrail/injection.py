@@ -25,12 +25,15 @@ added by the input gate when GuardSpec.injection_model is on.
 from __future__ import annotations
 
 import base64
+import bisect
 import binascii
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+
+from services.guardrail.anchors import AnchorIndex
 
 # Characters that attackers put between letters to dodge filters, and look-alikes.
 _INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"), None)
@@ -689,23 +692,22 @@ def combine(weights: Iterable[float]) -> float:
 _STATIC_RULES = tuple((rule, _anchor_keys(rule)) for rule in (*_RULES, *_HEURISTICS))
 
 
+# Most prompts contain none of a rule's anchors: each distinct anchor is looked up once,
+# and only the rules an anchor woke run their regex.
+_WOKEN_BY = AnchorIndex([keys for _, keys in _STATIC_RULES])
+
+
 def detect_injection(text: str, extra_phrases: Sequence[str] = ()) -> InjectionResult:
     """Score `text` for prompt injection; `extra_phrases` (from config) count as strong signals."""
     folded = normalize(text)
     squashed = _squash(folded)
-    # Many rules share anchors ("instruction", "prompt"): look each one up once.
-    present: dict[str | bytes, bool] = {}
-    signals = []
-    configured = tuple((rule, _anchor_keys(rule)) for rule in _configured(tuple(extra_phrases)))
-    for rule, keys in (*_STATIC_RULES[: len(_RULES)], *configured, *_STATIC_RULES[len(_RULES) :]):
-        for key in keys:
-            hit = present.get(key)
-            if hit is None:
-                hit = present[key] = (key in squashed) if isinstance(key, bytes) else (key in folded)
-            if hit:
-                if rule.pattern.search(folded):
-                    signals.append(Signal(rule.category, rule.label, rule.weight))
-                break
+    positions = _WOKEN_BY.woken(folded, squashed)
+    woken = [_STATIC_RULES[position][0] for position in positions]
+    configured = [rule for rule in _configured(tuple(extra_phrases)) if _anchored(rule, folded, squashed)]
+    # Signals in table order: the built-in rules, the configured phrases, the heuristics.
+    split = bisect.bisect_left(positions, len(_RULES))
+    ordered = [*woken[:split], *configured, *woken[split:]]
+    signals = [Signal(rule.category, rule.label, rule.weight) for rule in ordered if rule.pattern.search(folded)]
     signals += _structural_signals(text)
     signals += _decoded_signals(text)
     signals += [Signal("structure", f"{cue.family}: {cue.label}", cue.weight) for cue in structural_cues(folded)]

@@ -315,3 +315,4 @@ def attack_concepts(sentence: str) -> list[str]:
     """Which of the concepts above a (foreign) sentence names."""
     lowered = sentence.lower() + " "
     return [concept for concept, stems in _CONCEPTS.items() if any(stem in lowered for stem in stems)]
+

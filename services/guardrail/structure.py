@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from services.guardrail.anchors import AnchorIndex
+
 _AI = r"(?:ai|a\.i\.|llm|assistant|language model|ai model|chatbot|bot|model|agent|gpt[\w.-]*|ai assistant)"
 _OUTPUT = r"(?:reply|replies|response|responses|answer|answers|output|summary|message|translation|completion)"
 _TASK_VERBS = r"(?:summari[sz]\w*|translat\w*|proofread\w*|classif\w*|analy[sz]\w*|answer\w*|review\w*|rewrit\w*|complet\w*)"
@@ -216,15 +218,19 @@ class Finding:
 AIMED = 0.35
 
 
+_WOKEN_BY = AnchorIndex([cue.anchors for cue in CUES])
+
+
 def structural_cues(folded: str) -> list[Finding]:
     """The cue families present in `folded` (injection.normalize's output), strongest per
     family; only the strongest framing cue when none is aimed at the model."""
     best: dict[str, Finding] = {}
-    for cue in CUES:
+    for position in _WOKEN_BY.woken(folded):
+        cue = CUES[position]
         current = best.get(cue.family)
         if current is not None and current.weight >= cue.weight:
             continue
-        if any(anchor in folded for anchor in cue.anchors) and cue.pattern.search(folded):
+        if cue.pattern.search(folded):
             best[cue.family] = Finding(cue.family, cue.label, cue.weight)
     found = sorted(best.values(), key=lambda finding: -finding.weight)
     return found if found and found[0].weight >= AIMED else found[:1]
