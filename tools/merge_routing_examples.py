@@ -42,7 +42,7 @@ def merge(text: str, examples: dict[str, list[str]]) -> str:
     """The config text with each route's block of added examples (re)written after its own examples."""
     lines = _without_blocks(text.split("\n"))
     out: list[str] = []
-    route, in_examples, own = None, False, set()
+    route, in_examples, own = None, False, set[str]()
     for line in lines:
         if in_examples and not line.startswith("      - ") and not line.startswith("      #"):
             out.extend(_block([p for p in examples.get(route or "", []) if p not in own]))
@@ -51,7 +51,7 @@ def merge(text: str, examples: dict[str, list[str]]) -> str:
         if found:
             route = found.group(1)
         if route and line == "    examples:":
-            in_examples, own = True, set()
+            in_examples, own = True, set[str]()
         elif in_examples and line.startswith("      - "):
             own.add(_scalar(line[8:]))
         out.append(line)
