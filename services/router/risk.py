@@ -196,9 +196,8 @@ def assess_request_risk(text: str) -> RiskAssessment:
 # tools/merge_routing_examples.py) judges meaning rather than words: the contextual encoder's
 # risk head (risk_model.py, 15-30 ms of CPU). It reads a request when the route classifier
 # gives the high-risk route at least ENCODER_GATE of probability though another route won,
-# or when the classifier did not see all of the text (material after "rewrite this:" is
-# replaced by a marker, see focus_text, and a story told after a colon can be taken for
-# material). Ordinary questions below the gate never pay for it. Leave-one-source-out over
+# or when the classifier did not see all of the text (a story told after a colon is taken
+# for pasted material, see focus_text). Ordinary questions below the gate never pay for it. Leave-one-source-out over
 # eight writers and voices: every cue miss recovered; see README for precision.
 ENCODER_GATE = 0.05
 

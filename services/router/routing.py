@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from services.router.classifier import PAYLOAD_MARKER, RouteClassifier, complexity, focus_text
+from services.router.classifier import PAYLOAD_MARKER, RouteClassifier, asks_for_text_task, complexity, focus_text
 from services.router.risk import RISK_ROUTE, RiskAssessment, assess_request_risk, escalate_for_risk, with_models
 from services.router.risk_model import EncoderRiskModel, load_risk_model
 from shared.config import MeshConfig, RouteSpec
@@ -81,7 +81,12 @@ class Router:
         if model is None:
             return cues
         probability = dict(predict()).get(RISK_ROUTE, 0.0)
-        return with_models(cues, probability, lambda: model.probability(text), model.threshold, unseen_material=PAYLOAD_MARKER in focus_text(text))
+        # A story told after a colon ("long story short: <what happened>") is marked as material
+        # and the classifier never sees it; material under a real text task ("rewrite this: ...")
+        # stays with the cues, at half weight (assess_request_risk).
+        instruction = focus_text(text)
+        unseen = PAYLOAD_MARKER in instruction and not asks_for_text_task(instruction)
+        return with_models(cues, probability, lambda: model.probability(text), model.threshold, unseen_material=unseen)
 
     def _choose(self, request: Request, predict: Callable[[], list[tuple[str, float]]]) -> RouteDecision:
         if request.route is not None:
