@@ -26,12 +26,17 @@ _MAX_TOKENS = 512  # a long prompt is embedded from its first 512 tokens
 _CACHE_WORDS = 100_000  # memoized words per process (a few MB at most)
 
 
-class WordPiece:
-    """BERT's uncased WordPiece over a vocabulary (token strings in id order)."""
-
-    def __init__(self, tokens: list[str]) -> None:
+class StaticEmbedder:
+    def __init__(self, path: Path = MODEL_PATH) -> None:
+        with np.load(path) as data:
+            # Kept as stored, int8 rows and one scale per row, and scaled per text: a quarter
+            # of the memory of a float32 table (4 MB instead of 15 in every process loading it).
+            self.codes = data["vectors"]
+            self.scales = data["scale"].astype(np.float32)
+            tokens = str(data["tokens"]).split("\n")
         self.index = {token: i for i, token in enumerate(tokens)}
         self.unknown = self.index.get("[UNK]")
+        self.dims = self.codes.shape[1]
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def tokens(self, text: str) -> list[int]:
@@ -41,6 +46,19 @@ class WordPiece:
             if len(ids) >= _MAX_TOKENS:
                 return ids[:_MAX_TOKENS]
         return ids
+
+    def embed(self, text: str) -> np.ndarray:
+        """The unit-length mean of the text's token vectors (zeros for text with no known token)."""
+        ids = self.tokens(text)
+        if not ids:
+            return np.zeros(self.dims, dtype=np.float32)
+        # The sum of the scaled rows (the mean's 1/n goes away in the normalization).
+        vector = self.scales[ids] @ self.codes[ids].astype(np.float32)
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm else vector
+
+    def embed_many(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.embed(text) for text in texts]) if texts else np.zeros((0, self.dims), np.float32)
 
     def pieces(self, word: str) -> tuple[int, ...]:
         """The word's WordPiece ids, memoized (a plain dict: cheaper per call than lru_cache)."""
@@ -67,31 +85,6 @@ class WordPiece:
                 return (self.unknown,) if self.unknown is not None else ()
             start = end
         return tuple(pieces)
-
-
-class StaticEmbedder(WordPiece):
-    def __init__(self, path: Path = MODEL_PATH) -> None:
-        with np.load(path) as data:
-            # Kept as stored, int8 rows and one scale per row, and scaled per text: a quarter
-            # of the memory of a float32 table (4 MB instead of 15 in every process loading it).
-            self.codes = data["vectors"]
-            self.scales = data["scale"].astype(np.float32)
-            tokens = str(data["tokens"]).split("\n")
-        super().__init__(tokens)
-        self.dims = self.codes.shape[1]
-
-    def embed(self, text: str) -> np.ndarray:
-        """The unit-length mean of the text's token vectors (zeros for text with no known token)."""
-        ids = self.tokens(text)
-        if not ids:
-            return np.zeros(self.dims, dtype=np.float32)
-        # The sum of the scaled rows (the mean's 1/n goes away in the normalization).
-        vector = self.scales[ids] @ self.codes[ids].astype(np.float32)
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm else vector
-
-    def embed_many(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self.embed(text) for text in texts]) if texts else np.zeros((0, self.dims), np.float32)
 
 
 _ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")

