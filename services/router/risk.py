@@ -77,6 +77,8 @@ _CUES: list[Cue] = [
         r"(?:wrist|ankle|knee|hand|arm|leg|face|eye|shoulder|hip|elbow|finger|foot|head) (?:is |was |got |has )?(?:swollen|broken|bleeding|gashed|fractured)|gash\w*|"
         r"cut (?:up|open)|scrap(?:ed|es) (?:up|my|his|her)|grazed|road rash|skinned|bruis\w*|sprain\w*|whiplash|dislocat\w*|chipped (?:a|my|his|her) tooth|"
         r"(?:in|so much|a lot of) pain\b|lucky to be alive|knocked (?:out|unconscious|down)|hit (?:my|his|her|their) head|"
+        r"(?:lost|knocked out|chipped|broke|cracked) (?:a|two|three|some|his|her|my|their)(?: front)? teeth|"
+        r"landed (?:flat )?on (?:his|her|my|their) (?:face|head|back|side|shoulder|hip|chin)|"
         r"(?:doctor|gp|nurse) (?:says|said|thinks)|medical (?:bills?|costs?|attention|expenses)|x-?rays?)"), None),
     ("crash or failure while riding", 0.85, re.compile(
         r"\b(?:crash(?:ed|ing)?\b" + _NOT_PHYSICAL + r"|collision|collided|hit by (?:a|an|the) \w+|knocked off|"
@@ -114,7 +116,8 @@ _CUES: list[Cue] = [
         r"unauthori[sz]ed (?:charge|payment|transaction|purchase|order)|didn'?t (?:make|authori[sz]e|place) (?:this|that|the) "
         r"(?:purchase|order|payment)|never (?:made|placed|ordered|authori[sz]ed|bought)|don'?t recogni[sz]e|"
         r"phishing|hacked|pretending to be (?:you|your|the shop)|impersonat\w*|(?:took|stole|taken|stolen) my money|debt collector|(?:fake|cloned|copycat|bogus) (?:website|site|shop|email|text|page|account)|"
-        r"(?:pay|paid) (?:a fee |the fee )?(?:by|via|through|with) (?:a |the |this )?link|suspicious (?:email|text|message|link|call)|"
+        r"(?:pay|paid) (?:a fee |the fee )?(?:by|via|through|with) (?:a |the |this )?link|\blink to pay\b|suspicious (?:email|text|message|link|call)|"
+        r"(?:asking|asked|asks|wants?|wanted|told) (?:me )?to (?:confirm|verify|re-?enter|update) (?:my )?(?:bank|card|account|login|payment) (?:details|information|info|password)|"
         r"(?:gift card|voucher)s?\b[^.!?\n]{0,40}\b(?:real|genuine|legit|fake|valid)\b)"), None),
     ("falsify records", 0.9, re.compile(
         r"\b(?:backdate|back-date|back date|falsif\w*|forge[ds]?\b|forgery|fake (?:\w+ )?(?:receipt|invoice|record|date|warranty|claim|report|accident|theft)|"
@@ -200,6 +203,11 @@ def assess_request_risk(text: str) -> RiskAssessment:
 # for pasted material, see focus_text). Ordinary questions below the gate never pay for it. Leave-one-source-out over
 # eight writers and voices: every cue miss recovered; see README for precision.
 ENCODER_GATE = 0.05
+# The other way round: when the classifier routes to high risk on its words alone (no cue) and
+# the encoder reads the text below this, the classifier's next route takes it. Leave-one-source-
+# out: 8 look-alikes (warranty, crash-replacement, payment questions) no longer escalate, no
+# incident was lost at 0.05-0.2.
+ENCODER_VETO = 0.1
 
 
 def with_models(cues: RiskAssessment, high_risk_probability: float | None, second_reader: Callable[[], float] | None = None,

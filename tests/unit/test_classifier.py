@@ -243,8 +243,10 @@ def test_training_and_prediction_are_fast(config):
         start = time.perf_counter()
         model.predict("Does the Haulier Cargo E come with a rain cover for the kids?")
         timings.append(time.perf_counter() - start)
-    # Typical here: ~0.5 s and ~0.2 ms; the bounds leave room for a busy CI machine.
-    assert trained_s < 5.0
+    # Typical here: ~2.5 s of CPU on one thread for ~880 examples (session 4: the dev part of every
+    # labeled set joined the examples; 0.5 s before) and ~0.2 ms; the bounds leave room for a busy
+    # CI machine whose OpenBLAS spins threads (the router process pins one: services/router/app.py).
+    assert trained_s < 20.0
     assert statistics.median(timings) < 0.005
 
 
