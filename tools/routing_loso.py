@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         _keep_worst(worst, "routing", correct / len(test), name)
         if recall is not None:
             _keep_worst(worst, "high-risk recall", recall, name)
-        if precision is not None:
+        if precision is not None and incidents:  # a fold without incidents has no precision worth ranking
             _keep_worst(worst, "high-risk precision", precision, name)
     for what, (value, name) in worst.items():
         print(f"worst {what}: {value:.3f} ({name})")

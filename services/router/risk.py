@@ -134,6 +134,7 @@ _CUES: list[Cue] = [
         r"(?:say|write|state|put|note|claim|pretend) (?:that )?(?:the|it|my) (?:\w+ ){0,2}(?:was|were) (?:there|already \w+) (?:when|before) (?:i|we) (?:bought|got|collected)|"
         r"(?:make|print|write|issue|give) (?:me )?(?:up )?(?:a|an) (?:new )?(?:receipt|invoice)[^.!?\n]{0,40}\b(?:elsewhere|somewhere else|older|didn'?t|never|even though)|"
         r"(?:for|so) (?:my|the) insur(?:ance|er)\w*[^.!?\n]{0,60}\b(?:say|says|show|pretend|instead|different|even though)|"
+        r"(?:invoice|receipt)s?\b[^.!?\n]{0,60}\b(?:higher|lower|different|bigger|smaller) (?:value|price|amount|total|figure)s? than|"
         r"so (?:it|that it) looks like|nobody will know|no one will know|even though it was|pretend (?:i|we) bought)"), None),
     ("threat of harm", 0.6, re.compile(
         r"\b(?:dangerous|unsafe|hazard\w*|recall(?:ed)?|could have (?:killed|died)|nearly (?:killed|died))"), None),
@@ -203,11 +204,6 @@ def assess_request_risk(text: str) -> RiskAssessment:
 # for pasted material, see focus_text). Ordinary questions below the gate never pay for it. Leave-one-source-out over
 # eight writers and voices: every cue miss recovered; see README for precision.
 ENCODER_GATE = 0.05
-# The other way round: when the classifier routes to high risk on its words alone (no cue) and
-# the encoder reads the text below this, the classifier's next route takes it. Leave-one-source-
-# out: 8 look-alikes (warranty, crash-replacement, payment questions) no longer escalate, no
-# incident was lost at 0.05-0.2.
-ENCODER_VETO = 0.1
 
 
 def with_models(cues: RiskAssessment, high_risk_probability: float | None, second_reader: Callable[[], float] | None = None,

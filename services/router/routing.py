@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.router.classifier import PAYLOAD_MARKER, RouteClassifier, asks_for_text_task, complexity, focus_text
-from services.router.risk import ENCODER_VETO, RISK_ROUTE, RiskAssessment, assess_request_risk, escalate_for_risk, with_models
+from services.router.risk import RISK_ROUTE, RiskAssessment, assess_request_risk, escalate_for_risk, with_models
 from services.router.risk_model import EncoderRiskModel, load_risk_model
 from shared.config import MeshConfig, RouteSpec
 from shared.experiments import stable_fraction
@@ -112,29 +112,12 @@ class Router:
             return RouteDecision(name, "words " + ", ".join(_readable(p) for p in matched[:3]), 1.0)
         if self.classifier is not None:
             route, probability = predict()[0]
-            if route == RISK_ROUTE and probability >= self.config.routing.min_confidence:
-                overruled = self._second_reading(text, probability, predict())
-                if overruled is not None:
-                    return overruled
             if probability >= self.config.routing.min_confidence:
                 return RouteDecision(route, f"classifier {probability:.2f}", round(probability, 4))
             fallback_reason = f"classifier unsure ({route} {probability:.2f} < {self.config.routing.min_confidence})"
         else:
             fallback_reason = "no rule matched"
         return RouteDecision(self.config.default_route, f"{fallback_reason}: default route", 0.3)
-
-    def _second_reading(self, text: str, probability: float, predicted: list[tuple[str, float]]) -> RouteDecision | None:
-        """The classifier's next route when it chose high risk on words alone and the encoder,
-        which reads meaning, is sure the text is not (a question about crash replacement, a
-        refund request in angry words); None when the choice stands. No cue may have fired."""
-        if self.risk_model is None or len(predicted) < 2 or assess_request_risk(text).high:
-            return None
-        reading = self.risk_model.probability(text)
-        if reading >= ENCODER_VETO:
-            return None
-        route, next_probability = predicted[1]
-        reason = f"classifier {RISK_ROUTE} {probability:.2f} overruled by the encoder ({reading:.2f} < {ENCODER_VETO}); next: {route} {next_probability:.2f}"
-        return RouteDecision(route, reason, round(next_probability, 4))
 
     def _escalate(self, request: Request, decision: RouteDecision) -> RouteDecision:
         if decision.reason == "route hint":
