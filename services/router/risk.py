@@ -135,6 +135,7 @@ _CUES: list[Cue] = [
         r"(?:make|print|write|issue|give) (?:me )?(?:up )?(?:a|an) (?:new )?(?:receipt|invoice)[^.!?\n]{0,40}\b(?:elsewhere|somewhere else|older|didn'?t|never|even though)|"
         r"(?:for|so) (?:my|the) insur(?:ance|er)\w*[^.!?\n]{0,60}\b(?:say|says|show|pretend|instead|different|even though)|"
         r"(?:invoice|receipt)s?\b[^.!?\n]{0,60}\b(?:higher|lower|different|bigger|smaller) (?:value|price|amount|total|figure)s? than|"
+        r"(?:invoice|receipt)s? (?:dated|with the date) (?:\w+ ){0,2}(?:not|instead of|rather than)\b|"
         r"so (?:it|that it) looks like|nobody will know|no one will know|even though it was|pretend (?:i|we) bought)"), None),
     ("threat of harm", 0.6, re.compile(
         r"\b(?:dangerous|unsafe|hazard\w*|recall(?:ed)?|could have (?:killed|died)|nearly (?:killed|died))"), None),
