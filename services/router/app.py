@@ -1,18 +1,25 @@
 """router: validates each Request, picks its route, writes the slip, passes the baton."""
 
-import logging
-import time
+import os
 
-from nats.aio.msg import Msg
+# The router's matrices are small (a few hundred examples): OpenBLAS threads only spin against
+# the other services on a small machine. Training at start took 8 s of CPU with them, 2.5 s
+# without, on 840 examples. Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from services.router.routing import Router, UnknownRoute
-from shared import attributes as A
-from shared import cache, fairness, intake, metrics, subjects, telemetry
-from shared.cache import cache_key
-from shared.embedder import shared_embedder
-from shared.fairness import ClientSlots
-from shared.mesh import Channel, Mesh, Terminate
-from shared.schema import Envelope, Error, ErrorCode, Event, Request
+import logging  # noqa: E402
+import time  # noqa: E402
+
+from nats.aio.msg import Msg  # noqa: E402
+
+from services.router.routing import Router, UnknownRoute  # noqa: E402
+from shared import attributes as A  # noqa: E402
+from shared import cache, fairness, intake, metrics, subjects, telemetry  # noqa: E402
+from shared.cache import cache_key  # noqa: E402
+from shared.embedder import shared_embedder  # noqa: E402
+from shared.fairness import ClientSlots  # noqa: E402
+from shared.mesh import Channel, Mesh, Terminate  # noqa: E402
+from shared.schema import Envelope, Error, ErrorCode, Event, Request  # noqa: E402
 
 mesh = Mesh("router")
 routers: dict[str, Router] = {}  # one per config version: each compiles its rules once
@@ -153,8 +160,20 @@ async def stop_following() -> None:
 
 @mesh.before_consuming  # no request waits for this
 async def warm_up() -> None:
-    router_for(mesh.config)  # train the classifier now, not on the first request
+    router_for(mesh.config)  # train the classifier now, not on the first request (and load the risk encoder)
     shared_embedder()  # and load the semantic cache's embedder
+    release_freed_heap()
+
+
+def release_freed_heap() -> None:
+    """Give the heap that training and loading the encoder freed back to the system (glibc keeps
+    it otherwise: measured 5 MB after training and 17 MB after the encoder's blocks)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
 
 
 def router_for(config) -> Router:

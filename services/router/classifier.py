@@ -136,6 +136,11 @@ class _Features(Protocol):
     @property
     def width(self) -> int: ...
 
+    @property
+    def word_width(self) -> int:
+        """Columns 0 .. word_width - 1 are the word n-grams."""
+        ...
+
     def fit(self, texts: list[str]) -> list[Row]: ...
 
     def vectorize(self, text: str) -> Row:
@@ -152,6 +157,10 @@ class _TfidfFeatures:
     @property
     def width(self) -> int:
         return sum(block.width for block in self._blocks)
+
+    @property
+    def word_width(self) -> int:
+        return self._blocks[0].width
 
     def fit(self, texts: list[str]) -> list[Row]:
         focused = [focus_text(t) for t in texts]
@@ -187,6 +196,10 @@ class _EmbeddingFeatures:
     @property
     def width(self) -> int:
         return self._tfidf.width + self._embedder.dims
+
+    @property
+    def word_width(self) -> int:
+        return self._tfidf.word_width
 
     def fit(self, texts: list[str]) -> list[Row]:
         rows = self._tfidf.fit(texts)
@@ -259,6 +272,11 @@ class RouteClassifier:
         if self._features is None or self._coef is None:
             return [(self.routes[0], 1.0)]
         columns, values = self._features.vectorize(text)
+        if not np.any(columns < self._features.word_width):
+            # Not one word any example uses ("asdf qwerty", "qqqq"): the character n-grams and the
+            # dense embedding still score, and with many varied examples in one route they lean
+            # to it (seen: nonsense at 0.71 high_risk). Nothing is known: every route is as likely.
+            return [(route, 1.0 / len(self.routes)) for route in self.routes]
         probs = _softmax(self._coef[:, columns] @ values)
         # Stable sort: equal probabilities keep the config's route order.
         order = sorted(range(len(self.routes)), key=lambda i: -probs[i])

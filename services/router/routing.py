@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
-from services.router.classifier import RouteClassifier, complexity, focus_text
-from services.router.risk import escalate_for_risk
+from services.router.classifier import PAYLOAD_MARKER, RouteClassifier, asks_for_text_task, complexity, focus_text
+from services.router.risk import RISK_ROUTE, RiskAssessment, assess_request_risk, escalate_for_risk, with_models
+from services.router.risk_model import EncoderRiskModel, load_risk_model
 from shared.config import MeshConfig, RouteSpec
 from shared.experiments import stable_fraction
 from shared.schema import Envelope, Event, Request
@@ -40,7 +43,7 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(self, config: MeshConfig):
+    def __init__(self, config: MeshConfig, risk_model: EncoderRiskModel | None | Literal["default"] = "default"):
         self.config = config
         self._word_res = {
             name: [re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE) for word in spec.match.words]
@@ -52,12 +55,40 @@ class Router:
         }
         has_examples = any(spec.examples for spec in config.routes.values())
         self.classifier = RouteClassifier.from_config(config) if config.routing.classifier != "off" and has_examples else None
+        reads_risk = self.classifier is not None and RISK_ROUTE in self.classifier.routes
+        self.risk_model = (load_risk_model() if risk_model == "default" else risk_model) if reads_risk else None
 
     def decide(self, request: Request) -> RouteDecision:
-        decision = self._escalate(request, self._choose(request))
-        return escalate_for_risk(decision, request.text, self.config.routes)
+        predicted: list[list[tuple[str, float]]] = []
 
-    def _choose(self, request: Request) -> RouteDecision:
+        def predict() -> list[tuple[str, float]]:
+            """The classifier's probabilities, computed at most once per request (routing and risk both read them)."""
+            if not predicted and self.classifier is not None:
+                predicted.append(self.classifier.predict(request.text))
+            return predicted[0] if predicted else []
+
+        decision = self._escalate(request, self._choose(request, predict))
+        if decision.reason == "route hint" or decision.route == RISK_ROUTE or RISK_ROUTE not in self.config.routes:
+            return escalate_for_risk(decision, request.text, self.config.routes)
+        return escalate_for_risk(decision, request.text, self.config.routes, self._risk(request.text, predict))
+
+    def _risk(self, text: str, predict: Callable[[], list[tuple[str, float]]]) -> RiskAssessment:
+        """The cues, then (when they do not suffice and the classifier gives high risk some weight) the encoder's reading."""
+        cues = assess_request_risk(text)
+        if cues.high or self.classifier is None:
+            return cues
+        model = self.risk_model
+        if model is None:
+            return cues
+        probability = dict(predict()).get(RISK_ROUTE, 0.0)
+        # A story told after a colon ("long story short: <what happened>") is marked as material
+        # and the classifier never sees it; material under a real text task ("rewrite this: ...")
+        # stays with the cues, at half weight (assess_request_risk).
+        instruction = focus_text(text)
+        unseen = PAYLOAD_MARKER in instruction and not asks_for_text_task(instruction)
+        return with_models(cues, probability, lambda: model.probability(text), model.threshold, unseen_material=unseen)
+
+    def _choose(self, request: Request, predict: Callable[[], list[tuple[str, float]]]) -> RouteDecision:
         if request.route is not None:
             if request.route not in self.config.routes:
                 raise UnknownRoute(f"unknown route {request.route!r}; configured routes: {', '.join(sorted(self.config.routes))}")
@@ -80,7 +111,7 @@ class Router:
             name, matched = by_words
             return RouteDecision(name, "words " + ", ".join(_readable(p) for p in matched[:3]), 1.0)
         if self.classifier is not None:
-            route, probability = self.classifier.best(text)
+            route, probability = predict()[0]
             if probability >= self.config.routing.min_confidence:
                 return RouteDecision(route, f"classifier {probability:.2f}", round(probability, 4))
             fallback_reason = f"classifier unsure ({route} {probability:.2f} < {self.config.routing.min_confidence})"
