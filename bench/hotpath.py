@@ -110,6 +110,7 @@ async def main(args: argparse.Namespace) -> None:
         print_steps(console, loaded)
         console.print("CPU ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()) + f"  [bold]total {sum(per.values()):.2f}[/]")
         console.print("write syscalls/request: " + ", ".join(f"{k} {v:.1f}" for k, v in writes.items()))
+        console.print("RSS after the load, MB: " + ", ".join(f"{k} {v:.0f}" for k, v in mesh.rss().items()))
         if spy is not None:
             shares = profile.analyse(raw, args.seconds, top=25)
             for group, share in list(shares.get("self_share", {}).items())[:10]:

@@ -7,6 +7,7 @@ import os
 # without, on 840 examples. Set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import asyncio  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
@@ -64,7 +65,11 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
             await refuse(arrival)
             return False
         client, request_id, reply_to, request = arrival.client, arrival.request_id, arrival.reply_to, arrival.request
-        env = plan(arrival, router_for(mesh.config), published_at(message))
+        router, published = router_for(mesh.config), published_at(message)
+        # With the risk encoder loaded, a decision can take 15-30 ms of CPU (a few percent of
+        # requests): decided in a worker thread, so one ambiguous request does not stall the
+        # event loop, and every other client's request, meanwhile.
+        env = await asyncio.to_thread(plan, arrival, router, published) if router.risk_model is not None else plan(arrival, router, published)
         if isinstance(env, Error):
             await mesh.reply_error(request_id, reply_to, env, client=client)
             return False

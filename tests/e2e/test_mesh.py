@@ -42,6 +42,20 @@ async def test_sample_questions_take_their_route_and_answer_from_the_right_docum
     assert all(s.duration_ms >= 0 for s in reply.steps)
 
 
+async def test_the_router_process_reads_an_unworded_incident_with_its_encoder_and_still_serves_others(client):
+    # No cue word: the user's injury is told after a colon, which the classifier takes for
+    # pasted material. The router's contextual encoder (shared/encoder.py) reads it, off the
+    # event loop, while ordinary questions from the same client go through beside it.
+    incident = ("Bit of a situation: the bike you sold me threw me off when the bars turned. I've been off work for a "
+                "month and I want to know who pays.")
+    replies = await asyncio.gather(client.ask(incident), *(client.ask("How do I check my chain for wear?") for _ in range(4)))
+    escalated, ordinary = replies[0], replies[1:]
+    assert escalated.route == "high_risk"
+    (route,) = [e.data for e in escalated.events if e.kind == "route"]
+    assert route["risk_reasons"][-1].startswith("encoder: high-risk probability")
+    assert all(r.ok and r.route == "factual" for r in ordinary)
+
+
 async def test_reply_is_stored_and_fetchable_by_request_id(client):
     request_id = await client.submit("How do I check my chain for wear?")
     stored = await eventually(lambda: client.result(request_id), 10, every=0.1)
