@@ -452,6 +452,15 @@ def render(results: dict[str, Any]) -> str:
             f"**p50 {bm['search']['p50_ms']:.2f} ms, p99 {bm['search']['p99_ms']:.2f} ms**."
             + (f" (Other processes used {bm['foreign_cpu_share'] * 100:.0f}% of the machine meanwhile.)" if bm.get("foreign_cpu_share") is not None else ""))
         add("")
+    dec = results.get("decisions")
+    if dec:
+        add(f"Decisions in-process (`python -m bench.decision_cost`, default config, CPU time on one core): the router starts in {dec['start_s']} s of CPU "
+            f"(classifier training{', contextual risk encoder' if dec['encoder_loaded'] else ''}); `Router.decide` over the {dec['prompts']} prompts of the labelled "
+            f"routing sets: **p50 {dec['decide_p50_us']:.0f} µs**, mean {dec['decide_mean_us']:.0f} µs, the encoder read {dec['encoder_read_share'] * 100:.1f}% of them "
+            f"at {fmt(dec['encoder_p50_ms'], ' ms')} each (in a worker thread of the router). Input gate: **{dec['input_gate_question_us']:.0f} µs** per bench question, "
+            f"{dec['input_gate_2kb_us']:.0f} µs on a 2 kB text; output gate {dec['output_gate_2kb_us']:.0f} µs on it; the local extractive model answers from eight "
+            f"handbook passages in {dec['local_answer_8_passages_us']:.0f} µs.")
+        add("")
     col = results.get("collector")
     if col:
         add(f"Collector (`create_app` under uvicorn, SQLite store, own process): {fmt(col['spans_accepted'])} spans in {col['batches']} OTLP/protobuf batches "

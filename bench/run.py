@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from shared import children
-from bench import collector_bench, profile, report, retrieval_bench
+from bench import collector_bench, decision_cost, profile, report, retrieval_bench
 from bench.baton_bench import SERVICES, BatonLoad, BatonMesh, capture_envelopes, env_without_otel
 from bench.load import CpuMeter, LoadResult, children_of, concurrent, merge, percentile, rss_mb, sequential
 from bench.peer import ChatLoad, LiteLLMProxy, PeerUnavailable, ensure_litellm, litellm_version
@@ -615,6 +615,15 @@ class Harness:
         self.say(f"  [green]collector[/green] [bold yellow]{result['spans_per_s']:,.0f}[/bold yellow] spans/s  ({result['spans_accepted']:,} accepted, {result['spans_rejected']} rejected)")
         return result
 
+    async def decisions(self) -> dict[str, Any]:
+        self.section("Decisions in-process: the router's and the gates' CPU per call (default config)")
+        with self.progress_task("router start-up and decisions, gates, local model"):
+            result = await asyncio.to_thread(decision_cost.run)
+        self.say(f"  [green]router[/green] decide p50 [bold]{result['decide_p50_us']:.0f} µs[/bold] (mean {result['decide_mean_us']:.0f}; "
+                 f"encoder read {result['encoder_read_share'] * 100:.1f}% of {result['prompts']} prompts)   "
+                 f"[green]input gate[/green] [bold]{result['input_gate_question_us']:.0f} µs[/bold] per bench question")
+        return result
+
     # -- the run --------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -651,6 +660,7 @@ class Harness:
                 self.say("[dim]stopping every process started[/dim]")
             self.results["bm25"] = await self.guarded("bm25", self.bm25)
             self.results["collector"] = await self.guarded("collector", self.collector)
+            self.results["decisions"] = await self.guarded("decisions", self.decisions)
         meta = self.results["meta"]
         meta["loadavg_after"] = list(os.getloadavg())
         meta["duration_s"] = round(time.perf_counter() - started, 1)

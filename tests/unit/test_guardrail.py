@@ -527,7 +527,7 @@ def test_output_gate_passes_a_clean_answer():
     assert (result.verdict, result.text, result.reason) == ("pass", None, "nothing to redact")
 
 
-# --- speed -------------------------------------------------------------------------------------
+# --- no catastrophic backtracking (speed itself is measured in bench/decision_cost.py) ----------
 
 
 def _mean_ms(function, repeat: int = 30) -> float:
@@ -537,18 +537,6 @@ def _mean_ms(function, repeat: int = 30) -> float:
     for _ in range(repeat):
         function()
     return (time.process_time() - started) / repeat * 1000
-
-
-def test_gates_are_fast_on_a_2kb_text():
-    # Target is < 1 ms; the bound is loose so a busy CI machine does not flake, while a
-    # regex that backtracks or scans per character would still blow well past it.
-    text = (
-        "My Trek Domane needs new brake pads; I ride 80 km a week in the rain. Email me at "
-        "rider@example.com or call +44 20 7946 0958. The 2024 model costs €1,299.00 with 28 mm tyres. "
-    ) * 12
-    text = text[:2048]
-    assert _mean_ms(lambda: input_gate(text, SPEC)) < 5
-    assert _mean_ms(lambda: output_gate(text, SPEC)) < 5
 
 
 @pytest.mark.parametrize("pattern", ["1 ", "1", "+1-", "DE89 ", "a@", "ignore previous ", "(1) ", "1.2."])
