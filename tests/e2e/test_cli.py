@@ -69,6 +69,17 @@ def test_eval_commands_print_their_figures():
     assert routing.returncode == 0 and "accuracy" in routing.stdout.lower()
     # By default every labeled set is a source, the blind one included.
     assert all(source in routing.stdout for source in ("routing_eval", "fresh-2026-12-03", "blind-2026-12-03"))
+    # The held-out part by default (the dev part teaches the router), its misroutes counted, not shown.
+    def figures(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "baton", "eval", "routing", "--json", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    held_out, dev, every = figures(), figures("--split", "dev"), figures("--split", "all")
+    assert held_out["total"] + dev["total"] == every["total"] and 0 < held_out["total"] < dev["total"]
+    assert isinstance(held_out["misrouted"], int) and isinstance(dev["misrouted"], list)
+    bogus = subprocess.run([sys.executable, "-m", "baton", "eval", "routing", "--split", "bogus"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bogus.returncode == 2 and "held-out" in bogus.stderr and "Traceback" not in bogus.stderr
     guard = subprocess.run([sys.executable, "-m", "baton", "eval", "guard"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert guard.returncode == 0 and "injection" in guard.stdout and "recall" in guard.stdout
 
