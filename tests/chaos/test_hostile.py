@@ -17,6 +17,7 @@ import random
 import time
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from baton.client import BatonClient
 from shared import subjects
@@ -24,7 +25,7 @@ from shared.config import load_config
 from shared.schema import Envelope, Request
 from shared.settings import Settings
 from tests.chaos.ledger import run_load
-from tests.conftest import MeshSpec
+from tests.conftest import MeshSpec, eventually
 
 pytestmark = pytest.mark.chaos
 
@@ -89,6 +90,17 @@ async def flood(url: str, messages: list, stop_after_s: float) -> float:
     return time.monotonic() - started
 
 
+async def dead_letter_keys(client: BatonClient) -> list[str]:
+    """The dead letters' keys; none yet is an empty list. nats-py's `keys()` reads them with a
+    watcher, which once in a `make chaos` run (after the cluster test, machine loaded) found
+    none while the services' logs showed about 750 kept, none refused: asked again, it finds them."""
+    bucket = await client.js.key_value(subjects.DEAD_LETTERS_BUCKET)
+    try:
+        return await bucket.keys()
+    except NoKeysError:
+        return []
+
+
 async def test_one_clients_hostile_flood_does_not_hurt_another_client(mesh, capsys):
     config = load_config(mesh.settings.config)
     budgets = {name: route.latency_budget_ms for name, route in config.routes.items()}
@@ -104,7 +116,7 @@ async def test_one_clients_hostile_flood_does_not_hurt_another_client(mesh, caps
     async with BatonClient(mesh.nats_url, client_id="victim") as victim:
         stored = [await victim.result(f"q-{i}") for i in range(min(50, VICTIM_REQUESTS))]
         router = await victim.js.consumer_info(subjects.STREAM, "router")
-        letters = await (await victim.js.key_value(subjects.DEAD_LETTERS_BUCKET)).keys()
+        letters = await eventually(lambda: dead_letter_keys(victim), 30, every=0.5, what="no dead letter was kept")
     terminated = sum(1 for key in letters if key.startswith("poison."))
     report = "\n".join(
         [
