@@ -10,6 +10,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from nats.aio.msg import Msg  # noqa: E402
 
@@ -66,10 +67,15 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
             return False
         client, request_id, reply_to, request = arrival.client, arrival.request_id, arrival.reply_to, arrival.request
         router, published = router_for(mesh.config), published_at(message)
-        # With the risk encoder loaded, a decision can take 15-30 ms of CPU (a few percent of
-        # requests): decided in a worker thread, so one ambiguous request does not stall the
-        # event loop, and every other client's request, meanwhile.
-        env = await asyncio.to_thread(plan, arrival, router, published) if router.risk_model is not None else plan(arrival, router, published)
+        try:
+            env = plan(arrival, router, published, read=read_later)
+        except ReadLater as wanted:
+            # The encoder's reading (15-30 ms of CPU, a few percent of requests) in a worker
+            # thread, so one ambiguous request does not stall every other client's meanwhile;
+            # then the same decision again, with the reading in hand.
+            assert router.risk_model is not None
+            probability = await asyncio.to_thread(router.risk_model.probability, wanted.text)
+            env = plan(arrival, router, published, read=lambda _: probability)
         if isinstance(env, Error):
             await mesh.reply_error(request_id, reply_to, env, client=client)
             return False
@@ -113,12 +119,25 @@ async def handle(message: Msg, addressed: intake.Addressed | intake.Refusal) -> 
         return True
 
 
-def plan(arrival: intake.Arrival, router: Router, published: float, now: float | None = None) -> Envelope | Error:
+class ReadLater(Exception):
+    """The decision needs the encoder's reading of `text`: not on the event loop."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def read_later(text: str) -> float:
+    raise ReadLater(text)
+
+
+def plan(arrival: intake.Arrival, router: Router, published: float, now: float | None = None, read: Callable[[str], float] | None = None) -> Envelope | Error:
     """The route step itself: the decision and the envelope that carries it, or why there is none.
 
-    The deadline counts from when the client published: time queued before routing is not free."""
+    The deadline counts from when the client published: time queued before routing is not free.
+    `read`: the encoder's reading, when the decision needs one (Router.decide)."""
     try:
-        decision = router.decide(arrival.request)
+        decision = router.decide(arrival.request, read)
     except UnknownRoute as exc:
         return Error(code=ErrorCode.UNKNOWN_ROUTE, message=str(exc))
     log.debug("request %s -> route %s (%s, confidence %.2f)", arrival.request_id, decision.route, decision.reason, decision.confidence)

@@ -58,7 +58,10 @@ class Router:
         reads_risk = self.classifier is not None and RISK_ROUTE in self.classifier.routes
         self.risk_model = (load_risk_model() if risk_model == "default" else risk_model) if reads_risk else None
 
-    def decide(self, request: Request) -> RouteDecision:
+    def decide(self, request: Request, read: Callable[[str], float] | None = None) -> RouteDecision:
+        """The route for `request`. `read(text)` gives the encoder's high-risk probability when
+        the gate opens (default: the risk model, here and now; the router process passes a
+        reader that defers it to a worker thread, see services/router/app.py)."""
         predicted: list[list[tuple[str, float]]] = []
 
         def predict() -> list[tuple[str, float]]:
@@ -70,9 +73,9 @@ class Router:
         decision = self._escalate(request, self._choose(request, predict))
         if decision.reason == "route hint" or decision.route == RISK_ROUTE or RISK_ROUTE not in self.config.routes:
             return escalate_for_risk(decision, request.text, self.config.routes)
-        return escalate_for_risk(decision, request.text, self.config.routes, self._risk(request.text, predict))
+        return escalate_for_risk(decision, request.text, self.config.routes, self._risk(request.text, predict, read))
 
-    def _risk(self, text: str, predict: Callable[[], list[tuple[str, float]]]) -> RiskAssessment:
+    def _risk(self, text: str, predict: Callable[[], list[tuple[str, float]]], read: Callable[[str], float] | None = None) -> RiskAssessment:
         """The cues, then (when they do not suffice and the classifier gives high risk some weight) the encoder's reading."""
         cues = assess_request_risk(text)
         if cues.high or self.classifier is None:
@@ -86,7 +89,7 @@ class Router:
         # stays with the cues, at half weight (assess_request_risk).
         instruction = focus_text(text)
         unseen = PAYLOAD_MARKER in instruction and not asks_for_text_task(instruction)
-        return with_models(cues, probability, lambda: model.probability(text), model.threshold, unseen_material=unseen)
+        return with_models(cues, probability, lambda: (read or model.probability)(text), model.threshold, unseen_material=unseen)
 
     def _choose(self, request: Request, predict: Callable[[], list[tuple[str, float]]]) -> RouteDecision:
         if request.route is not None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.router.app import plan
+from services.router.app import ReadLater, plan, read_later
 from services.router.routing import Router
 from shared import intake, subjects
 from shared.config import load_config
@@ -93,6 +93,19 @@ def router() -> Router:
 
 def arrival(request: Request) -> intake.Arrival:
     return intake.Arrival("shop-web", "q-1", "_INBOX.shop-web.reply.q-1", True, request)
+
+
+def test_the_route_step_asks_for_the_encoder_only_when_the_decision_needs_it(router):
+    # An ordinary question decides on the spot; an incident told without a cue word needs the
+    # encoder's reading, which the router process takes in a worker thread and hands back.
+    assert isinstance(plan(arrival(Request(prompt="How do I fix a puncture?")), router, time.time(), read=read_later), Envelope)
+    incident = Request(prompt="Bit of a situation: the bike you sold me threw me off when the bars turned. I've been off work for a month and I want to know who pays.")
+    with pytest.raises(ReadLater) as wanted:
+        plan(arrival(incident), router, time.time(), read=read_later)
+    assert wanted.value.text == incident.text
+    env = plan(arrival(incident), router, time.time(), read=lambda _: 0.9)
+    assert isinstance(env, Envelope) and env.route == "high_risk"
+    assert plan(arrival(incident), router, time.time(), read=lambda _: 0.1).route != "high_risk"  # type: ignore[union-attr]
 
 
 def test_the_route_step_writes_the_slip_and_counts_the_deadline_from_publishing(router):
